@@ -1,0 +1,1 @@
+"""C++/CUDA sources of the ltcl_fused extension (package data; compiled on first use by ltcl_fused.ext)."""

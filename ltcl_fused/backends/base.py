@@ -1,0 +1,35 @@
+"""What a backend provides: the engine contract of ``ltcl_fused.engine.contract`` for one device kind.
+
+A backend is an object with a ``name``, ``ops`` (the engine operations it implements) and
+``unavailable_reason(device)``; the dispatcher in ``ltcl_fused.backends`` picks one per call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run here (no Triton, no GPU, no compiler): one line saying why."""
+
+
+class Engine:
+    #: backend name as the user writes it
+    name: str = "?"
+    #: engine operations implemented: "rowstats" (softmax family); later "mining", "ssl"
+    ops: frozenset = frozenset()
+    #: which issue/feature provides the missing ops (for NotImplementedError messages)
+    planned: str = ""
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run on tensors of ``device``, else a one-line reason."""
+        raise NotImplementedError
+
+    # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+        raise NotImplementedError
+
+    def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                          lse, cpos, cposf, cneg, r):
+        raise NotImplementedError

@@ -1,0 +1,104 @@
+"""backend="torch": the engine contract in plain PyTorch, one block of anchor rows at a time.
+
+Runs on any device. Memory is O(block · N) instead of O(M · N): the similarity rows of one block
+are formed, reduced to the per-row statistics and dropped; the backward recomputes them from the
+saved statistics (``ltcl_fused/engine/contract.py``).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..engine.contract import acc_dtype, focal_terms
+from .base import Engine
+
+#: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1)
+BLOCK_ELEMENTS = int(os.environ.get("LTCL_TORCH_BLOCK_ELEMENTS", 1 << 20))
+
+
+def _row_blocks(M: int, N: int):
+    rows = max(1, min(M, BLOCK_ELEMENTS // max(N, 1)))
+    for r0 in range(0, M, rows):
+        yield r0, min(M, r0 + rows)
+
+
+def _block_logits(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_same, bias_other):
+    """Similarity rows r0.. of one block with masks (valid, pos, neg) and bias, in accumulation dtype."""
+    s = (A_blk.to(Cacc.dtype) @ Cacc.T) * inv_tau
+    bm, N = s.shape
+    if self_offset >= 0:
+        rows = torch.arange(r0, r0 + bm, device=s.device)[:, None] + self_offset
+        valid = torch.arange(N, device=s.device)[None, :] != rows
+    else:
+        valid = torch.ones(bm, N, dtype=torch.bool, device=s.device)
+    pos = (a_lab_blk[:, None] == c_lab[None, :]) & valid
+    neg = valid & ~pos
+    if bias_same is not None:
+        b = torch.where(pos, bias_same[None, :], bias_other[None, :])
+        sb = s + b
+    else:
+        sb = s
+    return s, sb, valid, pos, neg
+
+
+class TorchChunkedEngine(Engine):
+    name = "torch"
+    ops = frozenset({"rowstats"})
+
+    def unavailable_reason(self, device):
+        return None
+
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+        M, N = A.shape[0], C.shape[0]
+        acc = acc_dtype(A.dtype)
+        Cacc = C.to(acc)
+        bs = bias_same.to(acc) if bias_same is not None else None
+        bo = bias_other.to(acc) if bias_other is not None else None
+        out = [torch.zeros(M, dtype=acc, device=A.device) for _ in range(6)]
+        lse, pos_sum, fpos, fneg, upos, uneg = out
+        ninf = torch.tensor(-math.inf, dtype=acc, device=A.device)
+        for r0, r1 in _row_blocks(M, N):
+            s, sb, valid, pos, neg = _block_logits(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
+                                                   inv_tau, bs, bo)
+            blk_lse = torch.logsumexp(torch.where(valid, sb, ninf), dim=1)
+            lse[r0:r1] = blk_lse
+            pos_sum[r0:r1] = (s * pos).sum(1)
+            if focal:
+                safe = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
+                logp = torch.where(valid, sb - safe[:, None], torch.full_like(sb, -1.0))
+                fp, fn, up, un = focal_terms(logp, gamma)
+                z = torch.zeros_like(fp)
+                fpos[r0:r1] = torch.where(pos, fp, z).sum(1)
+                fneg[r0:r1] = torch.where(neg, fn, z).sum(1)
+                upos[r0:r1] = torch.where(pos, up, z).sum(1)
+                uneg[r0:r1] = torch.where(neg, un, z).sum(1)
+        return lse, pos_sum, fpos, fneg, upos, uneg
+
+    def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                          lse, cpos, cposf, cneg, r):
+        M, N = A.shape[0], C.shape[0]
+        acc = acc_dtype(A.dtype)
+        Cacc = C.to(acc)
+        bs = bias_same.to(acc) if bias_same is not None else None
+        bo = bias_other.to(acc) if bias_other is not None else None
+        dA = torch.empty(M, A.shape[1], dtype=acc, device=A.device)
+        dC = torch.zeros(N, C.shape[1], dtype=acc, device=A.device)
+        for r0, r1 in _row_blocks(M, N):
+            A_blk = A[r0:r1].to(acc)
+            s, sb, valid, pos, neg = _block_logits(A_blk, Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
+                                                   inv_tau, bs, bo)
+            blk_lse = lse[r0:r1]
+            safe = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
+            logp = torch.where(valid, sb - safe[:, None], torch.full_like(sb, -1.0))
+            z = torch.zeros_like(s)
+            g = torch.where(pos, cpos[r0:r1, None].expand_as(s), z) - r[r0:r1, None] * torch.exp(logp)
+            if focal:
+                _, _, up, un = focal_terms(logp, gamma)
+                cpf, cn = cposf[r0:r1, None], cneg[r0:r1, None]
+                g = g + torch.where(pos & (cpf != 0), cpf * up, z) + torch.where(neg & (cn != 0), cn * un, z)
+            g = torch.where(valid, g, z)
+            dA[r0:r1] = (g @ Cacc) * inv_tau
+            dC.addmm_(g.T, A_blk, alpha=inv_tau)
+        return dA.to(A.dtype), dC.to(C.dtype)

@@ -1,0 +1,53 @@
+"""Autograd wrapper of the engine: per-row statistics in, exact gradients out (recompute backward)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class RowStats(NamedTuple):
+    lse: torch.Tensor      # log Σ_{A(i)} exp(s_ij + b_ij)
+    pos_sum: torch.Tensor  # Σ_{P(i)} s_ij
+    fpos: torch.Tensor     # Σ_{P(i)} f⁺(p_ij)  (zeros unless focal)
+    fneg: torch.Tensor     # Σ_{N(i)} f⁻(p_ij)  (zeros unless focal)
+
+
+class _RowStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine):
+        lse, pos_sum, fpos, fneg, upos, uneg = engine.rowstats_forward(
+            A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal)
+        ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg)
+        ctx.cfg = (self_offset, inv_tau, gamma, focal, engine)
+        return lse, pos_sum, fpos, fneg
+
+    @staticmethod
+    def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
+        A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg = ctx.saved_tensors
+        self_offset, inv_tau, gamma, focal, engine = ctx.cfg
+        zero = torch.zeros_like(lse)
+        g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
+        g_pos = zero if g_pos is None else g_pos.to(lse.dtype)
+        if focal:
+            g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
+            g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
+            r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
+        else:
+            g_fpos = g_fneg = zero
+            r = -g_lse
+        dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
+                                          gamma, focal, lse, g_pos.contiguous(), g_fpos.contiguous(),
+                                          g_fneg.contiguous(), r.contiguous())
+        return (dA if ctx.needs_input_grad[0] else None, dC if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, *,
+              self_offset: int, inv_tau: float, bias_same: Optional[torch.Tensor] = None,
+              bias_other: Optional[torch.Tensor] = None, gamma: float = 0.0, focal: bool = False) -> RowStats:
+    """Differentiable per-anchor statistics of S = A Cᵀ·inv_tau computed by ``engine`` (never N×N)."""
+    out = _RowStatsFn.apply(A.contiguous(), C.contiguous(), a_lab.contiguous(), c_lab.contiguous(),
+                            bias_same, bias_other, int(self_offset), float(inv_tau), float(gamma), bool(focal),
+                            engine)
+    return RowStats(*out)

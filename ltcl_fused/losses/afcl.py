@@ -1,0 +1,69 @@
+"""CL / FCL / ACL / AFCL (SPEC.md section 2) on the row-statistics engine."""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from .. import backends
+from ..engine import row_stats
+from ._common import build_contrast, match_counts, reduce
+
+
+def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normalize_by="batch",
+         contrast_mode="all", normalize=False, ref_features=None, ref_labels=None, reduction="mean",
+         backend="auto", check_finite=True):
+    """Asymmetric focal contrastive loss (Vito & Stefanus 2022): ``ℓ_i = T⁺_i + η T⁻_i``.
+
+    ``T⁺_i = −(1/N) Σ_{P(i)} (1 − p_ip)^γ log p_ip`` and ``T⁻_i = −(1/N) Σ_{N(i)} log(1 − p_in)``,
+    N the number of contrast columns (``normalize_by="batch"``, the released code), or 1/|P(i)| and
+    1/|N(i)| (``normalize_by="pairs"``). γ = η = 0 is CL, η = 0 FCL, γ = 0 ACL. Computed stably: a
+    finite input never gives NaN. Returned in float32 (float64 for float64 features).
+    """
+    fn = "ltcl_fused.afcl"
+    tau = V.check_positive(fn, "temperature", temperature)
+    gamma = V.check_nonnegative(fn, "gamma", gamma)
+    eta = V.check_nonnegative(fn, "eta", eta)
+    V.check_choice(fn, "normalize_by", normalize_by, ("batch", "pairs"))
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    backends.check_backend_name(backend, fn)
+    if backend == "reference":
+        from .. import reference as R
+        V.check_features(fn, "features", features)
+        return R.afcl(features, labels, gamma=gamma, eta=eta, temperature=tau, normalize_by=normalize_by,
+                      contrast_mode=contrast_mode, normalize=normalize, ref_features=ref_features,
+                      ref_labels=ref_labels, reduction=reduction)
+    P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
+                       contrast_mode=contrast_mode, normalize=normalize, check_finite=check_finite)
+    eng = backends.resolve(backend, features.device, "rowstats", fn)
+    focal = gamma > 0 or eta > 0
+    st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal)
+    npos = match_counts(P.a_lab, P.c_lab) - 1
+    nneg = (P.N - 1) - npos
+    if focal:
+        t_pos, t_neg = st.fpos, st.fneg
+    else:  # Σ_P −log p = |P| LSE − Σ_P s: no second pass needed
+        lse = torch.where(npos > 0, st.lse, torch.zeros_like(st.lse))
+        t_pos, t_neg = npos * lse - st.pos_sum, None
+    if normalize_by == "batch":
+        w_pos = w_neg = torch.full_like(st.lse, 1.0 / P.N)
+    else:
+        w_pos = torch.where(npos > 0, 1.0 / npos.clamp(min=1), 0.0).to(st.lse.dtype)
+        w_neg = torch.where(nneg > 0, 1.0 / nneg.clamp(min=1), 0.0).to(st.lse.dtype)
+    loss = w_pos * t_pos
+    if eta > 0:
+        loss = loss + eta * w_neg * t_neg
+    return reduce(loss, reduction)
+
+
+def fcl(features, labels=None, *, gamma=1.0, **kw):
+    """Focal contrastive loss: ``afcl`` with η = 0 (Core-tuning's FCL is γ = 1)."""
+    if "eta" in kw:
+        raise TypeError("ltcl_fused.fcl: `eta` is fixed to 0 (use ltcl_fused.afcl for both)")
+    return afcl(features, labels, gamma=gamma, eta=0.0, **kw)
+
+
+def acl(features, labels=None, *, eta=1.0, **kw):
+    """Asymmetric contrastive loss: ``afcl`` with γ = 0."""
+    if "gamma" in kw:
+        raise TypeError("ltcl_fused.acl: `gamma` is fixed to 0 (use ltcl_fused.afcl for both)")
+    return afcl(features, labels, gamma=0.0, eta=eta, **kw)

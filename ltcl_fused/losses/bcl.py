@@ -1,0 +1,52 @@
+"""Balanced contrastive learning (SPEC.md section 3): class-averaged SupCon with class prototypes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as V
+from .. import backends
+from ..engine import row_stats
+from ._common import flatten_views, reduce
+
+
+def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, reduction="mean", backend="auto",
+        check_finite=True):
+    """BCL loss of Zhu et al. 2022 (``BalSCL``): columns are the V·B views then the C prototypes.
+
+    ``D_i = Σ_c (1/|G_c \\ {i}|) Σ_{j∈G_c\\{i}} exp(s_ij)``, ``ℓ_i = −(1/|P(i)|) Σ_P (s_ip − log D_i)``,
+    mean over the V·B anchors. Gradients reach ``features`` and ``prototypes``.
+    """
+    fn = "ltcl_fused.bcl"
+    tau = V.check_positive(fn, "temperature", temperature)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    backends.check_backend_name(backend, fn)
+    V.check_features(fn, "features", features)
+    V.check_features(fn, "prototypes", prototypes, ranks=(2,))
+    V.check_same(fn, "prototypes", prototypes, features)
+    X, B, Vw = flatten_views(features)
+    V.check_labels(fn, "labels", labels, B, features.device, f"one label per sample of `features` {V._shape(features)}")
+    n_cls = prototypes.shape[0]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
+        raise ValueError(f"{fn}: `labels` must lie in [0, {n_cls}) (one prototype per class), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    if backend == "reference":
+        from .. import reference as R
+        return R.bcl(features, labels, prototypes, temperature=tau, normalize=normalize, reduction=reduction)
+    V.check_finite(fn, "features", features, check_finite)
+    V.check_finite(fn, "prototypes", prototypes, check_finite)
+    if normalize:
+        X, prototypes = F.normalize(X, dim=-1), F.normalize(prototypes, dim=-1)
+    dev = features.device
+    lab = labels.to(torch.int64).repeat(Vw)
+    c_lab = torch.cat([lab, torch.arange(n_cls, device=dev)])
+    C = torch.cat([X, prototypes], 0)
+    cnt = torch.bincount(c_lab, minlength=n_cls).to(torch.float64)  # V·n_c + 1
+    bias_other = (-torch.log(cnt))[c_lab]
+    bias_same = (-torch.log((cnt - 1).clamp(min=1)))[c_lab]  # own class: anchor i itself is not counted
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    eng = backends.resolve(backend, dev, "rowstats", fn)
+    st = row_stats(eng, X, C, lab, c_lab, self_offset=0, inv_tau=1.0 / tau,
+                   bias_same=bias_same.to(acc), bias_other=bias_other.to(acc))
+    npos = (cnt[lab] - 1).to(acc)  # every other column of the class, prototype included (>= 1)
+    return reduce(st.lse - st.pos_sum / npos, reduction)

@@ -1,0 +1,50 @@
+"""ltcl_fused: fused Triton kernels and C++/CUDA extensions for long-tailed contrastive losses.
+
+Nothing is compiled at install time: the C++/CUDA extension builds itself on first use (or with
+``python -m ltcl_fused.ext build``); ``LTCL_BUILD_EXT=1 pip install .`` builds it ahead of time.
+The top-level ``triton_kernels/`` folder installs as ``ltcl_fused.triton_kernels`` and ``csrc/``
+ships as package data of ``ltcl_fused.csrc``.
+"""
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+SOURCE_GLOBS = ["*.cpp", "*.h", "*.hpp", "*.cu", "*.cuh", "*/*.cpp", "*/*.h", "*/*.hpp", "*/*.cu", "*/*.cuh",
+                "*/*/*.cpp", "*/*/*.h", "*/*/*.cu", "*/*/*.cuh", "*.sh", "*/*.sh"]
+
+
+class BuildPy(build_py):
+    def run(self):
+        super().run()
+        if os.environ.get("LTCL_BUILD_EXT") == "1":  # optional ahead-of-time build of the extension
+            import subprocess
+            import sys
+            subprocess.check_call([sys.executable, "-m", "ltcl_fused.ext", "build"], cwd=self.build_lib)
+
+
+setup(
+    name="ltcl_fused",
+    version="0.1.0",
+    description="Fused, memory-efficient contrastive losses (SupCon, AFCL, BCL, ResCom, DCL/HCL/Bayesian, MTTV) "
+                "for long-tailed data: Triton kernels and a C++/CUDA extension",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=[
+        "ltcl_fused", "ltcl_fused.reference", "ltcl_fused.engine", "ltcl_fused.backends", "ltcl_fused.losses",
+        "ltcl_fused.triton_kernels", "ltcl_fused.csrc",
+    ],
+    package_dir={"ltcl_fused.triton_kernels": "triton_kernels", "ltcl_fused.csrc": "csrc"},
+    package_data={"ltcl_fused.csrc": SOURCE_GLOBS},
+    include_package_data=False,
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "ext": ["ninja"],
+        "test": ["pytest>=7", "pytest-xdist", "pytorch-metric-learning>=2.0", "ninja", "triton>=3.0; platform_system=='Linux'"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+    },
+    cmdclass={"build_py": BuildPy},
+)
