@@ -1,11 +1,128 @@
-"""backend="triton": fused Triton kernels (placeholder until the Triton engine lands)."""
+"""backend="triton": fused Triton kernels of the row-statistics engine (never forms the N×N matrix).
+
+The kernels live in ``ltcl_fused.triton_kernels`` (source folder ``triton_kernels/`` at the
+repository root, mapped into the package by setup.py). From a source checkout that was not
+installed, that folder is loaded under the same module name.
+
+fp32 ``tl.dot`` uses ``input_precision="ieee"`` unless ``LTCL_TRITON_TF32=1`` is set (opt-in TF32).
+On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported): that is how the tests run them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..engine.contract import acc_dtype
 from .base import Engine
+
+_KERNELS = "ltcl_fused.triton_kernels"
+
+
+def _load_kernels():
+    """``ltcl_fused.triton_kernels.ops`` (installed package, or the source folder of a checkout)."""
+    try:
+        return importlib.import_module(_KERNELS + ".ops")
+    except ModuleNotFoundError as e:
+        if e.name != _KERNELS:
+            raise
+    src = Path(__file__).resolve().parents[2] / "triton_kernels"
+    if not (src / "__init__.py").exists():
+        raise ModuleNotFoundError(f"{_KERNELS} is not installed and {src} does not exist")
+    spec = importlib.util.spec_from_file_location(_KERNELS, src / "__init__.py",
+                                                  submodule_search_locations=[str(src)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[_KERNELS] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(_KERNELS, None)
+        raise
+    return importlib.import_module(_KERNELS + ".ops")
+
+
+def _allow_tf32() -> bool:
+    return os.environ.get("LTCL_TRITON_TF32", "0").lower() in ("1", "true", "yes")
 
 
 class TritonEngine(Engine):
     name = "triton"
-    ops = frozenset()
-    planned = "the Triton fused engine, issue #3"
+    ops = frozenset({"rowstats"})
+
+    def __init__(self):
+        self._ops = None
+        self._reason = None
+
+    def _kernels(self):
+        if self._ops is None and self._reason is None:
+            try:
+                import triton  # noqa: F401
+            except Exception as e:  # ImportError, or a broken install
+                self._reason = f"Triton is not importable ({type(e).__name__}: {e})"
+                return None
+            try:
+                self._ops = _load_kernels()
+            except Exception as e:
+                self._reason = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+        return self._ops
 
     def unavailable_reason(self, device):
-        return None
+        device = torch.device(device)
+        ops = self._kernels()
+        if ops is None:
+            return self._reason
+        if ops.interpreted():
+            if device.type in ("cpu", "cuda"):
+                return None
+            return f"the Triton interpreter runs on CPU tensors, got {device.type} tensors"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available to torch"
+            return None
+        if device.type == "cpu":
+            return ("Triton kernels need CUDA tensors; CPU tensors run only under the Triton interpreter "
+                    "(set TRITON_INTERPRET=1 before importing triton); use backend='cpu' or 'torch'")
+        return f"Triton kernels need CUDA tensors, got {device.type} tensors"
+
+    # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
+    @staticmethod
+    def _prep(A, C, a_lab, c_lab, bias_same, bias_other):
+        acc = acc_dtype(A.dtype)
+        A = A.contiguous()
+        C = C.contiguous()
+        a_lab = a_lab.to(torch.int64).contiguous()
+        c_lab = c_lab.to(torch.int64).contiguous()
+        if (bias_same is None) != (bias_other is None):
+            raise ValueError("triton engine: bias_same and bias_other must be given together")
+        if bias_same is not None:
+            bias_same = bias_same.to(acc).contiguous()
+            bias_other = bias_other.to(acc).contiguous()
+        return A, C, a_lab, c_lab, bias_same, bias_other
+
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+        if self._kernels() is None:
+            self._fail()
+        A, C, a_lab, c_lab, bias_same, bias_other = self._prep(A, C, a_lab, c_lab, bias_same, bias_other)
+        return torch.ops.ltcl_fused.triton_rowstats_fwd(
+            A, C, a_lab, c_lab, bias_same, bias_other, float(inv_tau), float(gamma), int(self_offset),
+            bool(focal), _allow_tf32())
+
+    def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                          lse, cpos, cposf, cneg, r):
+        if self._kernels() is None:
+            self._fail()
+        A, C, a_lab, c_lab, bias_same, bias_other = self._prep(A, C, a_lab, c_lab, bias_same, bias_other)
+        acc = acc_dtype(A.dtype)
+        lse, cpos, cposf, cneg, r = (t.to(acc).contiguous() for t in (lse, cpos, cposf, cneg, r))
+        return torch.ops.ltcl_fused.triton_rowstats_bwd(
+            A, C, a_lab, c_lab, bias_same, bias_other, lse, cpos, cposf, cneg, r, float(inv_tau), float(gamma),
+            int(self_offset), bool(focal), _allow_tf32())
+
+    def _fail(self):
+        from .base import BackendUnavailable
+        raise BackendUnavailable(f"backend 'triton' is unavailable: {self._reason}")

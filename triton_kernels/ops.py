@@ -1,0 +1,111 @@
+"""Host side of the row-statistics kernels, registered as torch.library custom ops.
+
+``torch.ops.ltcl_fused.triton_rowstats_fwd`` / ``triton_rowstats_bwd`` are ``torch.library.triton_op``s
+whose kernels are launched through ``torch.library.wrap_triton``, so ``torch.compile`` can trace
+them (the autograd formula lives in ``ltcl_fused/engine/function.py``). Under the Triton
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) the kernels are called directly, because
+``wrap_triton`` accepts compiled ``JITFunction``s only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from .configs import BlockConfig, pick_config
+from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_fwd_kernel
+
+#: test hook: a BlockConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
+FORCE_CONFIG: Optional[BlockConfig] = None
+
+
+def interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they run on CPU tensors)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(rowstats_fwd_kernel, InterpretedFunction)
+
+
+def _launcher(kernel):
+    if interpreted():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _config(M: int, N: int, D: int, dtype: torch.dtype) -> BlockConfig:
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    return pick_config(M, N, D, dtype, interpreted())
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # the interpreter's bf16 tl.dot is wrong (numpy has no bf16): multiply the bf16 values in fp32 there
+    return dtype == torch.bfloat16 and interpreted()
+
+
+@torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", mutates_args=())
+def triton_rowstats_fwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
+                        bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int,
+                        focal: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, pos_sum, fpos, fneg, upos, uneg), each [M] in the accumulation dtype (contract forward)."""
+    M, D = A.shape
+    N = C.shape[0]
+    acc = _acc(A.dtype)
+    lse = torch.empty(M, dtype=acc, device=A.device)
+    pos = torch.empty(M, dtype=acc, device=A.device)
+    fpos, fneg, upos, uneg = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(4))
+    params = torch.tensor([inv_tau, gamma], dtype=acc, device=A.device)
+    has_bias = bias_same is not None
+    bs = bias_same if has_bias else lse
+    bo = bias_other if has_bias else lse
+    cfg = _config(M, N, D, A.dtype)
+    grid = (triton.cdiv(M, cfg.BLOCK_M),)
+    _launcher(rowstats_fwd_kernel)[grid](
+        A, C, a_lab, c_lab, bs, bo, params, lse, pos, fpos, fneg, upos, uneg,
+        M, N, D, A.stride(0), C.stride(0), self_offset,
+        HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
+        PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return lse, pos, fpos, fneg, upos, uneg
+
+
+@torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", mutates_args=())
+def triton_rowstats_bwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
+                        bias_other: Optional[Tensor], lse: Tensor, cpos: Tensor, cposf: Tensor, cneg: Tensor,
+                        r: Tensor, inv_tau: float, gamma: float, self_offset: int, focal: bool,
+                        allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    """(dA [M, D], dC [N, D]) in the input dtype (contract backward)."""
+    M, D = A.shape
+    N = C.shape[0]
+    acc = _acc(A.dtype)
+    dA = torch.empty(M, D, dtype=acc, device=A.device)
+    dC = torch.empty(N, D, dtype=acc, device=A.device)
+    params = torch.tensor([inv_tau, gamma], dtype=acc, device=A.device)
+    has_bias = bias_same is not None
+    bs = bias_same if has_bias else lse
+    bo = bias_other if has_bias else lse
+    cfg = _config(M, N, D, A.dtype)
+    common = dict(HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
+                  BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
+                  PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launcher(rowstats_bwd_da_kernel)[(triton.cdiv(M, cfg.BLOCK_M),)](
+        A, C, a_lab, c_lab, bs, bo, params, lse, cpos, cposf, cneg, r, dA,
+        M, N, D, A.stride(0), C.stride(0), self_offset, **common)
+    _launcher(rowstats_bwd_dc_kernel)[(triton.cdiv(N, cfg.BLOCK_N),)](
+        A, C, a_lab, c_lab, bs, bo, params, lse, cpos, cposf, cneg, r, dC,
+        M, N, D, A.stride(0), C.stride(0), self_offset, **common)
+    return dA.to(A.dtype), dC.to(C.dtype)
