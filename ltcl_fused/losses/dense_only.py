@@ -11,8 +11,6 @@ from .. import _validation as V
 from .. import backends
 
 _PLANNED = {
-    "hard_pair_mining": "streaming top-k mining, issue #5",
-    "rescom": "fused ResCom, issue #5",
     "dcl": "fused self-supervised family, issue #7",
     "hcl": "fused self-supervised family, issue #7",
     "bayesian_cl": "fused self-supervised family, issue #7",
@@ -36,57 +34,6 @@ def _two_views(fn, z1, z2, check_finite):
         raise ValueError(f"{fn}: `z1` and `z2` must have the same shape [B, D], got {V._shape(z1)} and {V._shape(z2)}")
     V.check_finite(fn, "z1", z1, check_finite)
     V.check_finite(fn, "z2", z2, check_finite)
-
-
-def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, backend="auto"):
-    """Per anchor, the ``k_pos`` least similar same-class keys and the ``k_neg`` most similar other-class keys."""
-    fn = "ltcl_fused.hard_pair_mining"
-    _route("hard_pair_mining", backend)
-    V.check_features(fn, "anchors", anchors, ranks=(2,))
-    V.check_features(fn, "keys", keys, ranks=(2,))
-    V.check_same(fn, "keys", keys, anchors, "anchors")
-    V.check_labels(fn, "anchor_labels", anchor_labels, anchors.shape[0], anchors.device, "one per anchor")
-    V.check_labels(fn, "key_labels", key_labels, keys.shape[0], anchors.device, "one per key")
-    k_pos = V.check_int(fn, "k_pos", k_pos, 0)
-    k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    _check_candidates(fn, anchor_labels, key_labels, k_pos, k_neg)
-    from .. import reference as R
-    return R.hard_pair_mining(anchors, anchor_labels, keys, key_labels, k_pos=k_pos, k_neg=k_neg)
-
-
-def _check_candidates(fn, anchor_labels, key_labels, k_pos, k_neg):
-    from ._common import match_counts
-    same = match_counts(anchor_labels.to(torch.int64), key_labels.to(torch.int64))
-    if same.numel():
-        if k_pos > int(same.min()):
-            raise ValueError(f"{fn}: `k_pos`={k_pos} is larger than the candidates: an anchor has only "
-                             f"{int(same.min())} same-class keys")
-        other = key_labels.shape[0] - same
-        if k_neg > int(other.min()):
-            raise ValueError(f"{fn}: `k_neg`={k_neg} is larger than the candidates: an anchor has only "
-                             f"{int(other.min())} other-class keys")
-
-
-def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, temperature=0.2, class_weights=None,
-           reduction="mean", backend="auto", check_finite=True):
-    """ResCom's L_con (SPEC.md section 4): batch columns plus mined hard keys from the class-balanced queue."""
-    fn = "ltcl_fused.rescom"
-    _route("rescom", backend)
-    V.check_features(fn, "features", features)
-    V.check_features(fn, "queue", queue, ranks=(2,))
-    V.check_same(fn, "queue", queue, features)
-    V.check_positive(fn, "temperature", temperature)
-    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
-    V.check_finite(fn, "features", features, check_finite)
-    n = features.shape[0]
-    V.check_labels(fn, "labels", labels, n, features.device, "one per sample of `features`")
-    V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], features.device, "one per queue row")
-    k_pos = V.check_int(fn, "k_pos", k_pos, 0)
-    k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    _check_candidates(fn, labels, queue_labels, k_pos, k_neg)
-    from .. import reference as R
-    return R.rescom(features, labels, queue, queue_labels, k_pos=k_pos, k_neg=k_neg, temperature=temperature,
-                    class_weights=class_weights, reduction=reduction)
 
 
 def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean", backend="auto",

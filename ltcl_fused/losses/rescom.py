@@ -1,0 +1,312 @@
+"""ResCom (SPEC.md section 4) on the fused backends: streaming hard-pair mining and the mined L_con.
+
+``hard_pair_mining`` streams over the keys tile by tile with a per-row top-k state (never M × Q) on the
+"torch", "triton" and "cpu" backends. ``rescom`` gets the batch block (self excluded) from the
+row-statistics engine (``lse_batch``, ``pos_sum``) and the mined part from a small gathered
+M × (k_pos + k_neg) block; the row's log-sum-exp is ``logaddexp(lse_batch, lse_mined)``, so autograd hands
+the engine's backward the right ``g_lse``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as V
+from .. import backends
+from ..engine import acc_dtype, row_stats
+from ._common import flatten_views, match_counts, reduce
+
+# ---------------------------------------------------------------------------------------------------------------
+# mining backends (contract: ltcl_fused/backends/mining_torch.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _torch_mine(A, a_lab, K, k_lab, k_pos, k_neg):
+    from ..backends import mining_torch
+    return mining_torch.mine(A, a_lab, K, k_lab, k_pos, k_neg)
+
+
+def _triton_module():
+    try:                                            # installed: the kernels live in ltcl_fused.triton_kernels
+        from ..triton_kernels import topk_mining
+    except ImportError:                             # source checkout: top-level triton_kernels/ folder
+        import importlib
+        topk_mining = importlib.import_module("triton_kernels.topk_mining")
+    return topk_mining
+
+
+def _triton_mine(A, a_lab, K, k_lab, k_pos, k_neg):
+    return _triton_module().topk_mining(A, a_lab, K, k_lab, k_pos, k_neg)
+
+
+def _triton_reason(device):
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"Triton does not import ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+
+
+def _cpu_op():
+    """The C++ mining op ``torch.ops.ltcl_fused.topk_mining`` (building the extension if needed) or a reason."""
+    try:
+        from .. import ext
+    except ImportError:
+        return None, "the C++ extension loader ltcl_fused.ext is not available"
+    try:
+        ext.load()
+        return torch.ops.ltcl_fused.topk_mining, None
+    except Exception as e:  # noqa: BLE001 - the reason is reported, never hidden
+        return None, f"the C++ extension has no mining op ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def _cpu_mine(A, a_lab, K, k_lab, k_pos, k_neg):
+    op, reason = _cpu_op()
+    if op is None:
+        raise backends.BackendUnavailable(reason)
+    return op(A.contiguous(), a_lab.contiguous(), K.contiguous(), k_lab.contiguous(), k_pos, k_neg)
+
+
+def _cpu_reason(device):
+    if device.type != "cpu":
+        return f"the cpu backend needs CPU tensors, got device {device}"
+    return _cpu_op()[1]
+
+
+_MINERS = {"torch": (_torch_mine, lambda device: None), "triton": (_triton_mine, _triton_reason),
+           "cpu": (_cpu_mine, _cpu_reason)}
+_warned = set()
+
+
+def resolve_mining(backend: str, device: torch.device, fn: str):
+    """The mining function for ``backend`` on ``device``; None means the dense reference.
+
+    An engine that lists ``"mining"`` in its ``ops`` and has a ``mine`` method (same contract) takes
+    precedence over the built-in table, so the engines can take the op over without changes here.
+    """
+    backends.check_backend_name(backend, fn)
+    if backend == "reference":
+        return None
+    names = [backend] if backend != "auto" else list(backends.auto_order(device))
+    for name in names:
+        eng = backends.get_engine(name)
+        if "mining" in eng.ops and hasattr(eng, "mine"):
+            impl, reason = eng.mine, eng.unavailable_reason(device)
+        elif name in _MINERS:
+            impl, why = _MINERS[name]
+            reason = eng.unavailable_reason(device) or why(device)
+        else:
+            if backend != "auto":
+                raise NotImplementedError(f"{fn}: backend {name!r} does not implement hard-pair mining yet; "
+                                          f"use backend='torch', 'triton', 'cpu' or 'auto'")
+            continue
+        if reason is None:
+            return impl
+        if backend != "auto":
+            raise backends.BackendUnavailable(f"{fn}: backend {name!r} is unavailable: {reason}")
+        if (name, reason) not in _warned:
+            _warned.add((name, reason))
+            warnings.warn(f"ltcl_fused: backend {name!r} unavailable for mining ({reason}); falling back",
+                          RuntimeWarning, stacklevel=3)
+    raise backends.BackendUnavailable(f"{fn}: no backend can run hard-pair mining on device {device}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation shared by both entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_keys(fn, name, keys, ref, ref_name):
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(keys).__name__}")
+    if keys.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"{fn}: `{name}` must be a floating tensor, got {keys.dtype}")
+    if keys.dim() != 2:
+        raise ValueError(f"{fn}: `{name}` must be [Q, D], got shape {V._shape(keys)}")
+    V.check_same(fn, name, keys, ref, ref_name)
+
+
+def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, what="anchor"):
+    """Raise (naming k_pos / k_neg) unless every row has enough candidates or ``allow_fewer``."""
+    if allow_fewer or a_lab.numel() == 0 or (k_pos == 0 and k_neg == 0):
+        return
+    same = match_counts(a_lab, k_lab)
+    for name, k, cnt, kind in (("k_pos", k_pos, same, "same-class"),
+                               ("k_neg", k_neg, k_lab.numel() - same, "other-class")):
+        if k and k > int(cnt.min()):
+            i = int(cnt.argmin())
+            raise ValueError(f"{fn}: `{name}`={k} but {what} {i} (class {int(a_lab[i])}) has only {int(cnt[i])} "
+                             f"{kind} keys; lower `{name}` or pass allow_fewer=True (missing slots become -1)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, backend="auto", allow_fewer=False,
+                     check_finite=True):
+    """Per anchor, the ``k_pos`` least similar same-class keys and the ``k_neg`` most similar other-class keys.
+
+    Similarity is ``anchors @ keys.T`` (accumulated in float32, float64 for float64 inputs), streamed over
+    tiles of keys: memory O(M · (k + tile)), never M × Q. Returns int64 ``(pos_idx [M, k_pos],
+    neg_idx [M, k_neg])`` indices into ``keys``; positives are in ascending, negatives in descending order of
+    similarity. Ties are broken arbitrarily (compare the selected similarities, not indices).
+
+    If some anchor has fewer than ``k_pos`` same-class (``k_neg`` other-class) keys, a ValueError names the
+    argument; with ``allow_fewer=True`` every candidate is returned and the missing trailing slots are -1.
+    The selection is not differentiable.
+    """
+    fn = "ltcl_fused.hard_pair_mining"
+    V.check_features(fn, "anchors", anchors, ranks=(2,))
+    _check_keys(fn, "keys", keys, anchors, "anchors")
+    V.check_labels(fn, "anchor_labels", anchor_labels, anchors.shape[0], anchors.device, "one per anchor")
+    V.check_labels(fn, "key_labels", key_labels, keys.shape[0], anchors.device, "one per key")
+    k_pos = V.check_int(fn, "k_pos", k_pos, 0)
+    k_neg = V.check_int(fn, "k_neg", k_neg, 0)
+    V.check_finite(fn, "anchors", anchors, check_finite)
+    V.check_finite(fn, "keys", keys, check_finite)
+    a_lab, k_lab = anchor_labels.to(torch.int64), key_labels.to(torch.int64)
+    _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer)
+    impl = resolve_mining(backend, anchors.device, fn)
+    if impl is None:
+        from .. import reference as R
+        if allow_fewer:
+            _candidates(fn, a_lab, k_lab, k_pos, k_neg, False)  # the reference cannot pad
+        return R.hard_pair_mining(anchors, a_lab, keys, k_lab, k_pos=k_pos, k_neg=k_neg)
+    return impl(anchors.detach(), a_lab, keys.detach(), k_lab, k_pos, k_neg)
+
+
+class _GatheredSim(torch.autograd.Function):
+    """``s_ij = inv_tau · A_i · K[idx_ij]`` (−inf where ``idx_ij < 0``); gradient to A only (K is detached).
+
+    Forward gathers keys in row chunks (memory O(chunk · k · D)); backward is an embedding-bag sum
+    ``dA_i = inv_tau Σ_j g_ij K[idx_ij]`` (memory O(M · D)).
+    """
+
+    @staticmethod
+    def forward(ctx, A, K, idx, inv_tau):
+        M, k = idx.shape
+        valid = idx >= 0
+        safe = idx.clamp(min=0)
+        out = torch.full((M, k), -math.inf, dtype=A.dtype, device=A.device)
+        if k and K.shape[0]:
+            rows = max(1, (1 << 22) // max(1, k * A.shape[1]))
+            for r0 in range(0, M, rows):
+                r1 = min(M, r0 + rows)
+                s = torch.einsum("md,mkd->mk", A[r0:r1], K[safe[r0:r1]]) * inv_tau
+                out[r0:r1] = s.masked_fill(~valid[r0:r1], -math.inf)
+        ctx.save_for_backward(K, safe, valid)
+        ctx.inv_tau = inv_tau
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        K, safe, valid = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        g = torch.where(valid, g, torch.zeros_like(g))
+        if safe.shape[1] == 0 or K.shape[0] == 0:
+            return torch.zeros(safe.shape[0], K.shape[1], dtype=g.dtype, device=g.device), None, None, None
+        dA = F.embedding_bag(safe, K, per_sample_weights=g.to(K.dtype).contiguous(), mode="sum") * ctx.inv_tau
+        return dA, None, None, None
+
+
+def _masked_lse(x, valid):
+    """Row log-sum-exp over ``valid`` entries; −inf (with zero gradient) for a row without any."""
+    empty = ~valid.any(dim=1, keepdim=True)
+    x = x.masked_fill(~valid, -math.inf).masked_fill(empty, 0.0)
+    return torch.logsumexp(x, dim=1).masked_fill(empty.squeeze(1), -math.inf)
+
+
+def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, temperature=0.2, class_weights=None,
+           reduction="mean", backend="auto", allow_fewer=False, check_finite=True):
+    """ResCom's contrastive loss L_con (SPEC.md section 4) with streaming mining and the fused batch block.
+
+    ``features`` ``[2b, D]`` with ``labels [2b]``, or ``[b, V, D]`` with ``labels [b]`` (flattened
+    view-major); ``queue [Q, D]`` / ``queue_labels [Q]`` are the class-balanced queue's keys (detached here).
+    Row i: ``[batch columns except self | k_pos mined positives | k_neg mined negatives] / τ``, log-softmax
+    over the whole row, ``ℓ_i = −(1/|P(i)|) Σ_{P(i)} log softmax`` with P(i) = same-class batch columns and
+    the mined positives (0 if empty). ``class_weights [C]`` (e.g. ``effective_number_weights``) scale ℓ_i by
+    ``w_{y_i}``; "mean" is ``(1/2b) Σ_i w_{y_i} ℓ_i`` (not divided by Σw), "sum" the sum, "none" the values.
+    ``allow_fewer=True``: an anchor whose class has fewer than ``k_pos`` keys (or fewer than ``k_neg``
+    other-class keys) uses all it has (e.g. while the queue fills up); otherwise that raises ValueError.
+    Gradients flow to ``features`` (anchors and batch columns); the queue gets none. The loss is float32
+    (float64 for float64 features).
+    """
+    fn = "ltcl_fused.rescom"
+    tau = V.check_positive(fn, "temperature", temperature)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    backends.check_backend_name(backend, fn)
+    V.check_features(fn, "features", features)
+    _check_keys(fn, "queue", queue, features, "features")
+    X, B, Vw = flatten_views(features)
+    dev = features.device
+    V.check_labels(fn, "labels", labels, B, dev, f"one label per sample of `features` {V._shape(features)}")
+    V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], dev, "one per queue row")
+    k_pos = V.check_int(fn, "k_pos", k_pos, 0)
+    k_neg = V.check_int(fn, "k_neg", k_neg, 0)
+    V.check_finite(fn, "features", features, check_finite)
+    V.check_finite(fn, "queue", queue, check_finite)
+    lab = labels.to(torch.int64).repeat(Vw)
+    q_lab = queue_labels.to(torch.int64)
+    w = None
+    if class_weights is not None:
+        w = torch.as_tensor(class_weights, device=dev)
+        if w.dim() != 1 or not w.dtype.is_floating_point:
+            raise ValueError(f"{fn}: `class_weights` must be a 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= w.shape[0]):
+            raise ValueError(f"{fn}: `class_weights` has {w.shape[0]} entries but `labels` go up to "
+                             f"{int(lab.max())} (and must be >= 0)")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{fn}: `class_weights` contains NaN or Inf")
+    _candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer, what="anchor (flattened row)")
+    if backend == "reference":
+        if allow_fewer:
+            _candidates(fn, lab, q_lab, k_pos, k_neg, False, what="anchor (flattened row)")
+        from .. import reference as R
+        return R.rescom(features, labels, queue, queue_labels, k_pos=k_pos, k_neg=k_neg, temperature=tau,
+                        class_weights=class_weights, reduction=reduction)
+
+    miner = resolve_mining(backend, dev, fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn)
+    keys = queue.detach()
+    pos_idx, neg_idx = miner(X.detach(), lab, keys, q_lab, k_pos, k_neg)
+
+    acc = acc_dtype(X.dtype)
+    inv_tau = 1.0 / tau
+    # batch block: every other batch column, positives = same class (self excluded), through the engine
+    st = row_stats(eng, X, X, lab, lab, self_offset=0, inv_tau=inv_tau)
+    n_batch_pos = (match_counts(lab, lab) - 1).to(acc)
+    n_batch_cols = X.shape[0] - 1
+
+    # mined block: M × (k_pos + k_neg) gathered similarities, autograd to the anchors only
+    Xa, Ka = X.to(acc), keys.to(acc)
+    s_pos = _GatheredSim.apply(Xa, Ka, pos_idx, inv_tau)
+    s_neg = _GatheredSim.apply(Xa, Ka, neg_idx, inv_tau)
+    mined = torch.cat([s_pos, s_neg], dim=1)
+    mined_valid = torch.cat([pos_idx, neg_idx], dim=1) >= 0
+    pos_valid = pos_idx >= 0
+    lse_mined = _masked_lse(mined, mined_valid)
+
+    has_mined = mined_valid.any(dim=1)
+    row_empty = ~has_mined if n_batch_cols == 0 else torch.zeros_like(has_mined)
+    zero = torch.zeros_like(st.lse)
+    # logaddexp(-inf, -inf) has a NaN gradient: a row with no column at all gets dummy zeros (its loss is 0)
+    lse = torch.logaddexp(torch.where(row_empty, zero, st.lse), torch.where(row_empty, zero, lse_mined))
+
+    npos = n_batch_pos + pos_valid.sum(dim=1).to(acc)
+    pos_sum = st.pos_sum + torch.where(pos_valid, s_pos, torch.zeros_like(s_pos)).sum(dim=1)
+    has = npos > 0
+    loss = torch.where(has, lse - pos_sum / npos.clamp(min=1), zero)
+    if w is not None:
+        loss = w.to(acc)[lab] * loss
+    return reduce(loss, reduction)
