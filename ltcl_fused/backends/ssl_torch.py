@@ -1,0 +1,136 @@
+"""backend="torch" for the self-supervised family: the SSL contract in plain PyTorch, one row block at a time.
+
+Implements ``ltcl_fused/engine/ssl_contract.py`` on any device with memory O(block · N): the
+similarity rows of a block of anchors are formed, reduced to the per-row statistics and dropped;
+backward recomputes them. The Bayesian weights need exact ranks within each row: the block's set
+values are sorted per row (entries outside the set pushed to +inf) and every entry's count of
+set values <= it is found with a batched ``searchsorted`` — exact, ties included, O(block · N log N).
+
+``SSLTorchMixin`` holds the two methods, so the chunked softmax engine can take them on as well
+(``class TorchChunkedEngine(SSLTorchMixin, Engine)`` with ``"ssl"`` in ``ops``); ``TorchSSLEngine``
+is the standalone engine used until then.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..engine.contract import acc_dtype
+from ..engine.ssl_contract import SSLStats, bayes_omega
+from .base import Engine
+
+#: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1).
+#: A block keeps a handful of [rows, N] temporaries alive (about 8 with the Bayesian ranks).
+BLOCK_ELEMENTS = int(os.environ.get("LTCL_TORCH_BLOCK_ELEMENTS", 1 << 20))
+
+
+def _row_blocks(M: int, N: int):
+    rows = max(1, min(M, BLOCK_ELEMENTS // max(N, 1)))
+    for r0 in range(0, M, rows):
+        yield r0, min(M, r0 + rows)
+
+
+def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
+    """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0)."""
+    g = A_blk.to(Cacc.dtype) @ Cacc.T
+    s = g * inv_tau
+    bm, N = s.shape
+    cols = torch.arange(N, device=s.device)[None, :]
+    in_set = torch.ones(bm, N, dtype=torch.bool, device=s.device)
+    if self_offset >= 0 and not cfg.include_self:
+        in_set &= cols != (torch.arange(r0, r0 + bm, device=s.device) + self_offset)[:, None]
+    if cfg.exclude_partner:
+        in_set &= cols != partner_blk[:, None]
+    if cfg.filter is not None:
+        ag = g.abs()
+        in_set &= ag >= cfg.lower
+        if cfg.filter == "both":
+            in_set &= ag <= cfg.upper
+    del g
+    if cfg.bayes is None:
+        logw = torch.where(in_set, 0.0, -math.inf).to(s.dtype)
+    else:
+        n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
+        srt = torch.where(in_set, s, math.inf).sort(dim=1).values
+        u = torch.searchsorted(srt, s, right=True).to(s.dtype) / n  # +inf (outside) is never <= a finite s
+        del srt
+        w = bayes_omega(u, *cfg.bayes)
+        logw = torch.where(in_set & (w > 0), torch.log(w), -math.inf)
+    return s, logw
+
+
+def _positive(s, partner_blk, logw):
+    has = partner_blk >= 0
+    idx = partner_blk.clamp(min=0)[:, None]
+    pos = torch.where(has, s.gather(1, idx)[:, 0], 0.0)
+    # in the set <=> its log-weight is finite (ω > 0 everywhere on the set unless α = β = 1, and the
+    # partner is never in the Bayesian set)
+    pos_in = (has & torch.isfinite(logw.gather(1, idx)[:, 0])).to(s.dtype)
+    return pos, pos_in
+
+
+class SSLTorchMixin:
+    """The "ssl" operation of the chunked PyTorch engine."""
+
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg) -> SSLStats:
+        M, N = A.shape[0], C.shape[0]
+        acc = acc_dtype(A.dtype)
+        Cacc = C.to(acc)
+        K = len(cfg.scales)
+        lse = torch.empty(K, M, dtype=acc, device=A.device)
+        pos = torch.empty(M, dtype=acc, device=A.device)
+        pos_in = torch.empty(M, dtype=acc, device=A.device)
+        with torch.no_grad():
+            for r0, r1 in _row_blocks(M, N):
+                s, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], logw)
+                for k, c in enumerate(cfg.scales):
+                    lse[k, r0:r1] = torch.logsumexp(logw + c * s, dim=1)  # all −inf -> −inf
+        return SSLStats(lse, pos, pos_in)
+
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
+        M, N = A.shape[0], C.shape[0]
+        acc = acc_dtype(A.dtype)
+        Cacc = C.to(acc)
+        dA = torch.empty(M, A.shape[1], dtype=acc, device=A.device)
+        dC = torch.zeros(N, C.shape[1], dtype=acc, device=A.device)
+        with torch.no_grad():
+            for r0, r1 in _row_blocks(M, N):
+                A_blk = A[r0:r1].to(acc)
+                s, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                G = torch.zeros_like(s)
+                for k, c in enumerate(cfg.scales):
+                    L, ck = lse[k, r0:r1], coef[k, r0:r1]
+                    live = (ck != 0) & torch.isfinite(L)
+                    if not bool(live.any()):
+                        continue
+                    Ls = torch.where(live, L, 0.0)
+                    # exp(−inf) = 0 outside the set; dead rows get coefficient 0 and a finite exponent
+                    t = torch.exp(torch.where(live[:, None], logw + c * s - Ls[:, None], -math.inf))
+                    G.add_(t * torch.where(live, ck * c, 0.0)[:, None])
+                p = partner[r0:r1]
+                has = p >= 0
+                G.scatter_add_(1, p.clamp(min=0)[:, None], torch.where(has, cpos[r0:r1], 0.0)[:, None])
+                dA[r0:r1] = (G @ Cacc) * inv_tau
+                dC.addmm_(G.T, A_blk, alpha=inv_tau)
+        return dA.to(A.dtype), dC.to(C.dtype)
+
+
+class TorchSSLEngine(SSLTorchMixin, Engine):
+    name = "torch"
+    ops = frozenset({"ssl"})
+
+    def unavailable_reason(self, device):
+        return None
+
+
+_ENGINE = None
+
+
+def get_engine() -> TorchSSLEngine:
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = TorchSSLEngine()
+    return _ENGINE
