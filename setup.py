@@ -33,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=[
-        "ltcl_fused", "ltcl_fused.reference", "ltcl_fused.engine", "ltcl_fused.backends", "ltcl_fused.losses",
+        "ltcl_fused", "ltcl_fused.reference", "ltcl_fused.engine", "ltcl_fused.backends", "ltcl_fused.losses", "ltcl_fused.distributed",
         "ltcl_fused.triton_kernels", "ltcl_fused.csrc",
     ],
     package_dir={"ltcl_fused.triton_kernels": "triton_kernels", "ltcl_fused.csrc": "csrc"},

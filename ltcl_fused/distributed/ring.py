@@ -1,0 +1,236 @@
+"""Ring mode: per-row statistics of local anchors against the global columns, with no rank ever
+holding more than its own column block plus the one in flight.
+
+Forward: the column blocks travel around the ring (rank r sends to r+1, receives from r−1); while the
+next block is in flight the engine reduces the current one to per-row statistics, combined exactly:
+``lse = logaddexp(lse, lse_blk)`` and the positive sums added. The AFCL focal terms need the final
+global LSE, so a focal forward makes a second sweep that evaluates them block by block given that LSE
+(the engine's forward normalises by its own LSE, so that pass is written here in chunked PyTorch,
+reusing the contract's ``focal_terms``). Backward: a third sweep recomputes every block; ``dA``
+accumulates locally through the engine's backward (which takes the global LSE), and each block's
+``dC`` accumulator travels with it and arrives, summed over all ranks, back at its owner.
+Memory per rank: O(local rows · D + largest block · D) for features plus O(global rows) for labels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import torch.nn.functional as F
+
+from ..engine.contract import _logp_given_stats, acc_dtype, focal_terms
+from ..engine.function import RowStats
+from .gather import global_rank, world
+
+__all__ = ["ring_row_stats"]
+
+_TAG_BLOCK, _TAG_GRAD = 17, 18
+#: elements of one chunk of similarity rows in the focal pass written here
+FOCAL_BLOCK_ELEMENTS = 1 << 20
+
+
+class _Ring:
+    """Neighbour bookkeeping: block k of the sweep on rank r is owned by rank (r − k) mod W."""
+
+    def __init__(self, group, sizes: Sequence[int]):
+        self.group = group
+        self.rank, self.W = world(group)
+        self.sizes = [int(s) for s in sizes]
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.nxt = global_rank(group, (self.rank + 1) % self.W)
+        self.prv = global_rank(group, (self.rank - 1) % self.W)
+
+    def owner(self, k: int) -> int:
+        return (self.rank - k) % self.W
+
+    def cols(self, owner: int) -> slice:
+        return slice(self.offsets[owner], self.offsets[owner + 1])
+
+    def exchange(self, send: torch.Tensor, recv_rows: int, tag: int):
+        """Post send of ``send`` to the next rank and receive of ``recv_rows`` rows from the previous one."""
+        incoming = send.new_empty((recv_rows,) + tuple(send.shape[1:]))
+        reqs = [dist.isend(send, self.nxt, group=self.group, tag=tag),
+                dist.irecv(incoming, self.prv, group=self.group, tag=tag)]
+        return incoming, reqs
+
+    def sweep(self, X_local: torch.Tensor, fn):
+        """Call ``fn(k, owner, block)`` for every column block, the next one travelling meanwhile."""
+        cur = X_local
+        for k in range(self.W):
+            reqs = []
+            if k < self.W - 1:
+                nxt_block, reqs = self.exchange(cur, self.sizes[self.owner(k + 1)], _TAG_BLOCK)
+            fn(k, self.owner(k), cur)
+            for q in reqs:
+                q.wait()
+            if k < self.W - 1:
+                cur = nxt_block
+
+
+def _focal_pass(A, blk, a_lab, b_lab, self_offset, inv_tau, bias_same, bias_other, lse, top, lrest, gamma):
+    """Σ_P f⁺, Σ_N f⁻, Σ_P u⁺, Σ_N u⁻ of one column block given the global row statistics (lse, and the
+    dominant column ``top`` as an index into this block or −1, with ``lrest``), chunked over rows."""
+    acc = acc_dtype(A.dtype)
+    M, n = A.shape[0], blk.shape[0]
+    out = [torch.zeros(M, dtype=acc, device=A.device) for _ in range(4)]
+    if n == 0 or M == 0:
+        return out
+    Bacc = blk.to(acc)
+    rows = max(1, min(M, FOCAL_BLOCK_ELEMENTS // n))
+    cidx = torch.arange(n, device=A.device)[None, :]
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        s = (A[r0:r1].to(acc) @ Bacc.T) * inv_tau
+        if self_offset >= 0:
+            valid = cidx != (torch.arange(r0, r1, device=A.device)[:, None] + self_offset)
+        else:
+            valid = torch.ones_like(s, dtype=torch.bool)
+        pos = (a_lab[r0:r1, None] == b_lab[None, :]) & valid
+        neg = valid & ~pos
+        x = s if bias_same is None else s + torch.where(pos, bias_same.to(acc)[None, :], bias_other.to(acc)[None, :])
+        logp, log1mp = _logp_given_stats(x, valid, lse[r0:r1], top[r0:r1], lrest[r0:r1])
+        fp, fn, up, un = focal_terms(logp, log1mp, gamma)
+        z = torch.zeros_like(s)
+        out[0][r0:r1] = torch.where(pos, fp, z).sum(1)
+        out[1][r0:r1] = torch.where(neg, fn, z).sum(1)
+        out[2][r0:r1] = torch.where(pos, up, z).sum(1)
+        out[3][r0:r1] = torch.where(neg, un, z).sum(1)
+    return out
+
+
+def _combine(lse_k, top_k, lrest_k):
+    """Exact row statistics over all blocks from the per-block ones (``[W, M]``, block index = owner rank).
+
+    The dominant column is the one of the block with the largest row maximum m_k = lse_k − softplus(lrest_k)
+    (the first such block in column order on ties); ``rest`` over the whole row is that block's rest plus
+    every other block's ``exp(lse_k − m)``, summed in log space. Returns (lse, best block, top within it, lrest).
+    """
+    ninf = torch.tensor(-math.inf, dtype=lse_k.dtype, device=lse_k.device)
+    nonempty_k = top_k >= 0
+    m_k = torch.where(nonempty_k, lse_k - F.softplus(lrest_k), ninf)
+    best = torch.argmax(m_k, dim=0)  # the first maximal block
+    m = m_k.gather(0, best[None]).squeeze(0)
+    nonempty = nonempty_k.any(0)
+    m_safe = torch.where(nonempty, m, torch.zeros_like(m))
+    is_best = torch.arange(lse_k.shape[0], device=lse_k.device)[:, None] == best[None, :]
+    terms = torch.where(is_best, lrest_k, torch.where(nonempty_k, lse_k - m_safe[None, :], ninf))
+    lrest = torch.logsumexp(terms, dim=0)
+    lse = torch.where(nonempty, m_safe + F.softplus(lrest), ninf)
+    top = torch.where(nonempty, top_k.gather(0, best[None]).squeeze(0), torch.full_like(best, -1))
+    best = torch.where(nonempty, best, torch.full_like(best, -1))
+    return lse, best, top, lrest
+
+
+def _top_in(best, top, owner):
+    """The dominant column as an index into block ``owner`` (−1 where it lies in another block)."""
+    return torch.where(best == owner, top, torch.full_like(top, -1)).contiguous()
+
+
+def _bias(b, sl):
+    return None if b is None else b[sl].contiguous()
+
+
+class _RingRowStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, X, a_lab, c_lab, bias_same, bias_other, sizes, anchor_offset, inv_tau, gamma, focal,
+                engine, group):
+        ring = _Ring(group, sizes)
+        acc = acc_dtype(A.dtype)
+        M = A.shape[0]
+        pos_sum = torch.zeros(M, dtype=acc, device=A.device)
+        per_block = [None] * ring.W
+
+        def lse_step(k, owner, blk):
+            nonlocal pos_sum
+            sl = ring.cols(owner)
+            so = anchor_offset if owner == ring.rank else -1
+            out = engine.rowstats_forward(A, blk, a_lab, c_lab[sl].contiguous(), so, inv_tau,
+                                          _bias(bias_same, sl), _bias(bias_other, sl), 0.0, False)
+            per_block[owner] = (out[0], out[6], out[7])  # lse, top, lrest of this block
+            pos_sum = pos_sum + out[1]
+
+        ring.sweep(X, lse_step)
+        lse, best, top, lrest = _combine(*(torch.stack([b[i] for b in per_block]) for i in range(3)))
+        del per_block
+        z = torch.zeros_like(lse)
+        fpos, fneg, upos, uneg = z, z.clone(), z.clone(), z.clone()
+        if focal:
+            def focal_step(k, owner, blk):
+                sl = ring.cols(owner)
+                so = anchor_offset if owner == ring.rank else -1
+                parts = _focal_pass(A, blk, a_lab, c_lab[sl], so, inv_tau, _bias(bias_same, sl),
+                                    _bias(bias_other, sl), lse, _top_in(best, top, owner), lrest, gamma)
+                for t, p in zip((fpos, fneg, upos, uneg), parts):
+                    t.add_(p)
+
+            ring.sweep(X, focal_step)
+        ctx.save_for_backward(A, X, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, best, top, lrest)
+        ctx.cfg = (list(sizes), anchor_offset, inv_tau, gamma, focal, engine, group)
+        return lse, pos_sum, fpos, fneg
+
+    @staticmethod
+    def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
+        A, X, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, best, top, lrest = ctx.saved_tensors
+        sizes, anchor_offset, inv_tau, gamma, focal, engine, group = ctx.cfg
+        zero = torch.zeros_like(lse)
+        g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
+        g_pos = zero if g_pos is None else g_pos.to(lse.dtype)
+        if focal:  # the same chain rule as ltcl_fused.engine.function._RowStatsFn
+            g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
+            g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
+            r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
+        else:
+            g_fpos = g_fneg = zero
+            r = -g_lse
+        cpos, cposf, cneg, r = g_pos.contiguous(), g_fpos.contiguous(), g_fneg.contiguous(), r.contiguous()
+        ring = _Ring(group, sizes)
+        dA = torch.zeros(A.shape, dtype=acc_dtype(A.dtype), device=A.device)
+        state = {"acc_in": None, "reqs": []}
+
+        def grad_step(k, owner, blk):
+            sl = ring.cols(owner)
+            so = anchor_offset if owner == ring.rank else -1
+            dA_k, dC_k = engine.rowstats_backward(A, blk, a_lab, c_lab[sl].contiguous(), so, inv_tau,
+                                                  _bias(bias_same, sl), _bias(bias_other, sl), gamma, focal,
+                                                  lse, _top_in(best, top, owner), lrest, cpos, cposf, cneg, r)
+            dA.add_(dA_k)
+            for q in state["reqs"]:  # the accumulator of this block, from the previous rank
+                q.wait()
+            acc_blk = dC_k if state["acc_in"] is None else state["acc_in"].add_(dC_k)
+            # pass the accumulator on; it reaches the owner after W hops (the last one lands at home)
+            state["acc_in"], state["reqs"] = ring.exchange(acc_blk.contiguous(), ring.sizes[ring.owner(k + 1)],
+                                                           _TAG_GRAD)
+            state["keep"] = acc_blk  # the send buffer must live until its request completes
+
+        ring.sweep(X, grad_step)
+        for q in state["reqs"]:
+            q.wait()
+        dX = state["acc_in"]
+        return (dA.to(A.dtype) if ctx.needs_input_grad[0] else None, dX if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None, None, None, None, None, None)
+
+
+def ring_row_stats(engine, A: torch.Tensor, X: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor,
+                   sizes: Sequence[int], *, anchor_offset: int, inv_tau: float,
+                   bias_same: Optional[torch.Tensor] = None, bias_other: Optional[torch.Tensor] = None,
+                   gamma: float = 0.0, focal: bool = False, group=None) -> RowStats:
+    """Row statistics of this rank's anchors ``A`` against the global columns, ring style.
+
+    ``X`` is this rank's column block (rows ``sizes[rank]``); the global columns are every rank's block in
+    rank order, ``c_lab`` (and the optional ``bias_*``) are their labels (biases) in that order, length
+    ``sum(sizes)``. Anchor i's self column is row ``i + anchor_offset`` of this rank's own block
+    (``anchor_offset=-1``: none). Same outputs and gradients as ``row_stats`` on the gathered columns.
+    """
+    rank, W = world(group)
+    if len(sizes) != W or int(sizes[rank]) != X.shape[0] or int(sum(sizes)) != c_lab.shape[0]:
+        raise ValueError(f"ltcl_fused.distributed: inconsistent ring sizes {list(sizes)} for a local block of "
+                         f"{X.shape[0]} rows and {c_lab.shape[0]} global labels")
+    out = _RingRowStatsFn.apply(A.contiguous(), X.contiguous(), a_lab.contiguous(), c_lab.contiguous(),
+                                bias_same, bias_other, [int(s) for s in sizes], int(anchor_offset),
+                                float(inv_tau), float(gamma), bool(focal), engine, group)
+    return RowStats(*out)
