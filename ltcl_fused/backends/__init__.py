@@ -40,9 +40,19 @@ def auto_order(device: torch.device):
 
 def resolve(backend: str, device: torch.device, op: str, fn: str) -> Optional[Engine]:
     """The engine that runs ``op`` for a call of ``fn`` on ``device``; None means "reference"."""
+    name = _resolve_name(backend, device.type, device.index, op, fn)
+    return None if name is None else _cache[name]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: str, device_type: str, device_index, op: str, fn: str) -> Optional[str]:
+    # Runs eagerly even under torch.compile (the choice is a constant of the compiled graph).
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    return _resolve(backend, device, op, fn).name if backend != "reference" else None
+
+
+def _resolve(backend: str, device: torch.device, op: str, fn: str) -> Engine:
     check_backend_name(backend, fn)
-    if backend == "reference":
-        return None
     if backend != "auto":
         eng = get_engine(backend)
         reason = eng.unavailable_reason(device)

@@ -31,5 +31,5 @@ class Engine:
         raise NotImplementedError
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, cpos, cposf, cneg, r):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt):
         raise NotImplementedError

@@ -6,12 +6,11 @@ saved statistics (``ltcl_fused/engine/contract.py``).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from ..engine.contract import acc_dtype, focal_terms
+from ..engine.contract import acc_dtype, backward_tile, focal_terms, row_logp
 from .base import Engine
 
 #: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1)
@@ -56,28 +55,25 @@ class TorchChunkedEngine(Engine):
         Cacc = C.to(acc)
         bs = bias_same.to(acc) if bias_same is not None else None
         bo = bias_other.to(acc) if bias_other is not None else None
-        out = [torch.zeros(M, dtype=acc, device=A.device) for _ in range(6)]
-        lse, pos_sum, fpos, fneg, upos, uneg = out
-        ninf = torch.tensor(-math.inf, dtype=acc, device=A.device)
+        lse, pos_sum, fpos, fneg, upos, uneg, lrest = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(7))
+        top = torch.full((M,), -1, dtype=torch.int64, device=A.device)
         for r0, r1 in _row_blocks(M, N):
             s, sb, valid, pos, neg = _block_logits(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                    inv_tau, bs, bo)
-            blk_lse = torch.logsumexp(torch.where(valid, sb, ninf), dim=1)
-            lse[r0:r1] = blk_lse
+            lse[r0:r1], top[r0:r1], lrest[r0:r1], logp, log1mp = row_logp(sb, valid)
             pos_sum[r0:r1] = (s * pos).sum(1)
             if focal:
-                safe = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
-                logp = torch.where(valid, sb - safe[:, None], torch.full_like(sb, -1.0))
-                fp, fn, up, un = focal_terms(logp, gamma)
+                fp, fn, up, un = focal_terms(logp, log1mp, gamma)
                 z = torch.zeros_like(fp)
+                not_top = torch.arange(N, device=A.device)[None, :] != top[r0:r1, None]
                 fpos[r0:r1] = torch.where(pos, fp, z).sum(1)
                 fneg[r0:r1] = torch.where(neg, fn, z).sum(1)
                 upos[r0:r1] = torch.where(pos, up, z).sum(1)
-                uneg[r0:r1] = torch.where(neg, un, z).sum(1)
-        return lse, pos_sum, fpos, fneg, upos, uneg
+                uneg[r0:r1] = torch.where(neg & not_top, un, z).sum(1)
+        return lse, pos_sum, fpos, fneg, upos, uneg, top, lrest
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, cpos, cposf, cneg, r):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt):
         M, N = A.shape[0], C.shape[0]
         acc = acc_dtype(A.dtype)
         Cacc = C.to(acc)
@@ -89,16 +85,9 @@ class TorchChunkedEngine(Engine):
             A_blk = A[r0:r1].to(acc)
             s, sb, valid, pos, neg = _block_logits(A_blk, Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                    inv_tau, bs, bo)
-            blk_lse = lse[r0:r1]
-            safe = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
-            logp = torch.where(valid, sb - safe[:, None], torch.full_like(sb, -1.0))
-            z = torch.zeros_like(s)
-            g = torch.where(pos, cpos[r0:r1, None].expand_as(s), z) - r[r0:r1, None] * torch.exp(logp)
-            if focal:
-                _, _, up, un = focal_terms(logp, gamma)
-                cpf, cn = cposf[r0:r1, None], cneg[r0:r1, None]
-                g = g + torch.where(pos & (cpf != 0), cpf * up, z) + torch.where(neg & (cn != 0), cn * un, z)
-            g = torch.where(valid, g, z)
+            sl = slice(r0, r1)
+            g = backward_tile(sb, valid, pos, neg, lse[sl], top[sl], lrest[sl], gamma, focal, cpos[sl], cposf[sl],
+                              cneg[sl], r[sl], rt[sl])
             dA[r0:r1] = (g @ Cacc) * inv_tau
             dC.addmm_(g.T, A_blk, alpha=inv_tau)
         return dA.to(A.dtype), dC.to(C.dtype)

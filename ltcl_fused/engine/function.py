@@ -16,15 +16,15 @@ class RowStats(NamedTuple):
 class _RowStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine):
-        lse, pos_sum, fpos, fneg, upos, uneg = engine.rowstats_forward(
+        lse, pos_sum, fpos, fneg, upos, uneg, top, lrest = engine.rowstats_forward(
             A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal)
-        ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg)
+        ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest)
         ctx.cfg = (self_offset, inv_tau, gamma, focal, engine)
         return lse, pos_sum, fpos, fneg
 
     @staticmethod
     def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
-        A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg = ctx.saved_tensors
+        A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
         self_offset, inv_tau, gamma, focal, engine = ctx.cfg
         zero = torch.zeros_like(lse)
         g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
@@ -33,12 +33,15 @@ class _RowStatsFn(torch.autograd.Function):
             g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
             g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
             r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
+            # the dominant column's own u⁻ = 1/rest, applied by the engine to the other columns only
+            top_neg = (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)
+            rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
         else:
             g_fpos = g_fneg = zero
-            r = -g_lse
+            r, rt = -g_lse, zero
         dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
-                                          gamma, focal, lse, g_pos.contiguous(), g_fpos.contiguous(),
-                                          g_fneg.contiguous(), r.contiguous())
+                                          gamma, focal, lse, top, lrest, g_pos.contiguous(), g_fpos.contiguous(),
+                                          g_fneg.contiguous(), r.contiguous(), rt.contiguous())
         return (dA if ctx.needs_input_grad[0] else None, dC if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None, None, None)
 

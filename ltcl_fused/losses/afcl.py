@@ -47,8 +47,9 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     if normalize_by == "batch":
         w_pos = w_neg = torch.full_like(st.lse, 1.0 / P.N)
     else:
-        w_pos = torch.where(npos > 0, 1.0 / npos.clamp(min=1), 0.0).to(st.lse.dtype)
-        w_neg = torch.where(nneg > 0, 1.0 / nneg.clamp(min=1), 0.0).to(st.lse.dtype)
+        acc = st.lse.dtype
+        w_pos = torch.where(npos > 0, 1.0 / npos.clamp(min=1).to(acc), 0.0)
+        w_neg = torch.where(nneg > 0, 1.0 / nneg.clamp(min=1).to(acc), 0.0)
     loss = w_pos * t_pos
     if eta > 0:
         loss = loss + eta * w_neg * t_neg

@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   the main job (long-tailed training demo with ltcl_fused.afcl and friends)
+#   make test   the whole test suite (what CI runs)
+# Both create .venv when no virtualenv is active, install torch==2.13.0 (CPU wheel) only when torch is
+# missing and no NVIDIA GPU is present, then the package and its test/demo dependencies.
+
+SHELL := /bin/bash
+ENV_PY := $(shell bash scripts/env_python.sh)
+
+.PHONY: setup demo demo-synthetic test bench
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(ENV_PY) -m ltcl_fused.demo
+
+demo-synthetic: setup
+	$(ENV_PY) -m ltcl_fused.demo --synthetic
+
+test: setup
+	$(ENV_PY) -m pytest tests -q
+
+bench: setup
+	$(ENV_PY) benchmarks/sweep.py

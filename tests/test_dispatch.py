@@ -1,0 +1,84 @@
+"""Backend selection: explicit names are honoured or fail in one clear line; auto falls back."""
+import warnings
+
+import pytest
+import torch
+
+import ltcl_fused as lf
+from ltcl_fused import backends
+from ltcl_fused.backends.base import BackendUnavailable, Engine
+from ltcl_fused.backends.torch_chunked import TorchChunkedEngine
+
+
+class _Broken(TorchChunkedEngine):
+    def __init__(self, name, reason=None, ops=frozenset({"rowstats"})):
+        self.name, self._reason, self.ops = name, reason, ops
+        self.calls = 0
+
+    def unavailable_reason(self, device):
+        return self._reason
+
+    def rowstats_forward(self, *a):
+        self.calls += 1
+        return super().rowstats_forward(*a)
+
+
+@pytest.fixture
+def fake_engines(monkeypatch):
+    cache = dict(backends._cache)
+    monkeypatch.setattr(backends, "_cache", cache)
+    monkeypatch.setattr(backends, "_warned", set())
+    return cache
+
+
+X = torch.randn(8, 4)
+Y = torch.tensor([0, 1, 0, 1, 2, 2, 3, 0])
+
+
+def test_explicit_unavailable_backend_raises_one_line(fake_engines):
+    fake_engines["cpu"] = _Broken("cpu", reason="no C++ compiler found (install g++)")
+    with pytest.raises(BackendUnavailable) as ei:
+        lf.supcon(X, Y, backend="cpu")
+    msg = str(ei.value)
+    assert "'cpu'" in msg and "no C++ compiler" in msg and "\n" not in msg
+
+
+def test_auto_falls_back_with_a_warning(fake_engines):
+    fake_engines["cpu"] = _Broken("cpu", reason="no C++ compiler found")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        v = lf.supcon(X, Y, backend="auto")
+    torch.testing.assert_close(v, lf.supcon(X, Y, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reason only
+        lf.supcon(X, Y, backend="auto")
+
+
+def test_auto_prefers_the_first_available(fake_engines):
+    fake_engines["cpu"] = eng = _Broken("cpu")
+    lf.afcl(X, Y, backend="auto")
+    assert eng.calls == 1
+
+
+def test_not_implemented_op_is_never_a_silent_fallback(fake_engines):
+    fake_engines["cpu"] = _Broken("cpu", ops=frozenset())
+    fake_engines["cpu"].planned = "issue #4"
+    with pytest.raises(NotImplementedError, match="issue #4"):
+        lf.supcon(X, Y, backend="cpu")
+    # auto skips it quietly and uses the next backend
+    torch.testing.assert_close(lf.supcon(X, Y, backend="auto"), lf.supcon(X, Y, backend="reference"))
+
+
+def test_auto_order():
+    assert backends.auto_order(torch.device("cpu")) == ("cpu", "torch")
+    assert backends.auto_order(torch.device("cuda", 0)) == ("triton", "cuda", "torch")
+
+
+def test_every_backend_name_resolves_or_explains():
+    for name in ("triton", "cuda", "cpu", "torch"):
+        eng = backends.get_engine(name)
+        assert isinstance(eng, Engine) and eng.name == name
+        reason = eng.unavailable_reason(torch.device("cpu"))
+        assert reason is None or (isinstance(reason, str) and "\n" not in reason and reason)
+    # CUDA tensors cannot exist here, but the cuda backend must explain itself for CPU tensors
+    r = backends.get_engine("cuda").unavailable_reason(torch.device("cpu"))
+    assert r is None or "cuda" in r.lower() or "gpu" in r.lower()
