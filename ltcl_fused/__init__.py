@@ -5,7 +5,7 @@ The public API is fixed by SPEC.md; ``ltcl_fused.reference`` holds the dense ora
 from . import reference  # noqa: F401
 from .backends import BACKENDS, BackendUnavailable  # noqa: F401
 from .losses import acl, afcl, bcl, fcl, supcon  # noqa: F401
-from .losses.dense_only import bayesian_cl, dcl, hcl, mttv  # noqa: F401
+from .losses.ssl import bayesian_cl, dcl, hcl, mttv  # noqa: F401
 from .losses.rescom import hard_pair_mining, rescom  # noqa: F401
 from .reference import ClassBalancedQueue, effective_number_weights, siamese_balanced_softmax  # noqa: F401
 

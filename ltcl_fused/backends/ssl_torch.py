@@ -4,7 +4,8 @@ Implements ``ltcl_fused/engine/ssl_contract.py`` on any device with memory O(blo
 similarity rows of a block of anchors are formed, reduced to the per-row statistics and dropped;
 backward recomputes them. The Bayesian weights need exact ranks within each row: the block's set
 values are sorted per row (entries outside the set pushed to +inf) and every entry's count of
-set values <= it is found with a batched ``searchsorted`` — exact, ties included, O(block · N log N).
+set values <= it is read off the end of its run of equal values — exact, ties included,
+O(block · N log N).
 
 ``SSLTorchMixin`` holds the two methods, so the chunked softmax engine can take them on as well
 (``class TorchChunkedEngine(SSLTorchMixin, Engine)`` with ``"ssl"`` in ``ops``); ``TorchSSLEngine``
@@ -32,6 +33,22 @@ def _row_blocks(M: int, N: int):
         yield r0, min(M, r0 + rows)
 
 
+def _le_counts(s, in_set):
+    """``#{k ∈ set(i): s_ik <= s_ij}`` for every (i, j) of the block (meaningful where j ∈ set(i)).
+
+    Sort each row with the entries outside the set pushed to +inf; the count for the entry at sorted
+    position q is 1 + the last position of its run of equal values (ties count as <=), found with a
+    reversed running minimum; then scatter back to the original columns. O(N log N) per row.
+    """
+    vals, idx = torch.where(in_set, s, math.inf).sort(dim=1)
+    bm, N = s.shape
+    q = torch.arange(N, device=s.device).expand(bm, N)
+    last = torch.ones(bm, N, dtype=torch.bool, device=s.device)
+    last[:, :-1] = vals[:, 1:] != vals[:, :-1]
+    run_end = torch.where(last, q, N).flip(1).cummin(1).values.flip(1)
+    return torch.empty_like(idx).scatter_(1, idx, run_end + 1)
+
+
 def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
     """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0)."""
     g = A_blk.to(Cacc.dtype) @ Cacc.T
@@ -53,21 +70,16 @@ def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
         logw = torch.where(in_set, 0.0, -math.inf).to(s.dtype)
     else:
         n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
-        srt = torch.where(in_set, s, math.inf).sort(dim=1).values
-        u = torch.searchsorted(srt, s, right=True).to(s.dtype) / n  # +inf (outside) is never <= a finite s
-        del srt
-        w = bayes_omega(u, *cfg.bayes)
+        w = bayes_omega(_le_counts(s, in_set).to(s.dtype) / n, *cfg.bayes)
         logw = torch.where(in_set & (w > 0), torch.log(w), -math.inf)
-    return s, logw
+    return s, in_set, logw
 
 
-def _positive(s, partner_blk, logw):
+def _positive(s, partner_blk, in_set):
     has = partner_blk >= 0
     idx = partner_blk.clamp(min=0)[:, None]
     pos = torch.where(has, s.gather(1, idx)[:, 0], 0.0)
-    # in the set <=> its log-weight is finite (ω > 0 everywhere on the set unless α = β = 1, and the
-    # partner is never in the Bayesian set)
-    pos_in = (has & torch.isfinite(logw.gather(1, idx)[:, 0])).to(s.dtype)
+    pos_in = (has & in_set.gather(1, idx)[:, 0]).to(s.dtype)
     return pos, pos_in
 
 
@@ -84,8 +96,9 @@ class SSLTorchMixin:
         pos_in = torch.empty(M, dtype=acc, device=A.device)
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
-                s, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
-                pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], logw)
+                s, in_set, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], in_set)
+                del in_set
                 for k, c in enumerate(cfg.scales):
                     lse[k, r0:r1] = torch.logsumexp(logw + c * s, dim=1)  # all −inf -> −inf
         return SSLStats(lse, pos, pos_in)
@@ -99,7 +112,8 @@ class SSLTorchMixin:
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
                 A_blk = A[r0:r1].to(acc)
-                s, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                del in_set
                 G = torch.zeros_like(s)
                 for k, c in enumerate(cfg.scales):
                     L, ck = lse[k, r0:r1], coef[k, r0:r1]
