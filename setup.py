@@ -7,7 +7,7 @@ ships as package data of ``ltcl_fused.csrc``.
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 SOURCE_GLOBS = ["*.cpp", "*.h", "*.hpp", "*.cu", "*.cuh", "*/*.cpp", "*/*.h", "*/*.hpp", "*/*.cu", "*/*.cuh",
@@ -32,10 +32,7 @@ setup(
     if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=[
-        "ltcl_fused", "ltcl_fused.reference", "ltcl_fused.engine", "ltcl_fused.backends", "ltcl_fused.losses", "ltcl_fused.distributed",
-        "ltcl_fused.triton_kernels", "ltcl_fused.csrc",
-    ],
+    packages=find_packages(include=["ltcl_fused", "ltcl_fused.*"]) + ["ltcl_fused.triton_kernels", "ltcl_fused.csrc"],
     package_dir={"ltcl_fused.triton_kernels": "triton_kernels", "ltcl_fused.csrc": "csrc"},
     package_data={"ltcl_fused.csrc": SOURCE_GLOBS},
     include_package_data=False,
