@@ -1,15 +1,59 @@
-"""backend="cpu" / "cuda": the C++/CUDA extension (placeholder until the extension lands)."""
+"""backend="cpu" / "cuda": the C++/CUDA extension (``csrc/``, built on first use by ``ltcl_fused.ext``).
+
+Both engines call the registered ops ``torch.ops.ltcl_fused.rowstats_fwd`` / ``rowstats_bwd``; the
+dispatcher picks the CPU or CUDA kernel from the tensors' device. ``unavailable_reason`` builds the
+extension the first time it is asked (about a minute) and reports a failed build in one line.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
 from .base import Engine
+
+
+def _ext():
+    from .. import ext
+    return ext
 
 
 class CPUEngine(Engine):
     name = "cpu"
-    ops = frozenset()
-    planned = "the C++/CUDA extension, issue #4"
+    ops = frozenset({"rowstats"})
+    device_type = "cpu"
 
-    def unavailable_reason(self, device):
-        return None
+    def unavailable_reason(self, device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return (f"backend {self.name!r} runs on {self.device_type} tensors, got {device.type} tensors"
+                    + (" (use backend='cuda')" if device.type == "cuda" else ""))
+        return _ext().unavailable_reason()
+
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+        return torch.ops.ltcl_fused.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
+                                                 float(inv_tau), float(gamma), bool(focal))
+
+    def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                          lse, top, lrest, cpos, cposf, cneg, r):
+        return torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
+                                                 float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
+                                                 cpos, cposf, cneg, r)
 
 
 class CUDAEngine(CPUEngine):
     name = "cuda"
+    device_type = "cuda"
+
+    def unavailable_reason(self, device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got {device.type} tensors (use backend='cpu')"
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA support"
+        reason = _ext().unavailable_reason()
+        if reason is not None:
+            return reason
+        if not _ext().has_cuda_kernels():
+            return "the C++ extension was built without its CUDA sources (LTCL_EXT_CPU_ONLY=1 or no CUDA_HOME)"
+        return None

@@ -1,0 +1,511 @@
+// CPU kernels of the row-statistics engine (contract: ltcl_fused/engine/contract.py).
+//
+// Forward: parallel over blocks of bm anchor rows. Per block one GEMM (MKL through at::mm_out)
+// writes the bm x N strip of raw similarities into a thread-local buffer; the fused epilogue then
+// walks each row while it sits in L1/L2: positives' sum, bias + self mask + running max (pass A),
+// exp and sum (pass B, giving lse), and for focal losses the second pass on the same strip
+// (negatives vectorised with at::vec / Sleef, positives through a per-label column list).
+// The focal forward therefore costs one GEMM, not two.
+//
+// Backward: rows are processed in super-blocks of R rows (R fixed by N and dtype, never by the
+// thread count). Phase 1, parallel over row blocks: recompute the strip, form G in place, and
+// dA_blk = inv_tau * G_blk C (one GEMM per block). Phase 2, parallel over column blocks:
+// dC_cols += inv_tau * G_sb[:, cols]^T A_sb. Every GEMM has a shape that does not depend on the
+// number of threads and every output element is reduced in a fixed order, so results are
+// bit-identical for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "../common/ltcl_math.h"
+
+namespace ltcl {
+namespace cpu {
+
+using at::Tensor;
+using at::vec::Vectorized;
+namespace cm = ltcl::common;
+
+// Columns grouped by label: the positives of an anchor are one contiguous run of `perm`.
+struct LabelIndex {
+  std::vector<int32_t> cid;    // dense label id of every column
+  std::vector<int32_t> aid;    // dense label id of every anchor, -1 when no column has its label
+  std::vector<int64_t> perm;   // columns sorted by (label, index)
+  std::vector<int64_t> start;  // run of label id k: perm[start[k] .. start[k+1])
+};
+
+static LabelIndex build_index(const int64_t* alab, int64_t M, const int64_t* clab, int64_t N) {
+  LabelIndex ix;
+  ix.perm.resize(N);
+  std::iota(ix.perm.begin(), ix.perm.end(), int64_t(0));
+  std::stable_sort(ix.perm.begin(), ix.perm.end(), [&](int64_t a, int64_t b) { return clab[a] < clab[b]; });
+  ix.cid.assign(N, 0);
+  std::vector<int64_t> uniq;
+  for (int64_t k = 0; k < N; ++k) {
+    const int64_t j = ix.perm[k];
+    if (k == 0 || clab[j] != clab[ix.perm[k - 1]]) {
+      uniq.push_back(clab[j]);
+      ix.start.push_back(k);
+    }
+    ix.cid[j] = static_cast<int32_t>(uniq.size() - 1);
+  }
+  ix.start.push_back(N);
+  ix.aid.assign(M, -1);
+  for (int64_t i = 0; i < M; ++i) {
+    auto it = std::lower_bound(uniq.begin(), uniq.end(), alab[i]);
+    if (it != uniq.end() && *it == alab[i]) ix.aid[i] = static_cast<int32_t>(it - uniq.begin());
+  }
+  return ix;
+}
+
+template <typename T>
+struct Problem {
+  const T* A;
+  const T* C;
+  int64_t M, N, D, Npad;
+  const T* clabf;  // [Npad] dense label ids as T (padding: -2, never an anchor id)
+  const T* bs;     // [Npad] bias_same (padding 0) or nullptr
+  const T* bo;     // [Npad] bias_other (padding 0) or nullptr
+  const LabelIndex* ix;
+  int64_t self_offset;
+  T inv_tau, gamma;
+  bool focal;
+
+  int64_t self_col(int64_t i) const {
+    if (self_offset < 0) return -1;
+    const int64_t j = i + self_offset;
+    return j < N ? j : -1;
+  }
+  const int64_t* pos_list(int64_t i, int64_t* n) const {
+    const int32_t id = ix->aid[i];
+    if (id < 0) {
+      *n = 0;
+      return nullptr;
+    }
+    *n = ix->start[id + 1] - ix->start[id];
+    return ix->perm.data() + ix->start[id];
+  }
+};
+
+static int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return dflt;
+  const long long x = std::atoll(v);
+  return x > 0 ? static_cast<int64_t>(x) : dflt;
+}
+
+// Rows per block: the strip (bm x N) should fit the L2 cache; at least 16 rows so the GEMM stays efficient.
+template <typename T>
+static int64_t block_rows(int64_t Npad) {
+  const int64_t forced = env_int("LTCL_CPU_BLOCK_ROWS", 0);
+  if (forced > 0) return forced;
+  const int64_t budget = 2 << 20;
+  int64_t bm = 64;
+  while (bm > 16 && bm * Npad * static_cast<int64_t>(sizeof(T)) > budget) bm /= 2;
+  return bm;
+}
+
+template <typename T>
+static at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// out[rows x N] (leading dim ldo) = A_blk[rows x D] C^T
+template <typename T>
+static void gemm_strip(const Problem<T>& P, int64_t r0, int64_t rows, T* out) {
+  at::Tensor o = view2d(out, rows, P.N, P.Npad, 1);
+  at::mm_out(o, view2d(P.A + r0 * P.D, rows, P.D, P.D, 1), view2d(P.C, P.N, P.D, P.D, 1).t());
+}
+
+template <typename T>
+static T hsum(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += buf[l];
+  return s;
+}
+
+template <typename T>
+static T hmax(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = buf[0];
+  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::max(s, buf[l]);
+  return s;
+}
+
+template <typename T>
+static inline bool any_lane(const Vectorized<T>& mask) {
+  constexpr int W = Vectorized<T>::size();
+  const int full = static_cast<int>((W >= 32) ? -1 : ((1u << W) - 1u));
+  return mask.zero_mask() != full;
+}
+
+// ---------------------------------------------------------------- forward
+
+struct FwdOut {
+  void* lse;
+  void* pos;
+  void* fpos;
+  void* fneg;
+  void* upos;
+  void* uneg;
+  int64_t* top;
+  void* lrest;
+};
+
+// x: raw similarities of row i (Npad wide, clobbered); e: Npad scratch (focal only).
+template <typename T>
+static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut& o) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  T* out_lse = static_cast<T*>(o.lse);
+  T* out_lrest = static_cast<T*>(o.lrest);
+  const T ninf = cm::neg_inf<T>();
+  const int64_t self = P.self_col(i);
+  int64_t np = 0;
+  const int64_t* pl = P.pos_list(i, &np);
+  const int32_t aid = P.ix->aid[i];
+  const T li = static_cast<T>(aid);
+
+  T psum = T(0);
+  for (int64_t k = 0; k < np; ++k) {
+    const int64_t j = pl[k];
+    if (j != self) psum += x[j] * P.inv_tau;
+  }
+  if (self >= 0) x[self] = ninf;
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+
+  // pass A: x = s * inv_tau + bias (in place), running max
+  const Vec vinv(P.inv_tau), vli(li);
+  Vec vmax(ninf);
+  for (int64_t j = 0; j < P.Npad; j += W) {
+    Vec v = Vec::loadu(x + j) * vinv;
+    if (P.bs != nullptr) {
+      const Vec same = (Vec::loadu(P.clabf + j) == vli);
+      v = v + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), same);
+    }
+    v.store(x + j);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  const T m = hmax(vmax);
+  static_cast<T*>(o.pos)[i] = psum;
+  static_cast<T*>(o.fpos)[i] = static_cast<T*>(o.fneg)[i] = T(0);
+  static_cast<T*>(o.upos)[i] = static_cast<T*>(o.uneg)[i] = T(0);
+  if (!(m > ninf)) {  // no valid column (N = 1 with self): lse = -inf, every sum empty
+    out_lse[i] = ninf;
+    out_lrest[i] = ninf;
+    o.top[i] = -1;
+    return;
+  }
+  // the dominant column: first j with x_j = m
+  const Vec vm(m);
+  int64_t top = -1;
+  for (int64_t j = 0; j < P.Npad && top < 0; j += W) {
+    if (any_lane<T>(Vec::loadu(x + j) == vm)) {
+      for (int64_t l = 0; l < W; ++l) {
+        if (x[j + l] == m) {
+          top = j + l;
+          break;
+        }
+      }
+    }
+  }
+  o.top[i] = top;
+  // pass B: rest = sum over the other columns of exp(x - m); keep the exponentials for pass C
+  x[top] = ninf;
+  Vec acc(T(0));
+  for (int64_t j = 0; j < P.Npad; j += W) {
+    const Vec ev = (Vec::loadu(x + j) - vm).exp();
+    if (P.focal) ev.store(e + j);
+    acc = acc + ev;
+  }
+  x[top] = m;
+  const T rest = hsum(acc);
+  const T lse = m + std::log1p(rest);
+  const T lrest = std::log(rest);
+  out_lse[i] = lse;
+  out_lrest[i] = lrest;
+  if (!P.focal) return;
+
+  // pass C, positives (a short list per row)
+  T fp = T(0), up = T(0);
+  for (int64_t k = 0; k < np; ++k) {
+    const int64_t j = pl[k];
+    if (j == self) continue;
+    T lp, l1, f, u;
+    cm::elem_logp<T>(x[j], lse, j == top, lrest, &lp, &l1);
+    cm::focal_pos<T>(lp, l1, P.gamma, &f, &u);
+    fp += f;
+    up += u;
+  }
+  // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e / (1 + rest)
+  const Vec vis(T(1) / (T(1) + rest)), zero(T(0)), one(T(1));
+  Vec fa(T(0)), ua(T(0));
+  for (int64_t j = 0; j < P.Npad; j += W) {  // e[top] = 0 and e[self] = 0 contribute 0
+    const Vec p = Vec::loadu(e + j) * vis;
+    const Vec neg = (Vec::loadu(P.clabf + j) != vli);
+    fa = fa + Vec::blendv(zero, zero - (zero - p).log1p(), neg);
+    ua = ua + Vec::blendv(zero, p / (one - p), neg);
+  }
+  T fn = hsum(fa), un = hsum(ua);
+  if (P.ix->cid[top] != aid) {  // the dominant column is a negative
+    T lp, l1, f, u;
+    cm::elem_logp<T>(m, lse, true, lrest, &lp, &l1);
+    cm::focal_neg<T>(lp, l1, &f, &u);
+    fn += f;
+    un += u;
+  }
+  static_cast<T*>(o.fpos)[i] = fp;
+  static_cast<T*>(o.upos)[i] = up;
+  static_cast<T*>(o.fneg)[i] = fn;
+  static_cast<T*>(o.uneg)[i] = un;
+}
+
+template <typename T>
+static void forward_impl(const Problem<T>& P, const FwdOut& o) {
+  const int64_t bm = block_rows<T>(P.Npad);
+  const int64_t nblk = (P.M + bm - 1) / bm;
+  at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+    std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
+    std::vector<T> ebuf(P.focal ? static_cast<size_t>(P.Npad) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * bm, rows = std::min(bm, P.M - r0);
+      gemm_strip(P, r0, rows, strip.data());
+      for (int64_t ii = 0; ii < rows; ++ii) forward_row(P, r0 + ii, strip.data() + ii * P.Npad, ebuf.data(), o);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct BwdIn {
+  const T *lse, *lrest, *cpos, *cposf, *cneg, *r;
+  const int64_t* top;
+};
+
+// On entry x holds the raw similarities of row i (Npad wide); on exit G_i (0 at self and padding).
+template <typename T>
+static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& in, T* posg) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = cm::neg_inf<T>();
+  const T lse = in.lse[i];
+  const int64_t top = in.top[i];
+  if (!(lse > ninf) || top < 0 || top >= P.N) {  // empty row: no valid column, zero gradient
+    std::fill(x, x + P.Npad, T(0));
+    return;
+  }
+  const T lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
+  const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
+  const int64_t self = P.self_col(i);
+  const int32_t aid = P.ix->aid[i];
+  int64_t np = 0;
+  const int64_t* pl = P.pos_list(i, &np);
+  auto xval = [&](int64_t j) { return x[j] * P.inv_tau + (P.bs != nullptr ? (P.ix->cid[j] == aid ? P.bs[j] : P.bo[j]) : T(0)); };
+  for (int64_t k = 0; k < np; ++k) {
+    const int64_t j = pl[k];
+    if (j == self) continue;
+    T lp, l1;
+    cm::elem_logp<T>(xval(j), lse, j == top, lrest, &lp, &l1);
+    posg[k] = cm::grad_element<T>(lp, l1, true, P.focal, P.gamma, cpos, cposf, cneg, r);
+  }
+  const bool top_neg = P.ix->cid[top] != aid;
+  T gtop = T(0);
+  if (top_neg) {
+    T lp, l1;
+    cm::elem_logp<T>(xval(top), lse, true, lrest, &lp, &l1);
+    gtop = cm::grad_element<T>(lp, l1, false, P.focal, P.gamma, cpos, cposf, cneg, r);
+  }
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+  const T li = static_cast<T>(aid);
+  const Vec vinv(P.inv_tau), vli(li), vl(lse), vnr(-r), vcn(cneg), zero(T(0)), one(T(1));
+  const bool negterm = cneg != T(0);
+  for (int64_t j = 0; j < P.Npad; j += W) {  // top, positives, self and padding are overwritten below
+    Vec xv = Vec::loadu(x + j) * vinv;
+    const Vec lab = Vec::loadu(P.clabf + j);
+    if (P.bs != nullptr) xv = xv + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), lab == vli);
+    const Vec p = (xv - vl).exp();
+    Vec g = vnr * p;
+    if (negterm) g = g + Vec::blendv(zero, vcn * (p / (one - p)), lab != vli);
+    g.store(x + j);
+  }
+  for (int64_t k = 0; k < np; ++k) {
+    const int64_t j = pl[k];
+    if (j != self) x[j] = posg[k];
+  }
+  if (top_neg) x[top] = gtop;
+  if (self >= 0) x[self] = T(0);
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
+}
+
+template <typename T>
+static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
+  const int64_t M = P.M, N = P.N, D = P.D;
+  const int64_t bm = block_rows<T>(P.Npad);
+  const int64_t R = std::max(bm, (env_int("LTCL_CPU_SUPER_ROWS", 256) / bm) * bm);
+  const int64_t bn = 256;
+  std::vector<T> gsb(static_cast<size_t>(std::min(R, M) * P.Npad));
+  const int64_t ncb = (N + bn - 1) / bn;
+  for (int64_t sb0 = 0; sb0 < M; sb0 += R) {
+    const int64_t rows_sb = std::min(R, M - sb0);
+    const int64_t nblk = (rows_sb + bm - 1) / bm;
+    at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+      std::vector<T> posg(static_cast<size_t>(N));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
+        T* g = gsb.data() + (b * bm) * P.Npad;
+        gemm_strip(P, r0, rows, g);
+        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, in, posg.data());
+        at::Tensor out = view2d(dA + r0 * D, rows, D, D, 1);
+        at::addmm_out(out, out, view2d<T>(g, rows, N, P.Npad, 1), view2d(P.C, N, D, D, 1), /*beta=*/0,
+                      /*alpha=*/P.inv_tau);
+      }
+    });
+    at::parallel_for(0, ncb, 0, [&](int64_t c0b, int64_t c1b) {
+      for (int64_t cb = c0b; cb < c1b; ++cb) {
+        const int64_t c0 = cb * bn, cols = std::min(bn, N - c0);
+        at::Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
+        at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
+                      view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- ops
+
+struct Prepared {
+  Tensor A, C, clabf, bs, bo;
+  LabelIndex ix;
+  int64_t M, N, D, Npad;
+  at::ScalarType acc, in_dtype;
+};
+
+static Prepared prepare(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
+                        const c10::optional<Tensor>& bias_same, const c10::optional<Tensor>& bias_other,
+                        const char* op) {
+  TORCH_CHECK(A.dim() == 2 && C.dim() == 2, op, ": A and C must be 2-D, got ", A.sizes(), " and ", C.sizes());
+  TORCH_CHECK(A.size(1) == C.size(1), op, ": A and C need the same feature size, got ", A.sizes(), " and ",
+              C.sizes());
+  TORCH_CHECK(A.scalar_type() == C.scalar_type(), op, ": A and C must share a dtype");
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), op, ": floating-point features required, got ",
+              A.scalar_type());
+  TORCH_CHECK(a_lab.dim() == 1 && a_lab.size(0) == A.size(0) && c_lab.dim() == 1 && c_lab.size(0) == C.size(0),
+              op, ": one label per row of A and of C required");
+  TORCH_CHECK(bias_same.has_value() == bias_other.has_value(), op, ": pass both bias_same and bias_other or neither");
+  Prepared pp;
+  pp.in_dtype = A.scalar_type();
+  pp.acc = pp.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  pp.M = A.size(0);
+  pp.N = C.size(0);
+  pp.D = A.size(1);
+  TORCH_CHECK(pp.N < (int64_t(1) << 24), op, ": at most 2^24 contrast columns");
+  pp.A = A.to(pp.acc).contiguous();
+  pp.C = C.to(pp.acc).contiguous();
+  Tensor al = a_lab.to(at::kLong).contiguous(), cl = c_lab.to(at::kLong).contiguous();
+  pp.ix = build_index(al.data_ptr<int64_t>(), pp.M, cl.data_ptr<int64_t>(), pp.N);
+  const int64_t W = pp.acc == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+  pp.Npad = std::max<int64_t>(W, (pp.N + W - 1) / W * W);
+  auto opts = A.options().dtype(pp.acc);
+  pp.clabf = at::full({pp.Npad}, -2.0, opts);
+  if (pp.N > 0) {
+    pp.clabf.narrow(0, 0, pp.N).copy_(at::from_blob(pp.ix.cid.data(), {pp.N}, at::TensorOptions().dtype(at::kInt)));
+  }
+  if (bias_same.has_value()) {
+    TORCH_CHECK(bias_same->numel() == pp.N && bias_other->numel() == pp.N, op, ": biases must have one entry per column");
+    pp.bs = at::zeros({pp.Npad}, opts);
+    pp.bo = at::zeros({pp.Npad}, opts);
+    if (pp.N > 0) {
+      pp.bs.narrow(0, 0, pp.N).copy_(bias_same->reshape({-1}));
+      pp.bo.narrow(0, 0, pp.N).copy_(bias_other->reshape({-1}));
+    }
+  }
+  return pp;
+}
+
+template <typename T>
+static Problem<T> make_problem(const Prepared& pp, int64_t self_offset, double inv_tau, double gamma, bool focal) {
+  Problem<T> P;
+  P.A = pp.A.data_ptr<T>();
+  P.C = pp.C.data_ptr<T>();
+  P.M = pp.M;
+  P.N = pp.N;
+  P.D = pp.D;
+  P.Npad = pp.Npad;
+  P.clabf = pp.clabf.data_ptr<T>();
+  P.bs = pp.bs.defined() ? pp.bs.data_ptr<T>() : nullptr;
+  P.bo = pp.bo.defined() ? pp.bo.data_ptr<T>() : nullptr;
+  P.ix = &pp.ix;
+  P.self_offset = self_offset;
+  P.inv_tau = static_cast<T>(inv_tau);
+  P.gamma = static_cast<T>(gamma);
+  P.focal = focal;
+  return P;
+}
+
+using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+FwdResult rowstats_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
+                           const c10::optional<Tensor>& bias_same, const c10::optional<Tensor>& bias_other,
+                           int64_t self_offset, double inv_tau, double gamma, bool focal) {
+  Prepared pp = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_fwd");
+  auto opts = A.options().dtype(pp.acc);
+  Tensor lse = at::empty({pp.M}, opts), pos = at::empty({pp.M}, opts), fpos = at::empty({pp.M}, opts),
+         fneg = at::empty({pp.M}, opts), upos = at::empty({pp.M}, opts), uneg = at::empty({pp.M}, opts),
+         top = at::empty({pp.M}, A.options().dtype(at::kLong)), lrest = at::empty({pp.M}, opts);
+  if (pp.M > 0) {
+    AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "rowstats_fwd_cpu", [&] {
+      auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, gamma, focal);
+      FwdOut o{lse.data_ptr(), pos.data_ptr(), fpos.data_ptr(), fneg.data_ptr(), upos.data_ptr(),
+               uneg.data_ptr(), top.data_ptr<int64_t>(), lrest.data_ptr()};
+      forward_impl<scalar_t>(P, o);
+    });
+  }
+  return {lse, pos, fpos, fneg, upos, uneg, top, lrest};
+}
+
+std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab,
+                                            const Tensor& c_lab, const c10::optional<Tensor>& bias_same,
+                                            const c10::optional<Tensor>& bias_other, int64_t self_offset,
+                                            double inv_tau, double gamma, bool focal, const Tensor& lse,
+                                            const Tensor& top, const Tensor& lrest, const Tensor& cpos,
+                                            const Tensor& cposf, const Tensor& cneg, const Tensor& r) {
+  Prepared pp = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_bwd");
+  for (const Tensor* t : {&lse, &top, &lrest, &cpos, &cposf, &cneg, &r})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == pp.M, "ltcl_fused::rowstats_bwd: row statistics must have shape [M]");
+  auto opts = A.options().dtype(pp.acc);
+  Tensor dA = at::zeros({pp.M, pp.D}, opts), dC = at::zeros({pp.N, pp.D}, opts);
+  if (pp.M > 0 && pp.N > 0 && pp.D > 0) {
+    Tensor l = lse.to(pp.acc).contiguous(), lr = lrest.to(pp.acc).contiguous(), tp = top.to(at::kLong).contiguous(),
+           a = cpos.to(pp.acc).contiguous(), b = cposf.to(pp.acc).contiguous(), c = cneg.to(pp.acc).contiguous(),
+           rr = r.to(pp.acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "rowstats_bwd_cpu", [&] {
+      auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, gamma, focal);
+      BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                         b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(),
+                         tp.data_ptr<int64_t>()};
+      backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+    });
+  }
+  return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
+}
+
+TORCH_LIBRARY_IMPL(ltcl_fused, CPU, m) {
+  m.impl("rowstats_fwd", &rowstats_fwd_cpu);
+  m.impl("rowstats_bwd", &rowstats_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace ltcl

@@ -1,0 +1,16 @@
+// Operator schemas of the ltcl_fused extension (implementations: csrc/cpu, csrc/cuda/binding_cuda.cpp).
+// The Python side (ltcl_fused/ext.py) registers the fake (meta) kernels and the autograd formula.
+#include <torch/library.h>
+
+TORCH_LIBRARY(ltcl_fused, m) {
+  // Per-row statistics of S = A C^T * inv_tau (contract: ltcl_fused/engine/contract.py):
+  // (lse, pos_sum, fpos, fneg, upos, uneg, top, lrest), [M] each, top int64, the rest in the accumulation dtype.
+  m.def(
+      "rowstats_fwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
+      "int self_offset, float inv_tau, float gamma, bool focal) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient (dA, dC) of sum_ij G_ij s_ij for the G of the contract, recomputing S.
+  m.def(
+      "rowstats_bwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
+      "int self_offset, float inv_tau, float gamma, bool focal, Tensor lse, Tensor top, Tensor lrest, Tensor cpos, Tensor cposf, "
+      "Tensor cneg, Tensor r) -> (Tensor, Tensor)");
+}
