@@ -174,10 +174,10 @@ def _init(rank, W, port):
                             timeout=datetime.timedelta(seconds=30))
 
 
-def _run_case(name, mode, W, rank):
+def _run_case(name, mode, W, rank, group):
     import ltcl_fused.distributed as lfd
     loss, args, kw, leaves = _local_inputs(name, W, rank)
-    out = getattr(lfd, loss)(*args, mode=mode, backend="torch", **kw)
+    out = getattr(lfd, loss)(*args, mode=mode, backend="torch", group=group, **kw)
     if out.dim():  # "none": weight the local rows with the same weights the reference uses on the global rows
         w = torch.rand(_global_rows(name, W), generator=torch.Generator().manual_seed(5), dtype=out.dtype) + 0.5
         w = w[_local_row_index(name, W, rank)]
@@ -198,89 +198,100 @@ def _local_row_index(name, W, rank):
     return torch.tensor([v * B + off + b for v in range(V) for b in range(sizes[rank])])
 
 
-def _run_gather_trap(W, rank):
+def _run_gather_trap(W, rank, group):
     """all_gather_rows on [B, V, D] then a view-major flatten: the gradient reaching the gather is strided."""
     from ltcl_fused.distributed import all_gather_rows
-    xs = _feats(W, 77)
-    x = xs[rank].clone().requires_grad_(True)
-    G = all_gather_rows(x)
-    flat = G.transpose(0, 1).reshape(-1, D)
-    wt = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
-    (flat * wt * (rank + 1)).sum().backward()
-    return {"grad": x.grad, "gathered": G.detach()}
+    out = {}
+    for even in (True, False):  # equal sizes (no padding copy) and uneven sizes
+        xs = _trap_feats(W, even)
+        x = xs[rank].clone().requires_grad_(True)
+        G = all_gather_rows(x, group=group)
+        flat = G.transpose(0, 1).reshape(-1, D)
+        wt = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
+        (flat * wt * (rank + 1)).sum().backward()
+        out[even] = {"grad": x.grad, "gathered": G.detach()}
+    return out
 
 
-def _run_queue(W, rank):
+def _trap_feats(W, even):
+    return [torch.randn(4, V, D, generator=torch.Generator().manual_seed(77 + r), dtype=torch.float64)
+            for r in range(W)] if even else _feats(W, 77)
+
+
+def _run_queue(W, rank, group):
     import ltcl_fused.distributed as lfd
-    q = lfd.ClassBalancedQueue(5, 3, D, dtype=torch.float64)
+    q = lfd.ClassBalancedQueue(5, 3, D, dtype=torch.float64, group=group)
     for step in range(3):
         feats = _feats(W, 500 + step, views=1)[rank][:, 0]
         q.enqueue(feats, _labels(W, 500 + step)[rank])
     return {k: v.clone() for k, v in q.state_dict().items()}
 
 
-def _run_ddp(W, rank):
+def _run_ddp(W, rank, group):
     """A DDP training step: the averaged parameter gradients must equal one process's on the global batch."""
     import ltcl_fused.distributed as lfd
     torch.manual_seed(0)
     model = torch.nn.Linear(D, 4).double()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
     x = _feats(W, 900)[rank]
     out = {}
     for m in MODES:
         ddp.zero_grad()
         z = ddp(x)  # [B_r, V, 4]
-        lfd.supcon(z, _labels(W, 900)[rank], temperature=0.3, normalize=True, mode=m, backend="torch").backward()
+        lfd.supcon(z, _labels(W, 900)[rank], temperature=0.3, normalize=True, mode=m, backend="torch",
+                   group=group).backward()
         out[m] = {n: p.grad.clone() for n, p in model.named_parameters()}
     return out
 
 
-def _run_errors(W, rank):
+def _run_errors(W, rank, group):
     import ltcl_fused.distributed as lfd
     x = _feats(W, 1)[rank]
     lab = _labels(W, 1)[rank]
     if rank == 1:
         lab = lab[:-1]  # wrong length on one rank only
     try:
-        lfd.supcon(x, lab, backend="torch")
+        lfd.supcon(x, lab, backend="torch", group=group)
     except Exception as e:  # noqa: BLE001
         return {"type": type(e).__name__, "msg": str(e)}
     return {"type": None, "msg": ""}
 
 
-def _worker(rank, W, port, outdir):
-    _init(rank, W, port)
-    res = {}
+def _worker(rank, port, outdir):
+    """World of 3 ranks: every case runs on all three (default group), then on the subgroup of global ranks
+    [1, 2] as a world of 2 (group rank 0 = global rank 1, which exercises the rank mapping of ``group=``)."""
+    _init(rank, max(WORLDS), port)
+    sub = dist.new_group([1, 2])
     try:
-        for name in CASES:
-            for mode in MODES:
+        for W, group, members in ((3, None, [0, 1, 2]), (2, sub, [1, 2])):
+            if rank not in members:
+                continue
+            grank = members.index(rank)
+            res = {}
+            for name in CASES:
+                for mode in MODES:
+                    try:
+                        res[(name, mode)] = _run_case(name, mode, W, grank, group)
+                    except Exception:  # noqa: BLE001 - reported by the test of that case
+                        res[(name, mode)] = {"error": traceback.format_exc()}
+            for key, fn in (("trap", _run_gather_trap), ("queue", _run_queue), ("ddp", _run_ddp),
+                            ("errors", _run_errors)):
                 try:
-                    res[(name, mode)] = _run_case(name, mode, W, rank)
-                except Exception:  # noqa: BLE001 - reported by the test of that case
-                    res[(name, mode)] = {"error": traceback.format_exc()}
-        for key, fn in (("trap", _run_gather_trap), ("queue", _run_queue), ("ddp", _run_ddp),
-                        ("errors", _run_errors)):
-            try:
-                res[key] = fn(W, rank)
-            except Exception:  # noqa: BLE001
-                res[key] = {"error": traceback.format_exc()}
+                    res[key] = fn(W, grank, group)
+                except Exception:  # noqa: BLE001
+                    res[key] = {"error": traceback.format_exc()}
+            torch.save(res, os.path.join(outdir, f"w{W}_rank{grank}.pt"))
     finally:
-        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results():
-    cache = {}
-
-    def get(W):
-        if W not in cache:
-            with tempfile.TemporaryDirectory() as d:
-                mp.spawn(_worker, args=(W, _free_port(), d), nprocs=W, join=True)
-                cache[W] = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(W)]
-        return cache[W]
-
-    return get
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(_free_port(), d), nprocs=max(WORLDS), join=True)
+        out = {W: [torch.load(os.path.join(d, f"w{W}_rank{r}.pt"), weights_only=False) for r in range(W)]
+               for W in WORLDS}
+    return out.__getitem__
 
 
 def _ok(res):
@@ -326,17 +337,19 @@ def test_matches_single_process_reference(results, W, mode, name):
 def test_gather_noncontiguous_grad(results, W):
     """The torch 2.13 Gloo trap: a strided gradient at the gathered [B, V, D] output must not corrupt dx."""
     per_rank = [_ok(r["trap"]) for r in results(W)]
-    xs = _feats(W, 77)
-    X = torch.cat(xs, 0).requires_grad_(True)
-    flat = X.transpose(0, 1).reshape(-1, D)
-    wt = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
-    # every rank's loss uses the same weights times (rank + 1): total weight Σ (r + 1)
-    (flat * wt * sum(r + 1 for r in range(W))).sum().backward()
-    off = 0
-    for r, res in enumerate(per_rank):
-        torch.testing.assert_close(res["gathered"], X.detach(), atol=0, rtol=0)
-        torch.testing.assert_close(res["grad"], X.grad[off: off + xs[r].shape[0]], atol=1e-12, rtol=1e-12)
-        off += xs[r].shape[0]
+    for even in (True, False):
+        xs = _trap_feats(W, even)
+        X = torch.cat(xs, 0).requires_grad_(True)
+        flat = X.transpose(0, 1).reshape(-1, D)
+        wt = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=flat.dtype)
+        # every rank's loss uses the same weights times (rank + 1): total weight Σ (r + 1)
+        (flat * wt * sum(r + 1 for r in range(W))).sum().backward()
+        off = 0
+        for r, res in enumerate(per_rank):
+            torch.testing.assert_close(res[even]["gathered"], X.detach(), atol=0, rtol=0)
+            torch.testing.assert_close(res[even]["grad"], X.grad[off: off + xs[r].shape[0]], atol=1e-12,
+                                       rtol=1e-12)
+            off += xs[r].shape[0]
 
 
 @pytest.mark.parametrize("W", WORLDS)
