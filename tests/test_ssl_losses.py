@@ -60,7 +60,7 @@ TWO_VIEW_CASES = [
 
 
 @pytest.mark.parametrize("name,kw", TWO_VIEW_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(TWO_VIEW_CASES)])
-@pytest.mark.parametrize("B", [1, 2, 3, 37])
+@pytest.mark.parametrize("B", [1, 2, 37])
 def test_two_view_losses_match_reference_fp64(name, kw, B):
     z = _views(B, 7, F64, seed=B)
     for reduction in ("mean", "none"):
