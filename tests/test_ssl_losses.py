@@ -262,3 +262,40 @@ def test_bad_inputs_name_the_argument():
         lf.mttv(torch.randn(4, 3), temperature=-1)
     with pytest.raises(ValueError, match="`embeddings`"):
         lf.mttv(torch.randn(4, 3, 2))
+
+
+class _FakeFusedSSL:
+    """A stand-in for a future fused engine that lists "ssl": the dense oracle, counting its calls."""
+
+    def __init__(self, name, reason=None):
+        from ltcl_fused.engine.ssl_contract import DenseSSLEngine
+        self.name, self.ops, self._reason, self._dense, self.calls = name, frozenset({"ssl"}), reason, DenseSSLEngine(), 0
+
+    def unavailable_reason(self, device):
+        return self._reason
+
+    def ssl_forward(self, *a):
+        self.calls += 1
+        return self._dense.ssl_forward(*a)
+
+    def ssl_backward(self, *a):
+        return self._dense.ssl_backward(*a)
+
+
+def test_a_fused_engine_listing_ssl_is_used(monkeypatch):
+    from ltcl_fused import backends
+    cache = dict(backends._cache)
+    monkeypatch.setattr(backends, "_cache", cache)
+    z1, z2 = _views(5, 3, F64, seed=2)
+    cache["cpu"] = eng = _FakeFusedSSL("cpu")
+    want = R.hcl(z1, z2)
+    torch.testing.assert_close(lf.hcl(z1, z2, backend="auto"), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lf.hcl(z1, z2, backend="cpu"), want, rtol=1e-10, atol=1e-12)
+    assert eng.calls == 2
+    monkeypatch.setattr(backends, "_warned", set())
+    cache["cpu"] = eng = _FakeFusedSSL("cpu", reason="no compiler")  # auto skips it, a named call says why
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        torch.testing.assert_close(lf.hcl(z1, z2, backend="auto"), want, rtol=1e-10, atol=1e-12)
+    assert eng.calls == 0
+    with pytest.raises(backends.BackendUnavailable, match="no compiler"):
+        lf.hcl(z1, z2, backend="cpu")

@@ -9,6 +9,7 @@ for float64 inputs).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,15 @@ def _engine(backend, device, fn):
     if backend == "auto":
         for name in backends.auto_order(device):
             eng = backends.get_engine(name)
-            if "ssl" in eng.ops and eng.unavailable_reason(device) is None:
+            if "ssl" not in eng.ops:
+                continue
+            reason = eng.unavailable_reason(device)
+            if reason is None:
                 return eng
+            if (name, reason) not in backends._warned:  # once per reason, like backends.resolve
+                backends._warned.add((name, reason))
+                warnings.warn(f"ltcl_fused: backend {name!r} unavailable ({reason}); falling back", RuntimeWarning,
+                              stacklevel=3)
         return ssl_torch.get_engine()
     if "ssl" in backends.get_engine(backend).ops:  # a fused backend that has landed
         return backends.resolve(backend, device, "ssl", fn)
