@@ -1,12 +1,14 @@
 """Block configurations of the row-statistics kernels, chosen by a small heuristic (no autotuning).
 
-A configuration is (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); SINGLE_D = (D <= BLOCK_D).
-The shipped GPU configurations are listed in ``SHIPPED`` and every one of them is compiled for
-sm_80 and sm_90 (bf16, fp16, fp32) by ``tests/test_triton_codegen.py``.
+A ``BlockConfig`` is (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); SINGLE_D = (D <= BLOCK_D).
+Forward: BLOCK_M anchor rows per program, column tiles of BLOCK_N. Backward: BLOCK_M is the block a
+program owns (anchor rows for dA, columns for dC) and BLOCK_N the tile it sweeps over.
+Every entry of ``SHIPPED`` is compiled for sm_80 and sm_90 with the dtypes it serves, and checked
+for spills, shared memory and tensor-core use, by ``tests/test_triton_codegen.py``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 
@@ -22,32 +24,38 @@ class BlockConfig(NamedTuple):
         return D <= self.BLOCK_D
 
 
-# name -> config; the 16-bit/fp32 ones are the GPU fast path, "fp64" is correctness-first
+class KernelConfig(NamedTuple):
+    fwd: BlockConfig
+    bwd: BlockConfig
+    dtypes: Tuple[str, ...]  # input dtypes this configuration is shipped for
+    max_d: int               # used for D <= max_d (0: any D, D swept in BLOCK_D chunks)
+
+
 SHIPPED = {
-    "d16": BlockConfig(64, 64, 16, 4, 2),      # D <= 16
-    "d32": BlockConfig(64, 64, 32, 4, 2),      # D <= 32
-    "d64": BlockConfig(64, 64, 64, 4, 2),      # D <= 64
-    "d128": BlockConfig(64, 64, 128, 8, 2),    # D <= 128 (the usual projection-head width)
-    "dlarge": BlockConfig(64, 64, 64, 4, 2),   # D > 128: D swept in 64-wide chunks
-    "fp64": BlockConfig(32, 32, 32, 4, 1),     # float64 inputs, any D (chunked when D > 32)
+    # 16-bit inputs: tensor-core tiles (mma.sync on sm_80, wgmma on sm_90)
+    "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 4, 2), ("bf16", "fp16"), 64),
+    "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 128, 8, 2), ("bf16", "fp16"), 128),
+    "h_large": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0),
+    # fp32 inputs (ieee fp32 dot by default, TF32 opt-in): smaller tiles
+    "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32),
+    "f_large": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 16, 32, 4, 2), ("fp32",), 0),
+    # fp64 inputs: correctness first (fp64 mma m8n8k4 on sm_80+)
+    "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0),
 }
 
 #: configuration used under the Triton interpreter (CPU tensors): big tiles = few Python-level steps
-INTERPRET = BlockConfig(64, 64, 64, 1, 1)
+INTERPRET = KernelConfig(BlockConfig(64, 64, 64, 1, 1), BlockConfig(64, 64, 64, 1, 1), ("any",), 0)
+
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def pick_config(M: int, N: int, D: int, dtype: torch.dtype, interpret: bool = False) -> BlockConfig:
-    """Heuristic block configuration from the problem size and dtype."""
+def pick_config(M: int, N: int, D: int, dtype: torch.dtype, interpret: bool = False) -> KernelConfig:
+    """Heuristic: the smallest shipped D class that holds D in one chunk, else the chunked one."""
     if interpret:
         return INTERPRET
-    if dtype == torch.float64:
-        return SHIPPED["fp64"]
-    if D <= 16:
-        return SHIPPED["d16"]
-    if D <= 32:
-        return SHIPPED["d32"]
-    if D <= 64:
-        return SHIPPED["d64"]
-    if D <= 128:
-        return SHIPPED["d128"]
-    return SHIPPED["dlarge"]
+    dt = _DT[dtype]
+    cands = [c for c in SHIPPED.values() if dt in c.dtypes]
+    single = sorted((c for c in cands if c.max_d and D <= c.max_d), key=lambda c: c.max_d)
+    if single:
+        return single[0]
+    return next(c for c in cands if c.max_d == 0)

@@ -14,11 +14,11 @@ import torch
 import triton
 from torch import Tensor
 
-from .configs import BlockConfig, pick_config
+from .configs import KernelConfig, pick_config
 from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_fwd_kernel
 
-#: test hook: a BlockConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
-FORCE_CONFIG: Optional[BlockConfig] = None
+#: test hook: a KernelConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
+FORCE_CONFIG: Optional[KernelConfig] = None
 
 
 def interpreted() -> bool:
@@ -40,7 +40,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _config(M: int, N: int, D: int, dtype: torch.dtype) -> BlockConfig:
+def _config(M: int, N: int, D: int, dtype: torch.dtype) -> KernelConfig:
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
     return pick_config(M, N, D, dtype, interpreted())
@@ -58,36 +58,39 @@ def _upcast(dtype: torch.dtype) -> bool:
 @torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", mutates_args=())
 def triton_rowstats_fwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
                         bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int,
-                        focal: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(lse, pos_sum, fpos, fneg, upos, uneg), each [M] in the accumulation dtype (contract forward)."""
+                        focal: bool, allow_tf32: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, pos_sum, fpos, fneg, upos, uneg, top, lrest): the contract forward, [M] each."""
     M, D = A.shape
     N = C.shape[0]
     acc = _acc(A.dtype)
     lse = torch.empty(M, dtype=acc, device=A.device)
     pos = torch.empty(M, dtype=acc, device=A.device)
+    lrest = torch.empty(M, dtype=acc, device=A.device)
+    top = torch.empty(M, dtype=torch.int64, device=A.device)
     fpos, fneg, upos, uneg = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(4))
     params = torch.tensor([inv_tau, gamma], dtype=acc, device=A.device)
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
-    cfg = _config(M, N, D, A.dtype)
+    cfg = _config(M, N, D, A.dtype).fwd
     grid = (triton.cdiv(M, cfg.BLOCK_M),)
     _launcher(rowstats_fwd_kernel)[grid](
-        A, C, a_lab, c_lab, bs, bo, params, lse, pos, fpos, fneg, upos, uneg,
+        A, C, a_lab, c_lab, bs, bo, params, lse, pos, fpos, fneg, upos, uneg, top, lrest,
         M, N, D, A.stride(0), C.stride(0), self_offset,
         HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
         PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return lse, pos, fpos, fneg, upos, uneg
+    return lse, pos, fpos, fneg, upos, uneg, top, lrest
 
 
 @torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", mutates_args=())
 def triton_rowstats_bwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
-                        bias_other: Optional[Tensor], lse: Tensor, cpos: Tensor, cposf: Tensor, cneg: Tensor,
-                        r: Tensor, inv_tau: float, gamma: float, self_offset: int, focal: bool,
-                        allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    """(dA [M, D], dC [N, D]) in the input dtype (contract backward)."""
+                        bias_other: Optional[Tensor], lse: Tensor, top: Tensor, lrest: Tensor, cpos: Tensor,
+                        cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor, inv_tau: float, gamma: float,
+                        self_offset: int, focal: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    """(dA [M, D], dC [N, D]) in the input dtype: the contract backward."""
     M, D = A.shape
     N = C.shape[0]
     acc = _acc(A.dtype)
@@ -97,15 +100,17 @@ def triton_rowstats_bwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
-    cfg = _config(M, N, D, A.dtype)
-    common = dict(HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
-                  BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
-                  PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = _config(M, N, D, A.dtype).bwd
+    common = dict(HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0), BLOCK_D=cfg.BLOCK_D,
+                  SINGLE_D=cfg.single_d(D), PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (A, C, a_lab, c_lab, bs, bo, params, lse, top, lrest, cpos, cposf, cneg, r, rt)
+    # dA: a program owns BLOCK_M anchor rows and sweeps column tiles of BLOCK_N
     _launcher(rowstats_bwd_da_kernel)[(triton.cdiv(M, cfg.BLOCK_M),)](
-        A, C, a_lab, c_lab, bs, bo, params, lse, cpos, cposf, cneg, r, dA,
-        M, N, D, A.stride(0), C.stride(0), self_offset, **common)
-    _launcher(rowstats_bwd_dc_kernel)[(triton.cdiv(N, cfg.BLOCK_N),)](
-        A, C, a_lab, c_lab, bs, bo, params, lse, cpos, cposf, cneg, r, dC,
-        M, N, D, A.stride(0), C.stride(0), self_offset, **common)
+        *args, dA, M, N, D, A.stride(0), C.stride(0), self_offset,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common)
+    # dC: a program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps row tiles of BLOCK_N (kernel's BLOCK_M)
+    _launcher(rowstats_bwd_dc_kernel)[(triton.cdiv(N, cfg.BLOCK_M),)](
+        *args, dC, M, N, D, A.stride(0), C.stride(0), self_offset,
+        BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **common)
     return dA.to(A.dtype), dC.to(C.dtype)

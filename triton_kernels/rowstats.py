@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,18 +47,35 @@ def _log1mexp(x):
 
 
 @triton.jit
-def _focal_terms(logp, gamma, GAMMA_ZERO: tl.constexpr):
-    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract from log p <= 0, elementwise."""
-    p = tl.exp(logp)
+def _softplus(z):
+    """log(1 + e^z) as torch.nn.functional.softplus (threshold 20: z itself above it)."""
+    return tl.where(z > 20.0, z, _log1p(tl.exp(tl.minimum(z, 20.0))))
+
+
+@triton.jit
+def _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top):
+    """(log p, log(1 − p)) of a tile: x − lse and log1mexp off the dominant column, and the row's
+    −softplus(lrest), −softplus(−lrest) on it (exact even when p rounds to 1). Invalid: −1, log1mexp(−1)."""
+    logp = tl.where(valid & (is_top == 0), x - lse_safe, -1.0)
     l1mp = _log1mexp(logp)
+    logp = tl.where(is_top, lp_top, logp)
+    l1mp = tl.where(is_top, l1mp_top, l1mp)
+    return logp, l1mp
+
+
+@triton.jit
+def _focal_terms(logp, l1mp, gamma, GAMMA_ZERO: tl.constexpr):
+    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract from log p <= 0 and log(1 − p), elementwise."""
+    p = tl.exp(logp)
     if GAMMA_ZERO:
         fpos = -logp
         upos = tl.full(logp.shape, -1.0, logp.dtype)
     else:
+        # u⁺ = (1−q)^(γ−1) (γ q log q − (1−q))
         neg = logp < 0
-        fpos = tl.where(neg, -tl.exp(gamma * l1mp) * logp, 0.0)
-        inner = gamma * p * logp + _expm1(logp)
-        upos = tl.where(neg, tl.exp((gamma - 1.0) * l1mp) * inner, 0.0)
+        w = tl.exp(gamma * l1mp)
+        fpos = tl.where(neg, -w * logp, 0.0)
+        upos = tl.where(neg, tl.exp((gamma - 1.0) * l1mp) * (gamma * p * logp - tl.exp(l1mp)), 0.0)
     fneg = -l1mp
     uneg = tl.exp(logp - l1mp)
     return fpos, fneg, upos, uneg
@@ -107,36 +124,41 @@ def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.co
 
 
 @triton.jit
-def _grad_tile(s, valid, pos, neg, bs, bo, lse_safe, cpos, cposf, cneg, r, gamma,
-               HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
-    """G_ij = 1[P](cpos_i + cposf_i u⁺_ij) + 1[N] cneg_i u⁻_ij − r_i p_ij, 0 off A(i); 2-D broadcast args.
-
-    A term with a zero coefficient contributes exactly 0 (u⁻ = inf at p = 1 never meets a 0).
-    """
-    if HAS_BIAS:
-        sb = s + tl.where(pos, bs, bo)
-    else:
-        sb = s
-    logp = tl.minimum(tl.where(valid, sb - lse_safe, -1.0), 0.0)
+def _grad_tile(x, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
+               FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
+    """G of the backward contract on a tile of logits x = s + b (all other arguments broadcast to 2-D):
+    j ≠ top: 1[P](cpos + cposf u⁺) + 1[N] cneg u⁻ − (r + rt) p;  j = top: 1[P](cpos + cposf u⁺) + 1[N] cneg p − r p;
+    0 off A(i). A term with a zero coefficient contributes exactly 0."""
+    logp, l1mp = _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top)
     p = tl.exp(logp)
-    g = tl.where(pos, cpos, 0.0) - r * p
     if FOCAL:
-        _fp, _fn, up, un = _focal_terms(logp, gamma, GAMMA_ZERO)
+        g = tl.where(pos, cpos, 0.0) - (r + tl.where(is_top, 0.0, rt)) * p
+        _fp, _fn, up, un = _focal_terms(logp, l1mp, gamma, GAMMA_ZERO)
+        un = tl.where(is_top, p, un)
         g += tl.where(pos & (cposf != 0.0), cposf * up, 0.0)
         g += tl.where(neg & (cneg != 0.0), cneg * un, 0.0)
+    else:
+        g = tl.where(pos, cpos, 0.0) - r * p
     return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _row_top_terms(lrest):
+    """(−softplus(lrest), −softplus(−lrest)) = (log p, log(1 − p)) of the row's dominant column."""
+    return -_softplus(lrest), -_softplus(-lrest)
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-# Per anchor row i (program = BLOCK_M rows, sweep over column tiles of BLOCK_N):
-#   pass 1: lse_i = log Σ_{j∈A(i)} exp(s_ij + b_ij)   (online: running max m_i and sum l_i)
+# Per anchor row i (program = BLOCK_M rows, sweep over column tiles of BLOCK_N), x_ij = s_ij + b_ij:
+#   pass 1: m_i = max_{A(i)} x_ij, top_i = first argmax, rest_i = Σ_{A(i), j≠top} exp(x_ij − m_i)
+#           (streamed over tiles as in the contract), lse_i = m_i + log1p(rest_i), lrest_i = log rest_i,
 #           pos_sum_i = Σ_{j∈P(i)} s_ij
-#   pass 2 (FOCAL): with log p_ij = s_ij + b_ij − lse_i,
-#           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_N u⁻(p_ij)
+#   pass 2 (FOCAL): with log p_ij = x_ij − lse_i (j ≠ top) or −softplus(lrest_i) (j = top),
+#           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_{N, j≠top} u⁻(p_ij)
 @triton.jit
-def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, UPOS, UNEG,
+def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
                         M, N, D, stride_a, stride_c, self_offset,
                         HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,7 +177,8 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
         a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
                         other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], ACC)
+    rest = tl.zeros([BLOCK_M], ACC)
+    top = tl.full([BLOCK_M], -1, tl.int32)
     psum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -166,23 +189,36 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
                     SINGLE_D, PREC, UPCAST) * inv_tau
         valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
                                  clab[None, :], self_offset)
+        psum += tl.sum(tl.where(pos, s, 0.0), 1)
         if HAS_BIAS:
             bs = tl.load(BS + ci, mask=cmask, other=0.0)
             bo = tl.load(BO + ci, mask=cmask, other=0.0)
-            sb = s + tl.where(pos, bs[None, :], bo[None, :])
-        else:
-            sb = s
-        sb = tl.where(valid, sb, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sb, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sb - m_safe[:, None]), 1)
-        m_i = m_new
-        psum += tl.sum(tl.where(pos, s, 0.0), 1)
-    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_i)  # −inf for an empty row
+            s = s + tl.where(pos, bs[None, :], bo[None, :])
+        x = tl.where(valid, s, float("-inf"))
+        tm = tl.max(x, 1)
+        tj = n0 + tl.argmax(x, 1, tie_break_left=True).to(tl.int32)
+        tm_safe = tl.where(tm == float("-inf"), 0.0, tm)
+        tsum = tl.sum(tl.where(valid & (cols[None, :] != tj[:, None]), tl.exp(x - tm_safe[:, None]), 0.0), 1)
+        better = tm > m_i
+        alpha = tl.exp(m_i - tm_safe)  # 0 while the row has no column yet
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        beta = tl.exp(tm - m_safe)  # 0 for an empty tile
+        has_top = tl.where(top >= 0, 1.0, 0.0)
+        rest = tl.where(better, rest * alpha + has_top * alpha + tsum, rest + beta * (1.0 + tsum))
+        top = tl.where(better, tj, top)
+        m_i = tl.where(better, tm, m_i)
+    nonempty = top >= 0
+    lse = tl.where(nonempty, tl.where(nonempty, m_i, 0.0) + _log1p(rest), float("-inf"))
+    lrest = tl.log(rest)
     tl.store(LSE + ri, lse, mask=rmask)
     tl.store(POS + ri, psum, mask=rmask)
+    tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
+    tl.store(LREST + ri, lrest, mask=rmask)
     if FOCAL:
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        lse_safe = tl.where(nonempty, lse, 0.0)[:, None]
+        lp_top, l1mp_top = _row_top_terms(lrest)
+        lp_top = lp_top[:, None]
+        l1mp_top = l1mp_top[:, None]
         fpos = tl.zeros([BLOCK_M], ACC)
         fneg = tl.zeros([BLOCK_M], ACC)
         upos = tl.zeros([BLOCK_M], ACC)
@@ -199,15 +235,14 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
             if HAS_BIAS:
                 bs = tl.load(BS + ci, mask=cmask, other=0.0)
                 bo = tl.load(BO + ci, mask=cmask, other=0.0)
-                sb = s + tl.where(pos, bs[None, :], bo[None, :])
-            else:
-                sb = s
-            logp = tl.minimum(tl.where(valid, sb - lse_safe[:, None], -1.0), 0.0)
-            fp, fn, up, un = _focal_terms(logp, gamma, GAMMA_ZERO)
+                s = s + tl.where(pos, bs[None, :], bo[None, :])
+            is_top = valid & (cols[None, :] == top[:, None])
+            logp, l1mp = _logp_tile(s, valid, is_top, lse_safe, lp_top, l1mp_top)
+            fp, fn, up, un = _focal_terms(logp, l1mp, gamma, GAMMA_ZERO)
             fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
             fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
             upos += tl.sum(tl.where(pos, up, 0.0), 1)
-            uneg += tl.sum(tl.where(neg, un, 0.0), 1)
+            uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
         tl.store(FPOS + ri, fpos, mask=rmask)
         tl.store(FNEG + ri, fneg, mask=rmask)
         tl.store(UPOS + ri, upos, mask=rmask)
@@ -217,11 +252,10 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
 # ----------------------------------------------------------------------------------------------
 # backward, row-parallel part
 # ----------------------------------------------------------------------------------------------
-# dA_i = inv_tau · Σ_j G_ij C_j   (program = BLOCK_M anchor rows, sweep over column tiles; S recomputed)
-#   G_ij = 1[P](cpos_i + cposf_i u⁺_ij) + 1[N] cneg_i u⁻_ij − r_i p_ij
-# Output OUT: [M, D] in the accumulation dtype (fp32/fp64), cast by the host.
+# dA_i = inv_tau · Σ_j G_ij C_j   (program = BLOCK_M anchor rows, sweep over column tiles; S recomputed),
+# G_ij of the backward contract (see _grad_tile). OUT: [M, D] in the accumulation dtype, cast by the host.
 @triton.jit
-def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, CNEG, R, OUT,
+def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
                            M, N, D, stride_a, stride_c, self_offset,
                            HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -233,17 +267,23 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, C
     ri = rows.to(tl.int64)
     inv_tau = tl.load(PARAMS)
     gamma = tl.load(PARAMS + 1)
-    alab = tl.load(ALAB + ri, mask=rmask, other=-1)
+    alab = tl.load(ALAB + ri, mask=rmask, other=-1)[:, None]
     lse = tl.load(LSE + ri, mask=rmask, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[:, None]
+    top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[:, None]
+    lp_top, l1mp_top = _row_top_terms(tl.load(LREST + ri, mask=rmask, other=0.0))
+    lp_top = lp_top[:, None]
+    l1mp_top = l1mp_top[:, None]
     cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
     r = tl.load(R + ri, mask=rmask, other=0.0)[:, None]
     if FOCAL:
         cposf = tl.load(CPOSF + ri, mask=rmask, other=0.0)[:, None]
         cneg = tl.load(CNEG + ri, mask=rmask, other=0.0)[:, None]
+        rt = tl.load(RT + ri, mask=rmask, other=0.0)[:, None]
     else:
         cposf = cpos
         cneg = cpos
+        rt = cpos
     offs_d = tl.arange(0, BLOCK_D)
     a_res = None
     acc = None
@@ -255,18 +295,18 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, C
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
         ci = cols.to(tl.int64)
-        clab = tl.load(CLAB + ci, mask=cmask, other=-1)
+        clab = tl.load(CLAB + ci, mask=cmask, other=-1)[None, :]
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
-        valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
-                                 clab[None, :], self_offset)
-        bs = s
-        bo = s
+        valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab, clab,
+                                 self_offset)
         if HAS_BIAS:
             bs = tl.load(BS + ci, mask=cmask, other=0.0)[None, :]
             bo = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
-        g = _grad_tile(s, valid, pos, neg, bs, bo, lse_safe, cpos, cposf, cneg, r, gamma,
-                       HAS_BIAS, FOCAL, GAMMA_ZERO)
+            s = s + tl.where(pos, bs, bo)
+        is_top = valid & (cols[None, :] == top)
+        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
+                       FOCAL, GAMMA_ZERO)
         if SINGLE_D:
             c = tl.load(C + ci[:, None] * stride_c + offs_d[None, :], mask=cmask[:, None] & (offs_d[None, :] < D),
                         other=0.0)
@@ -296,9 +336,9 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, C
 # backward, column-parallel part
 # ----------------------------------------------------------------------------------------------
 # dC_j = inv_tau · Σ_i G_ij A_i   (program = BLOCK_N columns, sweep over anchor-row tiles of BLOCK_M;
-# the tile is formed transposed, Gᵀ [BLOCK_N, BLOCK_M], from the saved per-row lse and coefficients)
+# the tile is formed transposed, Gᵀ [BLOCK_N, BLOCK_M], from the saved per-row statistics)
 @triton.jit
-def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, CNEG, R, OUT,
+def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
                            M, N, D, stride_a, stride_c, self_offset,
                            HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -330,21 +370,30 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, CPOS, CPOSF, C
         alab = tl.load(ALAB + ri, mask=rmask, other=-1)[None, :]
         lse = tl.load(LSE + ri, mask=rmask, other=0.0)
         lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[None, :]
+        top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[None, :]
+        lp_top, l1mp_top = _row_top_terms(tl.load(LREST + ri, mask=rmask, other=0.0))
+        lp_top = lp_top[None, :]
+        l1mp_top = l1mp_top[None, :]
         cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[None, :]
         r = tl.load(R + ri, mask=rmask, other=0.0)[None, :]
         if FOCAL:
             cposf = tl.load(CPOSF + ri, mask=rmask, other=0.0)[None, :]
             cneg = tl.load(CNEG + ri, mask=rmask, other=0.0)[None, :]
+            rt = tl.load(RT + ri, mask=rmask, other=0.0)[None, :]
         else:
             cposf = cpos
             cneg = cpos
+            rt = cpos
         # sᵀ tile [BLOCK_N, BLOCK_M]
         s = _s_tile(C, A, ci, ri, cmask, rmask, D, stride_c, stride_a, c_res, ACC, BLOCK_N, BLOCK_M, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
         valid, pos, neg = _masks(rows[None, :], cols[:, None], rmask[None, :], cmask[:, None], alab, clab,
                                  self_offset)
-        g = _grad_tile(s, valid, pos, neg, bs, bo, lse_safe, cpos, cposf, cneg, r, gamma,
-                       HAS_BIAS, FOCAL, GAMMA_ZERO)
+        if HAS_BIAS:
+            s = s + tl.where(pos, bs, bo)
+        is_top = valid & (cols[:, None] == top)
+        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
+                       FOCAL, GAMMA_ZERO)
         if SINGLE_D:
             a = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
                         other=0.0)

@@ -113,15 +113,16 @@ class TritonEngine(Engine):
             bool(focal), _allow_tf32())
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, cpos, cposf, cneg, r):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt):
         if self._kernels() is None:
             self._fail()
         A, C, a_lab, c_lab, bias_same, bias_other = self._prep(A, C, a_lab, c_lab, bias_same, bias_other)
         acc = acc_dtype(A.dtype)
-        lse, cpos, cposf, cneg, r = (t.to(acc).contiguous() for t in (lse, cpos, cposf, cneg, r))
+        lse, lrest, cpos, cposf, cneg, r, rt = (t.to(acc).contiguous() for t in (lse, lrest, cpos, cposf, cneg, r, rt))
+        top = top.to(torch.int64).contiguous()
         return torch.ops.ltcl_fused.triton_rowstats_bwd(
-            A, C, a_lab, c_lab, bias_same, bias_other, lse, cpos, cposf, cneg, r, float(inv_tau), float(gamma),
-            int(self_offset), bool(focal), _allow_tf32())
+            A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, float(inv_tau),
+            float(gamma), int(self_offset), bool(focal), _allow_tf32())
 
     def _fail(self):
         from .base import BackendUnavailable
