@@ -12,5 +12,5 @@ TORCH_LIBRARY(ltcl_fused, m) {
   m.def(
       "rowstats_bwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
       "int self_offset, float inv_tau, float gamma, bool focal, Tensor lse, Tensor top, Tensor lrest, Tensor cpos, Tensor cposf, "
-      "Tensor cneg, Tensor r) -> (Tensor, Tensor)");
+      "Tensor cneg, Tensor r, Tensor rt) -> (Tensor, Tensor)");
 }

@@ -155,7 +155,7 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("ltcl_fused::rowstats_bwd")
     def _bwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal,
-                  lse, top, lrest, cpos, cposf, cneg, r):
+                  lse, top, lrest, cpos, cposf, cneg, r, rt):
         return A.new_empty(A.shape), C.new_empty(C.shape)
 
     def _setup(ctx, inputs, output):
@@ -176,12 +176,15 @@ def _register_python_side() -> None:
             g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
             r = (torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero)
                  - g_lse)
+            top_neg = (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)  # the dominant column's u- = 1/rest
+            rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
         else:
             g_fpos = g_fneg = zero
-            r = -g_lse
+            r, rt = -g_lse, zero
         dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
                                                    inv_tau, gamma, focal, lse, top, lrest, g_pos.contiguous(),
-                                                   g_fpos.contiguous(), g_fneg.contiguous(), r.contiguous())
+                                                   g_fpos.contiguous(), g_fneg.contiguous(), r.contiguous(),
+                                                   rt.contiguous())
         return dA, dC, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltcl_fused::rowstats_fwd", _backward, setup_context=_setup)

@@ -90,7 +90,8 @@ LTCL_HD void focal_neg(T logp, T log1mp, T* f, T* u) {
 }
 
 // One element of G = dloss/dS (contract backward) of a valid column, from log p and log(1 - p)
-// and the row coefficients. A zero coefficient contributes exactly 0.
+// and the row coefficients; r is r_i + rt_i for every column but the dominant one, r_i there.
+// A zero coefficient contributes exactly 0. (The dominant column when negative: grad_top_neg.)
 template <typename T>
 LTCL_HD T grad_element(T logp, T log1mp, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r) {
   const T p = f_exp(logp);
@@ -107,6 +108,15 @@ LTCL_HD T grad_element(T logp, T log1mp, bool is_pos, bool focal, T gamma, T cpo
     focal_neg(logp, log1mp, &f, &u);
     g += cneg * u;
   }
+  return g;
+}
+
+// G at the dominant column when it is a negative: cneg u- - p (r + cneg u-) = cneg p - r p exactly.
+template <typename T>
+LTCL_HD T grad_top_neg(T logp, bool focal, T cneg, T r) {
+  const T p = f_exp(logp);
+  T g = -r * p;
+  if (focal && cneg != T(0)) g += cneg * p;
   return g;
 }
 

@@ -259,12 +259,11 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
     ua = ua + Vec::blendv(zero, p / (one - p), neg);
   }
   T fn = hsum(fa), un = hsum(ua);
-  if (P.ix->cid[top] != aid) {  // the dominant column is a negative
+  if (P.ix->cid[top] != aid) {  // the dominant column is a negative: its f- counts, its u- does not
     T lp, l1, f, u;
     cm::elem_logp<T>(m, lse, true, lrest, &lp, &l1);
     cm::focal_neg<T>(lp, l1, &f, &u);
     fn += f;
-    un += u;
   }
   static_cast<T*>(o.fpos)[i] = fp;
   static_cast<T*>(o.upos)[i] = up;
@@ -291,7 +290,7 @@ static void forward_impl(const Problem<T>& P, const FwdOut& o) {
 
 template <typename T>
 struct BwdIn {
-  const T *lse, *lrest, *cpos, *cposf, *cneg, *r;
+  const T *lse, *lrest, *cpos, *cposf, *cneg, *r, *rt;
   const int64_t* top;
 };
 
@@ -309,6 +308,7 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   }
   const T lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
   const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
+  const T reff = P.focal ? r + in.rt[i] : r;  // every column but the dominant one
   const int64_t self = P.self_col(i);
   const int32_t aid = P.ix->aid[i];
   int64_t np = 0;
@@ -319,18 +319,18 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
     if (j == self) continue;
     T lp, l1;
     cm::elem_logp<T>(xval(j), lse, j == top, lrest, &lp, &l1);
-    posg[k] = cm::grad_element<T>(lp, l1, true, P.focal, P.gamma, cpos, cposf, cneg, r);
+    posg[k] = cm::grad_element<T>(lp, l1, true, P.focal, P.gamma, cpos, cposf, cneg, j == top ? r : reff);
   }
   const bool top_neg = P.ix->cid[top] != aid;
   T gtop = T(0);
   if (top_neg) {
     T lp, l1;
     cm::elem_logp<T>(xval(top), lse, true, lrest, &lp, &l1);
-    gtop = cm::grad_element<T>(lp, l1, false, P.focal, P.gamma, cpos, cposf, cneg, r);
+    gtop = cm::grad_top_neg<T>(lp, P.focal, cneg, r);
   }
   for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
   const T li = static_cast<T>(aid);
-  const Vec vinv(P.inv_tau), vli(li), vl(lse), vnr(-r), vcn(cneg), zero(T(0)), one(T(1));
+  const Vec vinv(P.inv_tau), vli(li), vl(lse), vnr(-reff), vcn(cneg), zero(T(0)), one(T(1));
   const bool negterm = cneg != T(0);
   for (int64_t j = 0; j < P.Npad; j += W) {  // top, positives, self and padding are overwritten below
     Vec xv = Vec::loadu(x + j) * vinv;
@@ -481,21 +481,22 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
                                             const c10::optional<Tensor>& bias_other, int64_t self_offset,
                                             double inv_tau, double gamma, bool focal, const Tensor& lse,
                                             const Tensor& top, const Tensor& lrest, const Tensor& cpos,
-                                            const Tensor& cposf, const Tensor& cneg, const Tensor& r) {
+                                            const Tensor& cposf, const Tensor& cneg, const Tensor& r,
+                                            const Tensor& rt) {
   Prepared pp = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_bwd");
-  for (const Tensor* t : {&lse, &top, &lrest, &cpos, &cposf, &cneg, &r})
+  for (const Tensor* t : {&lse, &top, &lrest, &cpos, &cposf, &cneg, &r, &rt})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == pp.M, "ltcl_fused::rowstats_bwd: row statistics must have shape [M]");
   auto opts = A.options().dtype(pp.acc);
   Tensor dA = at::zeros({pp.M, pp.D}, opts), dC = at::zeros({pp.N, pp.D}, opts);
   if (pp.M > 0 && pp.N > 0 && pp.D > 0) {
     Tensor l = lse.to(pp.acc).contiguous(), lr = lrest.to(pp.acc).contiguous(), tp = top.to(at::kLong).contiguous(),
            a = cpos.to(pp.acc).contiguous(), b = cposf.to(pp.acc).contiguous(), c = cneg.to(pp.acc).contiguous(),
-           rr = r.to(pp.acc).contiguous();
+           rr = r.to(pp.acc).contiguous(), rtt = rt.to(pp.acc).contiguous();
     AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "rowstats_bwd_cpu", [&] {
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, gamma, focal);
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                          b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(),
-                         tp.data_ptr<int64_t>()};
+                         rtt.data_ptr<scalar_t>(), tp.data_ptr<int64_t>()};
       backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
     });
   }

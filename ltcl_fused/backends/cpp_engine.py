@@ -35,10 +35,10 @@ class CPUEngine(Engine):
                                                  float(inv_tau), float(gamma), bool(focal))
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, top, lrest, cpos, cposf, cneg, r):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt):
         return torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
                                                  float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
-                                                 cpos, cposf, cneg, r)
+                                                 cpos, cposf, cneg, r, rt)
 
 
 class CUDAEngine(CPUEngine):

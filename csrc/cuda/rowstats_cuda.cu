@@ -1,0 +1,354 @@
+// CUDA kernels of the row-statistics engine (contract: ltcl_fused/engine/contract.py). They mirror
+// the CPU algorithm (csrc/cpu/rowstats_cpu.cpp) and share its per-element math (csrc/common).
+//
+// Tiles: a block of 256 threads (8 warps) owns BM = 32 anchor rows (forward, dA) or BN = 32 columns
+// (dC). A 32 x 32 tile of S is computed from shared-memory tiles of A and C (BK = 32 features at a
+// time); thread (warp w, lane l) holds S[w + 8q][l], q = 0..3, so every row of the tile lives in one
+// warp and row reductions are warp shuffles in a fixed order (deterministic).
+// Forward: pass 1 streams (max, dominant column, rest, positives' sum) over column tiles; pass 2
+// (focal only) recomputes the tiles for the focal sums. Backward: recompute, form G in shared memory,
+// dA row-parallel (one block owns its rows: no atomics), dC column-parallel (one block owns its
+// columns). Needs only the CUDA toolkit: no torch headers.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/ltcl_math.h"
+#include "rowstats_cuda.h"
+
+namespace ltcl {
+namespace cuda {
+namespace {
+
+namespace cm = ltcl::common;
+
+constexpr int kTile = 32;     // BM = BN = BK
+constexpr int kThreads = 256; // 8 warps
+constexpr int kRowsPerThread = kTile / (kThreads / 32);  // 4
+
+template <typename T>
+struct Args {
+  const T* A;
+  const T* C;
+  const int64_t* a_lab;
+  const int64_t* c_lab;
+  const T* bs;
+  const T* bo;
+  int64_t M, N, D, self_offset;
+  T inv_tau, gamma;
+  bool focal;
+};
+
+template <typename T>
+struct Smem {
+  T a[kTile][kTile + 1];
+  T c[kTile][kTile + 1];
+  T g[kTile][kTile + 1];
+};
+
+// acc[q] = <A[r0 + w + 8q], C[c0 + lane]> for the 32 x 32 tile at (r0, c0); zero outside the matrices.
+template <typename T>
+__device__ void tile_dots(const Args<T>& P, int64_t r0, int64_t c0, Smem<T>& sm, T acc[kRowsPerThread]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
+  for (int64_t k0 = 0; k0 < P.D; k0 += kTile) {
+    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const int rr = e / kTile, kk = e % kTile;
+      const int64_t k = k0 + kk;
+      const int64_t ra = r0 + rr, cc = c0 + rr;
+      sm.a[rr][kk] = (ra < P.M && k < P.D) ? P.A[ra * P.D + k] : T(0);
+      sm.c[rr][kk] = (cc < P.N && k < P.D) ? P.C[cc * P.D + k] : T(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kTile; ++kk) {
+      const T cv = sm.c[lane][kk];
+#pragma unroll
+      for (int q = 0; q < kRowsPerThread; ++q) acc[q] += sm.a[warp + 8 * q][kk] * cv;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int64_t warp_min_i64(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const int64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ bool col_valid(const Args<T>& P, int64_t i, int64_t j) {
+  return i < P.M && j < P.N && !(P.self_offset >= 0 && j == i + P.self_offset);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Args<T> P, T* lse_o, T* pos_o, T* fpos_o, T* fneg_o,
+                                                           T* upos_o, T* uneg_o, int64_t* top_o, T* lrest_o) {
+  __shared__ Smem<T> sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const T ninf = cm::neg_inf<T>();
+  T m[kRowsPerThread], rest[kRowsPerThread], psum[kRowsPerThread];
+  int64_t top[kRowsPerThread], lab[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int64_t i = r0 + warp + 8 * q;
+    m[q] = ninf;
+    rest[q] = T(0);
+    psum[q] = T(0);
+    top[q] = -1;
+    lab[q] = i < P.M ? P.a_lab[i] : 0;
+  }
+  // pass 1: streaming (m, top, rest) and the positives' sum
+  for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
+    T acc[kRowsPerThread];
+    tile_dots(P, r0, c0, sm, acc);
+    const int64_t j = c0 + lane;
+    const int64_t cl = j < P.N ? P.c_lab[j] : 0;
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; ++q) {
+      const int64_t i = r0 + warp + 8 * q;
+      const bool valid = col_valid(P, i, j);
+      const bool is_pos = valid && cl == lab[q];
+      const T s = acc[q] * P.inv_tau;
+      const T x = valid ? s + cm::column_bias(P.bs, P.bo, j, is_pos) : ninf;
+      psum[q] += warp_sum(is_pos ? s : T(0));
+      const T tm = warp_max(x);
+      if (!(tm > ninf)) continue;  // uniform across the warp
+      const int64_t tj = warp_min_i64(x == tm ? j : INT64_MAX);
+      const T tsum = warp_sum((valid && j != tj) ? cm::f_exp(x - tm) : T(0));
+      if (tm > m[q]) {
+        const T sc = cm::f_exp(m[q] - tm);
+        rest[q] = rest[q] * sc + (top[q] >= 0 ? sc : T(0)) + tsum;
+        m[q] = tm;
+        top[q] = tj;
+      } else {
+        rest[q] += cm::f_exp(tm - m[q]) * (T(1) + tsum);
+      }
+    }
+  }
+  T lse[kRowsPerThread], lrest[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const bool empty = top[q] < 0;
+    lse[q] = empty ? ninf : m[q] + cm::f_log1p(rest[q]);
+    lrest[q] = empty ? ninf : cm::f_log(rest[q]);
+  }
+  T fp[kRowsPerThread], fn[kRowsPerThread], up[kRowsPerThread], un[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) fp[q] = fn[q] = up[q] = un[q] = T(0);
+  // pass 2 (focal): recompute the tiles, per-element focal terms
+  if (P.focal) {
+    for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
+      T acc[kRowsPerThread];
+      tile_dots(P, r0, c0, sm, acc);
+      const int64_t j = c0 + lane;
+      const int64_t cl = j < P.N ? P.c_lab[j] : 0;
+#pragma unroll
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        const int64_t i = r0 + warp + 8 * q;
+        const bool valid = col_valid(P, i, j) && top[q] >= 0;
+        T f1 = T(0), u1 = T(0), f2 = T(0), u2 = T(0);
+        if (valid) {
+          const bool is_pos = cl == lab[q];
+          const bool is_top = j == top[q];
+          const T x = acc[q] * P.inv_tau + cm::column_bias(P.bs, P.bo, j, is_pos);
+          T lp, l1;
+          cm::elem_logp(x, lse[q], is_top, lrest[q], &lp, &l1);
+          if (is_pos) {
+            cm::focal_pos(lp, l1, P.gamma, &f1, &u1);
+          } else {
+            cm::focal_neg(lp, l1, &f2, &u2);
+            if (is_top) u2 = T(0);  // uneg leaves the dominant column out
+          }
+        }
+        fp[q] += warp_sum(f1);
+        up[q] += warp_sum(u1);
+        fn[q] += warp_sum(f2);
+        un[q] += warp_sum(u2);
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; ++q) {
+      const int64_t i = r0 + warp + 8 * q;
+      if (i >= P.M) continue;
+      lse_o[i] = lse[q];
+      lrest_o[i] = lrest[q];
+      top_o[i] = top[q];
+      pos_o[i] = psum[q];
+      fpos_o[i] = fp[q];
+      fneg_o[i] = fn[q];
+      upos_o[i] = up[q];
+      uneg_o[i] = un[q];
+    }
+  }
+}
+
+template <typename T>
+struct BwdRows {
+  const T *lse, *lrest, *cpos, *cposf, *cneg, *r, *rt;
+  const int64_t* top;
+};
+
+// G_ij of the contract for one element (0 when invalid), from the raw dot product.
+template <typename T>
+__device__ __forceinline__ T grad_at(const Args<T>& P, const BwdRows<T>& R, int64_t i, int64_t j, T dot) {
+  if (!col_valid(P, i, j)) return T(0);
+  const T lse = R.lse[i];
+  const int64_t top = R.top[i];
+  if (!(lse > cm::neg_inf<T>()) || top < 0) return T(0);
+  const bool is_pos = P.c_lab[j] == P.a_lab[i];
+  const bool is_top = j == top;
+  const T x = dot * P.inv_tau + cm::column_bias(P.bs, P.bo, j, is_pos);
+  const T cposf = P.focal ? R.cposf[i] : T(0), cneg = P.focal ? R.cneg[i] : T(0);
+  const T r = R.r[i];
+  T lp, l1;
+  cm::elem_logp(x, lse, is_top, R.lrest[i], &lp, &l1);
+  if (is_top && !is_pos) return cm::grad_top_neg(lp, P.focal, cneg, r);
+  const T reff = (P.focal && !is_top) ? r + R.rt[i] : r;
+  return cm::grad_element(lp, l1, is_pos, P.focal, P.gamma, R.cpos[i], cposf, cneg, reff);
+}
+
+// dA rows r0..r0+31: this block owns them (no atomics).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_da_kernel(Args<T> P, BwdRows<T> R, T* dA) {
+  __shared__ Smem<T> sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
+    T acc[kRowsPerThread];
+    tile_dots(P, r0, c0, sm, acc);
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kTile) * P.D; e += kThreads) {
+      const int rr = static_cast<int>(e / P.D);
+      const int64_t d = e % P.D, i = r0 + rr;
+      if (i >= P.M) continue;
+      T s = T(0);
+      for (int cc = 0; cc < kTile && c0 + cc < P.N; ++cc) s += sm.g[rr][cc] * P.C[(c0 + cc) * P.D + d];
+      dA[i * P.D + d] += P.inv_tau * s;
+    }
+    __syncthreads();
+  }
+}
+
+// dC columns c0..c0+31: this block owns them (no atomics).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_dc_kernel(Args<T> P, BwdRows<T> R, T* dC) {
+  __shared__ Smem<T> sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  for (int64_t r0 = 0; r0 < P.M; r0 += kTile) {
+    T acc[kRowsPerThread];
+    tile_dots(P, r0, c0, sm, acc);
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kTile) * P.D; e += kThreads) {
+      const int cc = static_cast<int>(e / P.D);
+      const int64_t d = e % P.D, j = c0 + cc;
+      if (j >= P.N) continue;
+      T s = T(0);
+      for (int rr = 0; rr < kTile && r0 + rr < P.M; ++rr) s += sm.g[rr][cc] * P.A[(r0 + rr) * P.D + d];
+      dC[j * P.D + d] += P.inv_tau * s;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+Args<T> make_args(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab, const T* bs, const T* bo,
+                  int64_t M, int64_t N, int64_t D, int64_t self_offset, T inv_tau, T gamma, bool focal) {
+  Args<T> P;
+  P.A = A;
+  P.C = C;
+  P.a_lab = a_lab;
+  P.c_lab = c_lab;
+  P.bs = bs;
+  P.bo = bo;
+  P.M = M;
+  P.N = N;
+  P.D = D;
+  P.self_offset = self_offset;
+  P.inv_tau = inv_tau;
+  P.gamma = gamma;
+  P.focal = focal;
+  return P;
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t rowstats_forward(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab,
+                             const T* bias_same, const T* bias_other, int64_t M, int64_t N, int64_t D,
+                             int64_t self_offset, T inv_tau, T gamma, bool focal, T* lse, T* pos, T* fpos,
+                             T* fneg, T* upos, T* uneg, int64_t* top, T* lrest, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  const auto P = make_args(A, C, a_lab, c_lab, bias_same, bias_other, M, N, D, self_offset, inv_tau, gamma, focal);
+  const unsigned grid = static_cast<unsigned>((M + kTile - 1) / kTile);
+  forward_kernel<T><<<grid, kThreads, 0, stream>>>(P, lse, pos, fpos, fneg, upos, uneg, top, lrest);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab,
+                              const T* bias_same, const T* bias_other, int64_t M, int64_t N, int64_t D,
+                              int64_t self_offset, T inv_tau, T gamma, bool focal, const T* lse,
+                              const int64_t* top, const T* lrest, const T* cpos, const T* cposf, const T* cneg,
+                              const T* r, const T* rt, T* dA, T* dC, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(dA, 0, sizeof(T) * static_cast<size_t>(M * D), stream);
+  if (err != cudaSuccess) return err;
+  err = cudaMemsetAsync(dC, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
+  if (err != cudaSuccess || M <= 0 || N <= 0 || D <= 0) return err;
+  const auto P = make_args(A, C, a_lab, c_lab, bias_same, bias_other, M, N, D, self_offset, inv_tau, gamma, focal);
+  BwdRows<T> R;
+  R.lse = lse;
+  R.lrest = lrest;
+  R.cpos = cpos;
+  R.cposf = cposf;
+  R.cneg = cneg;
+  R.r = r;
+  R.rt = rt;
+  R.top = top;
+  backward_da_kernel<T><<<static_cast<unsigned>((M + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dA);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  backward_dc_kernel<T><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dC);
+  return cudaGetLastError();
+}
+
+#define LTCL_INSTANTIATE(T)                                                                                      \
+  template cudaError_t rowstats_forward<T>(const T*, const T*, const int64_t*, const int64_t*, const T*, const T*, \
+                                           int64_t, int64_t, int64_t, int64_t, T, T, bool, T*, T*, T*, T*, T*,   \
+                                           T*, int64_t*, T*, cudaStream_t);                                      \
+  template cudaError_t rowstats_backward<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,         \
+                                            const T*, int64_t, int64_t, int64_t, int64_t, T, T, bool, const T*,  \
+                                            const int64_t*, const T*, const T*, const T*, const T*, const T*,    \
+                                            const T*, T*, T*, cudaStream_t);
+
+LTCL_INSTANTIATE(float)
+LTCL_INSTANTIATE(double)
+
+}  // namespace cuda
+}  // namespace ltcl
