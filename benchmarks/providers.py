@@ -146,8 +146,13 @@ def unavailable_reason(provider: str, loss: str, device: torch.device) -> Option
             out = _public_call(loss, provider, inp)
             if loss != "mining":
                 out.backward()
-        except Exception as e:  # the one-line reason the package gives
+        except (NotImplementedError, ImportError) as e:  # not built / not written yet: the package's reason
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        except Exception as e:  # noqa: BLE001
+            from ltcl_fused import BackendUnavailable
+            if isinstance(e, BackendUnavailable):
+                return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            raise  # a backend that exists but fails is an error, not "unavailable"
     return None
 
 

@@ -5,7 +5,10 @@ the sweep and the CPU peak-memory figure (VmHWM, reset just before the loss runs
 alone. A case is marked instead of crashing:
   ok | oom (allocation failed under the memory limit, or killed) | timeout (ran past --time-limit)
   | too_slow (predicted from the previous N to exceed the limit: not run) | skipped (failed at a smaller N)
-  | unavailable (provider cannot run here: the reason is recorded) | error (any other exception).
+  | unavailable (provider cannot run here: the reason is recorded) | error (any other exception)
+  | not_run (the sweep's --budget-min ran out before this case).
+Each row also records the machine, versions, date, torch threads and the 1-minute load average when the
+case started (this benchmark machine is shared; a high load makes every time longer and noisier).
 
 Timing: one warm-up forward+backward, then the median of up to --repeats timed repeats (fewer when one
 run is long); ``time.perf_counter`` on CPU, CUDA events on GPU. ``fwd_ms`` = forward, ``bwd_ms`` = backward,
@@ -39,8 +42,8 @@ sys.path.insert(0, HERE)
 RESULT_TAG = "SWEEP_RESULT "
 FIELDS = ["date", "machine", "python", "torch", "triton", "ltcl_fused", "git", "device", "threads", "provider",
           "loss", "N", "D", "dtype", "status", "reason", "repeats", "fwd_ms", "bwd_ms", "total_ms", "bound_ms",
-          "x_bound", "peak_mem_mb", "peak_rss_mb", "wall_s"]
-FAILED = ("oom", "timeout", "too_slow", "skipped", "error")
+          "x_bound", "peak_mem_mb", "peak_rss_mb", "wall_s", "loadavg"]
+FAILED = ("oom", "timeout", "too_slow", "skipped", "error")  # not_run: the sweep's --budget-min ran out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,6 +263,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     ap.add_argument("--name", default=None, help="CSV file stem (default sweep_<device>[_quick])")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--append", action="store_true", help="append to an existing CSV (same --name) and plot it all")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="wall-clock budget of the whole sweep; cases left when it runs out are marked not_run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -306,16 +312,22 @@ def main(argv=None) -> int:
     cases += [(p, L, D) for D in Ds for L in losses for p in provs if p != "gemm4" and P.supports(p, L)]
     bound = {}
     rows = []
-    with open(path, "w", newline="") as f:
+    t_sweep = time.perf_counter()
+    append = a.append and os.path.exists(path)
+    with open(path, "a" if append else "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
+        if not append:
+            w.writeheader()
         for prov, loss, D in cases:
             prev = None  # (N, status, total_ms) of the last case of this series
             for N in Ns:
                 row = {**meta, "provider": prov, "loss": loss, "N": N, "D": D, "dtype": "float32",
                        "bound_ms": "", "x_bound": "", "reason": "", "repeats": "", "fwd_ms": "", "bwd_ms": "",
-                       "total_ms": "", "peak_mem_mb": "", "peak_rss_mb": "", "wall_s": ""}
-                if prev is not None and prev[1] in FAILED:
+                       "total_ms": "", "peak_mem_mb": "", "peak_rss_mb": "", "wall_s": "", "loadavg": ""}
+                out_of_time = a.budget_min is not None and time.perf_counter() - t_sweep > 60 * a.budget_min
+                if out_of_time:
+                    row.update(status="not_run", reason=f"sweep budget of {a.budget_min:g} min used up")
+                elif prev is not None and prev[1] in FAILED:
                     row.update(status="skipped", reason=f"{prev[1]} at N={prev[0]}")
                 elif prev is not None and prev[1] == "unavailable":
                     row.update(status="unavailable", reason=prev[3])
@@ -327,6 +339,7 @@ def main(argv=None) -> int:
                     cfg = {"provider": prov, "loss": "afcl" if prov == "gemm4" else loss, "N": N, "D": D,
                            "device": device, "repeats": repeats, "time_limit": tlimit, "mem_limit_gb": mem_gb,
                            "threads": a.threads}
+                    row["loadavg"] = round(os.getloadavg()[0], 2)
                     row.update(run_case(cfg, tlimit))
                 if prov == "gemm4" and row["status"] == "ok":
                     bound[(N, D)] = float(row["total_ms"])
