@@ -258,6 +258,8 @@ def parse_args(argv=None):
     ap.add_argument("--providers", default=None, help="comma-separated (see providers.py)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per case before 'timeout'")
+    ap.add_argument("--provider-time-limit", default="",
+                    help="per-provider overrides of --time-limit, e.g. cpu=600,torch=120")
     ap.add_argument("--mem-limit-gb", type=float, default=None, help="CPU address-space headroom per case")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
@@ -295,6 +297,7 @@ def main(argv=None) -> int:
     provs = a.providers.split(",") if a.providers else provs
     repeats = a.repeats or repeats
     tlimit = a.time_limit or tlimit
+    plimit = {k: float(v) for k, v in (kv.split("=") for kv in a.provider_time_limit.split(",") if kv)}
     mem_gb = a.mem_limit_gb if a.mem_limit_gb is not None else (
         None if device == "cuda" else round(min(12.0, 0.6 * _meminfo_kb("MemTotal") / 2 ** 20), 1))
     os.makedirs(a.out, exist_ok=True)
@@ -319,7 +322,8 @@ def main(argv=None) -> int:
         if not append:
             w.writeheader()
         for prov, loss, D in cases:
-            prev = None  # (N, status, total_ms) of the last case of this series
+            prev = None  # (N, status, total_ms, reason) of the last case of this series
+            lim = plimit.get(prov, tlimit)
             for N in Ns:
                 row = {**meta, "provider": prov, "loss": loss, "N": N, "D": D, "dtype": "float32",
                        "bound_ms": "", "x_bound": "", "reason": "", "repeats": "", "fwd_ms": "", "bwd_ms": "",
@@ -331,16 +335,16 @@ def main(argv=None) -> int:
                     row.update(status="skipped", reason=f"{prev[1]} at N={prev[0]}")
                 elif prev is not None and prev[1] == "unavailable":
                     row.update(status="unavailable", reason=prev[3])
-                elif prev is not None and prev[1] == "ok" and prev[2] * (N / prev[0]) ** 2 * 2 / 1e3 > tlimit:
+                elif prev is not None and prev[1] == "ok" and prev[2] * (N / prev[0]) ** 2 * 2 / 1e3 > lim:
                     pred = prev[2] * (N / prev[0]) ** 2 / 1e3
                     row.update(status="too_slow", reason=f"predicted {pred:.0f} s per forward+backward from "
-                                                          f"N={prev[0]} (limit {tlimit:.0f} s per case)")
+                                                          f"N={prev[0]} (limit {lim:.0f} s per case)")
                 else:
                     cfg = {"provider": prov, "loss": "afcl" if prov == "gemm4" else loss, "N": N, "D": D,
-                           "device": device, "repeats": repeats, "time_limit": tlimit, "mem_limit_gb": mem_gb,
+                           "device": device, "repeats": repeats, "time_limit": lim, "mem_limit_gb": mem_gb,
                            "threads": a.threads}
                     row["loadavg"] = round(os.getloadavg()[0], 2)
-                    row.update(run_case(cfg, tlimit))
+                    row.update(run_case(cfg, lim))
                 if prov == "gemm4" and row["status"] == "ok":
                     bound[(N, D)] = float(row["total_ms"])
                 if row["status"] == "ok" and (N, D) in bound and prov != "gemm4":
