@@ -3,8 +3,9 @@
 ``torch.ops.ltcl_fused.triton_rowstats_fwd`` / ``triton_rowstats_bwd`` are ``torch.library.triton_op``s
 whose kernels are launched through ``torch.library.wrap_triton``, so ``torch.compile`` can trace
 them (the autograd formula lives in ``ltcl_fused/engine/function.py``). Under the Triton
-interpreter (``TRITON_INTERPRET=1``, CPU tensors) the kernels are called directly, because
-``wrap_triton`` accepts compiled ``JITFunction``s only.
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) ``wrap_triton`` cannot take the interpreted
+kernels: the same functions are then registered as opaque ``custom_op``s with fake implementations
+(torch.compile and opcheck work on them; the kernels are called directly).
 """
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreted()
 
 
-@torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", mutates_args=())
-def triton_rowstats_fwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
+def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
                         bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int,
                         focal: bool, allow_tf32: bool
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -85,8 +85,7 @@ def triton_rowstats_fwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias
     return lse, pos, fpos, fneg, upos, uneg, top, lrest
 
 
-@torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", mutates_args=())
-def triton_rowstats_bwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
+def _bwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
                         bias_other: Optional[Tensor], lse: Tensor, top: Tensor, lrest: Tensor, cpos: Tensor,
                         cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor, inv_tau: float, gamma: float,
                         self_offset: int, focal: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
@@ -114,3 +113,28 @@ def triton_rowstats_bwd(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias
         *args, dC, M, N, D, A.stride(0), C.stride(0), self_offset,
         BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **common)
     return dA.to(A.dtype), dC.to(C.dtype)
+
+
+def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_offset, focal, allow_tf32):
+    M = A.shape[0]
+    acc = _acc(A.dtype)
+    outs = [A.new_empty(M, dtype=acc) for _ in range(6)]
+    return (*outs, A.new_empty(M, dtype=torch.int64), A.new_empty(M, dtype=acc))
+
+
+def _bwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, inv_tau, gamma,
+              self_offset, focal, allow_tf32):
+    return torch.empty_like(A), torch.empty_like(C)
+
+
+if interpreted():
+    # The interpreter's kernels cannot be traced by wrap_triton: register opaque custom ops with fake
+    # implementations instead, so torch.compile / opcheck still work on CPU tensors.
+    triton_rowstats_fwd = torch.library.custom_op("ltcl_fused::triton_rowstats_fwd", _fwd_impl, mutates_args=())
+    triton_rowstats_fwd.register_fake(_fwd_fake)
+    triton_rowstats_bwd = torch.library.custom_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())
+    triton_rowstats_bwd.register_fake(_bwd_fake)
+else:
+    # GPU: triton_op + wrap_triton, which torch.compile traces into (the kernels become part of the graph).
+    triton_rowstats_fwd = torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", _fwd_impl, mutates_args=())
+    triton_rowstats_bwd = torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())

@@ -1,0 +1,136 @@
+"""Compile the shipped kernel configurations to real sm_80 / sm_90 cubins without a GPU and report
+shared memory, register use, spills (cuobjdump -res-usage: LOCAL and STACK) and tensor-core use.
+
+    python -m ltcl_fused.triton_kernels.codegen [--jobs 2] [--full]
+
+Must run with TRITON_INTERPRET unset (under the interpreter the kernels are not JITFunctions).
+``--full`` adds fp64, the TF32 fp32 variant and the lighter kernel variants (no focal pass, γ = 0,
+no bias). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+KERNELS = ("rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel")
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset")
+#: shared memory per block available on the targets (opt-in maximum): A100 163 KiB, H100 227 KiB
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def cuobjdump() -> str:
+    import triton
+    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(p):
+        return p
+    return shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+
+
+def jobs(full: bool = False):
+    """(kernel, config name, dtype, cc, variant) for every shipped configuration."""
+    from .configs import SHIPPED
+    variants = [("focal_bias", True, True, False)]
+    if full:
+        variants += [("plain", False, False, True), ("focal_g0", True, False, True)]
+    out = []
+    for name, cfg in SHIPPED.items():
+        dts = list(cfg.dtypes)
+        if not full and dts == ["fp64"]:
+            continue
+        if full and "fp32" in dts:
+            dts.append("tf32")
+        for dt in dts:
+            for cc in (80, 90):
+                for k in KERNELS:
+                    for var in variants:
+                        out.append((k, name, dt, cc, var))
+    return out
+
+
+def compile_one(job):
+    k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import rowstats
+    from .configs import SHIPPED
+    kernel = getattr(rowstats, k)
+    kc = SHIPPED[cfg_name]
+    bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.bwd
+    if k == "rowstats_bwd_dc_kernel":  # the dC program owns BLOCK_M columns, sweeps BLOCK_N rows
+        bm, bn = bc.BLOCK_N, bc.BLOCK_M
+    else:
+        bm, bn = bc.BLOCK_M, bc.BLOCK_N
+    in_dt = "fp32" if dt == "tf32" else dt
+    acc = "fp64" if dt == "fp64" else "fp32"
+    constexprs = dict(HAS_BIAS=bias, FOCAL=focal, GAMMA_ZERO=gamma_zero, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_D=bc.BLOCK_D, SINGLE_D=kc.max_d != 0, PREC="tf32" if dt == "tf32" else "ieee",
+                      UPCAST=False)
+    sig = {}
+    for p in kernel.params:
+        n = p.name
+        if p.is_constexpr:
+            sig[n] = "constexpr"
+        elif n in INT_ARGS:
+            sig[n] = "i32"
+        elif n in ("A", "C"):
+            sig[n] = "*" + in_dt
+        elif n in ("ALAB", "CLAB", "TOP"):
+            sig[n] = "*i64"
+        else:
+            sig[n] = "*" + acc
+    t0 = time.time()
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=bc.num_warps, num_stages=bc.num_stages))
+    ptx = ck.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(ck.asm["cubin"])
+        res = subprocess.run([cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    usage = {}
+    for line in res.splitlines():
+        if "REG:" in line:
+            usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+    return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, shared=ck.metadata.shared,
+                shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"), stack=usage.get("STACK"),
+                local=usage.get("LOCAL"), mma_sync="mma.sync" in ptx, wgmma="wgmma" in ptx,
+                seconds=round(time.time() - t0, 2))
+
+
+def run(n_jobs: int = 2, full: bool = False):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    js = jobs(full)
+    if n_jobs <= 1:
+        return [compile_one(j) for j in js]
+    with ProcessPoolExecutor(n_jobs) as ex:
+        return list(ex.map(compile_one, js))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    a = ap.parse_args(argv)
+    out = run(a.jobs, a.full)
+    if a.json:
+        print(json.dumps(out))
+        return
+    for r in out:
+        print("{kernel:24s} {config:8s} {dtype:5s} sm_{cc} {variant:10s} shared={shared:6d} reg={reg} "
+              "stack={stack} local={local} mma.sync={mma_sync} wgmma={wgmma} {seconds}s".format(**r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
