@@ -27,8 +27,28 @@
 
 #include "../common/ltcl_math.h"
 
+// MKL (linked into torch's CPU wheels) is asked to run every GEMM of a worker single-threaded, so a
+// GEMM gives the same bits whether called from one thread or from inside the parallel region
+// (otherwise MKL may split the k dimension differently). Weak: torch builds without MKL skip it.
+// (MKL_Set_Num_Threads_Local is the by-value C entry point; the lower-case name is the Fortran one.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace ltcl {
 namespace cpu {
+
+struct SequentialBlas {
+  int prev = 0;
+  bool set = false;
+  SequentialBlas() {
+    if (&MKL_Set_Num_Threads_Local != nullptr) {
+      prev = MKL_Set_Num_Threads_Local(1);
+      set = true;
+    }
+  }
+  ~SequentialBlas() {
+    if (set) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 using at::Tensor;
 using at::vec::Vectorized;
@@ -276,6 +296,7 @@ static void forward_impl(const Problem<T>& P, const FwdOut& o) {
   const int64_t bm = block_rows<T>(P.Npad);
   const int64_t nblk = (P.M + bm - 1) / bm;
   at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+    SequentialBlas seq;
     std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
     std::vector<T> ebuf(P.focal ? static_cast<size_t>(P.Npad) : 0);
     for (int64_t b = b0; b < b1; ++b) {
@@ -362,6 +383,7 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
     const int64_t rows_sb = std::min(R, M - sb0);
     const int64_t nblk = (rows_sb + bm - 1) / bm;
     at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+      SequentialBlas seq;
       std::vector<T> posg(static_cast<size_t>(N));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
@@ -374,6 +396,7 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
       }
     });
     at::parallel_for(0, ncb, 0, [&](int64_t c0b, int64_t c1b) {
+      SequentialBlas seq;
       for (int64_t cb = c0b; cb < c1b; ++cb) {
         const int64_t c0 = cb * bn, cols = std::min(bn, N - c0);
         at::Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
