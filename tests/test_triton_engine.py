@@ -1,0 +1,165 @@
+"""Triton engine vs the dense contract oracle, under the Triton interpreter (CPU tensors).
+
+Forward statistics (lse, pos_sum, fpos, fneg, upos, uneg, top, lrest) and the backward (dA, dC) of
+``ltcl_fused/engine/contract.py`` for shapes that are not multiples of any block, rectangular
+anchors × columns with and without a self column, bias on/off, focal on/off, γ ∈ {0, 0.5, 2},
+random coefficients (some exactly 0), both the single-chunk and the chunked-D kernel paths.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+# numpy warns about exp overflow / log(0) inside masked-out lanes of the interpreter's tiles
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+from ltcl_fused.backends import get_engine  # noqa: E402
+from ltcl_fused.engine.contract import dense_backward, dense_forward  # noqa: E402
+
+ENG = get_engine("triton")
+if ENG.unavailable_reason(torch.device("cpu")) is not None:  # pragma: no cover
+    pytest.skip(f"triton engine unavailable: {ENG.unavailable_reason(torch.device('cpu'))}", allow_module_level=True)
+
+from ltcl_fused.triton_kernels import ops  # noqa: E402
+from ltcl_fused.triton_kernels.configs import BlockConfig, KernelConfig  # noqa: E402
+
+# small tiles: several row/column tiles and D chunks even on small shapes (chunked-D path when D > 32)
+SMALL = KernelConfig(BlockConfig(16, 32, 32, 1, 1), BlockConfig(32, 16, 32, 1, 1), (), 0)
+# single-chunk path with several tiles
+SINGLE = KernelConfig(BlockConfig(16, 16, 64, 1, 1), BlockConfig(16, 32, 64, 1, 1), (), 64)
+
+
+@pytest.fixture
+def force_config():
+    def set_(cfg):
+        ops.FORCE_CONFIG = cfg
+    yield set_
+    ops.FORCE_CONFIG = None
+
+
+def _problem(M, N, D, self_offset, bias, n_cls=3, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(M, D, generator=g, dtype=torch.float64) * (scale / math.sqrt(D))
+    C = torch.randn(N, D, generator=g, dtype=torch.float64) * (scale / math.sqrt(D))
+    a_lab = torch.randint(0, n_cls, (M,), generator=g)
+    c_lab = torch.randint(0, n_cls, (N,), generator=g)
+    if self_offset >= 0:  # anchors are columns self_offset.. of C
+        C[self_offset:self_offset + M] = A
+        c_lab[self_offset:self_offset + M] = a_lab
+    bs = torch.randn(N, generator=g, dtype=torch.float64) if bias else None
+    bo = torch.randn(N, generator=g, dtype=torch.float64) if bias else None
+    coefs = [torch.randn(M, generator=g, dtype=torch.float64) for _ in range(5)]
+    for c in coefs[:4]:
+        c[::3] = 0.0  # zero coefficients must contribute exactly 0
+    return A, C, a_lab, c_lab, bs, bo, coefs
+
+
+def _cast(t, dt):
+    return None if t is None else (t.to(dt) if t.is_floating_point() else t)
+
+
+def _check(M, N, D, so, bias, focal, gamma, dtype, scale=1.0, seed=0, tau=0.3):
+    A, C, al, cl, bs, bo, coefs = _problem(M, N, D, so, bias, scale=scale, seed=seed)
+    args = lambda dt: (A.to(dt), C.to(dt), al, cl, so, 1.0 / tau, _cast(bs, dt), _cast(bo, dt), gamma, focal)  # noqa
+    out = ENG.rowstats_forward(*args(dtype))
+    ref = dense_forward(*args(torch.float64))
+    # fp32: the same-dtype dense oracle decides which statistics over/underflow (e.g. rest -> 0 past ~100 nats)
+    ref_same = ref if dtype == torch.float64 else dense_forward(*args(dtype))
+    assert len(out) == 8
+    assert out[6].dtype == torch.int64 and torch.equal(out[6], ref[6]), "dominant column (top) differs"
+    fp64 = dtype == torch.float64
+    for name, o, r, r2 in zip(("lse", "pos_sum", "fpos", "fneg", "upos", "uneg", "top", "lrest"), out, ref, ref_same):
+        if name == "top":
+            continue
+        assert o.dtype == (torch.float64 if fp64 else torch.float32), name
+        if fp64:
+            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10, equal_nan=True, msg=name)
+        else:
+            fin = torch.isfinite(r2)
+            assert torch.equal(torch.isfinite(o), fin), name
+            fin = fin & torch.isfinite(r)
+            scale_ = r[fin].abs().max().clamp(min=1.0) if fin.any() else 1.0
+            torch.testing.assert_close(o[fin].double(), r[fin], rtol=1e-5, atol=1e-5 * scale_, msg=name)
+    # backward from the exact statistics with random coefficients
+    st = (ref[0], ref[6], ref[7])
+    g = ENG.rowstats_backward(*args(dtype), *[_cast(x, dtype if not fp64 else torch.float64) for x in st],
+                              *[c.to(torch.float64 if fp64 else torch.float32) for c in coefs])
+    gr = dense_backward(*args(torch.float64), *st, *coefs)
+    for name, o, r in zip(("dA", "dC"), g, gr):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert torch.isfinite(o).all(), name
+        tol = 1e-10 if fp64 else 2e-5
+        err = (o.double() - r).abs().max() / r.abs().max().clamp(min=1e-30)
+        assert err <= tol, f"{name}: relative max error {err:.2e} > {tol:.0e}"
+
+
+# (M, N, D, self_offset, bias, focal, gamma)
+CASES = [
+    (1, 1, 3, 0, True, True, 2.0),       # a single anchor: empty row, lse = -inf, zero gradients
+    (2, 2, 3, 0, True, True, 0.5),       # one valid column per row: p = 1 exactly
+    (37, 37, 17, 0, False, False, 0.0),
+    (37, 37, 17, 0, True, True, 0.5),
+    (29, 129, 64, 0, False, True, 0.0),  # rectangular, anchors = first columns
+    (29, 129, 130, -1, True, True, 2.0),  # rectangular, no self column, D > one chunk
+    (129, 129, 3, 0, True, False, 0.0),
+    (300, 300, 17, 0, False, True, 2.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}N{}D{}so{}{}{}g{}".format(
+    c[0], c[1], c[2], c[3], "_bias" if c[4] else "", "_focal" if c[5] else "", c[6]))
+def test_fp64_vs_contract(case):
+    _check(*case, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[5], (64, 100, 64, 36, True, True, 0.5)], ids=str)
+def test_fp32_vs_contract(case):
+    _check(*case, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cfg", ["small", "single"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_block_paths(force_config, cfg, dtype):
+    """Many tiles and D chunks on small shapes: chunked-D read-modify-write and the single-chunk path."""
+    force_config(SMALL if cfg == "small" else SINGLE)
+    D = 70 if cfg == "small" else 50
+    _check(37, 70, D, 0, True, True, 0.5, dtype)
+    _check(21, 45, D, -1, False, True, 0.0, dtype, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_dominant_column(dtype):
+    """Rows led by one column by tens of nats: log(1 − p) of the top column from lrest, rt in the backward."""
+    _check(37, 50, 8, 0, True, True, 0.5, dtype, scale=3.0, tau=0.1)  # leads up to ~56 nats
+    _check(20, 33, 8, -1, False, True, 0.0, dtype, scale=3.0, tau=0.1, seed=2)
+
+
+def test_ties_first_argmax(force_config):
+    """Equal maxima in different column tiles: top is the first one, as in the contract."""
+    force_config(SMALL)
+    A = torch.ones(3, 4, dtype=torch.float64)
+    C = torch.ones(70, 4, dtype=torch.float64)
+    lab = torch.zeros(70, dtype=torch.int64)
+    out = ENG.rowstats_forward(A, C, lab[:3], lab, -1, 2.0, None, None, 0.5, True)
+    ref = dense_forward(A, C, lab[:3], lab, -1, 2.0, None, None, 0.5, True)
+    assert torch.equal(out[6], ref[6]) and torch.equal(out[6], torch.zeros(3, dtype=torch.int64))
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+def test_noncontiguous_and_labels_dtype():
+    A, C, al, cl, bs, bo, _ = _problem(20, 40, 9, -1, True)
+    At = A.t().contiguous().t()  # column-major view of the same values
+    Cs = torch.stack([C, C], 2)[..., 0]  # row stride 2·D, column stride 2
+    out = ENG.rowstats_forward(At, Cs, al.to(torch.int32), cl.to(torch.int32), -1, 2.0, bs, bo, 2.0, True)
+    ref = dense_forward(A, C, al, cl, -1, 2.0, bs, bo, 2.0, True)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+def test_unavailable_reason_one_line():
+    assert ENG.name == "triton" and "rowstats" in ENG.ops
+    assert ENG.unavailable_reason(torch.device("cpu")) is None  # interpreter on
+    r = ENG.unavailable_reason(torch.device("meta"))
+    assert isinstance(r, str) and "\n" not in r
