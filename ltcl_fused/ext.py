@@ -64,7 +64,8 @@ def _with_cuda() -> bool:
 
 def sources(with_cuda: Optional[bool] = None) -> List[str]:
     root = csrc_dir()
-    srcs = [os.path.join(root, "ops.cpp"), os.path.join(root, "cpu", "rowstats_cpu.cpp")]
+    srcs = [os.path.join(root, "ops.cpp"), os.path.join(root, "cpu", "rowstats_cpu.cpp"),
+            os.path.join(root, "cpu", "topk_mining.cpp")]
     if _with_cuda() if with_cuda is None else with_cuda:
         srcs += [os.path.join(root, "cuda", "rowstats_cuda.cu"), os.path.join(root, "cuda", "binding_cuda.cpp")]
     return srcs

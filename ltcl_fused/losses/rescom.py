@@ -31,12 +31,11 @@ def _torch_mine(A, a_lab, K, k_lab, k_pos, k_neg):
 
 
 def _triton_module():
-    try:                                            # installed: the kernels live in ltcl_fused.triton_kernels
-        from ..triton_kernels import topk_mining
-    except ImportError:                             # source checkout: top-level triton_kernels/ folder
-        import importlib
-        topk_mining = importlib.import_module("triton_kernels.topk_mining")
-    return topk_mining
+    """``ltcl_fused.triton_kernels.topk_mining`` (installed, or the source folder loaded by the Triton engine)."""
+    import importlib
+    from ..backends.triton_engine import _load_kernels
+    _load_kernels()  # makes ltcl_fused.triton_kernels importable from a source checkout
+    return importlib.import_module("ltcl_fused.triton_kernels.topk_mining")
 
 
 def _triton_mine(A, a_lab, K, k_lab, k_pos, k_neg):
