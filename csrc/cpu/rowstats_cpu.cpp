@@ -375,7 +375,10 @@ template <typename T>
 static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
   const int64_t M = P.M, N = P.N, D = P.D;
   const int64_t bm = block_rows<T>(P.Npad);
-  const int64_t R = std::max(bm, (env_int("LTCL_CPU_SUPER_ROWS", 256) / bm) * bm);
+  // super-block rows: G of one super-block takes about 32 MB (fewer barriers between the two phases);
+  // a function of N and the dtype only, never of the thread count (the dC sums depend on it)
+  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
+  const int64_t R = std::max(bm, (sb_budget / (P.Npad * static_cast<int64_t>(sizeof(T))) / bm) * bm);
   const int64_t bn = 256;
   std::vector<T> gsb(static_cast<size_t>(std::min(R, M) * P.Npad));
   const int64_t ncb = (N + bn - 1) / bn;
