@@ -56,6 +56,16 @@ def jobs(full: bool = False):
 
 
 def compile_one(job):
+    """Compile one job; a failure is reported in the result (key "error") instead of raised."""
+    try:
+        return _compile_one(job)
+    except Exception as e:  # noqa: BLE001
+        k, cfg_name, dt, cc, var = job
+        return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var[0],
+                    error=f"{type(e).__name__}: {str(e)[-2000:]}")
+
+
+def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
     import triton
     from triton.backends.compiler import GPUTarget
@@ -72,7 +82,7 @@ def compile_one(job):
     in_dt = "fp32" if dt == "tf32" else dt
     acc = "fp64" if dt == "fp64" else "fp32"
     constexprs = dict(HAS_BIAS=bias, FOCAL=focal, GAMMA_ZERO=gamma_zero, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bc.BLOCK_D, SINGLE_D=kc.max_d != 0, PREC="tf32" if dt == "tf32" else "ieee",
+                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D, PREC="tf32" if dt == "tf32" else "ieee",
                       UPCAST=False)
     sig = {}
     for p in kernel.params:
@@ -128,6 +138,9 @@ def main(argv=None):
         print(json.dumps(out))
         return
     for r in out:
+        if "error" in r:
+            print("{kernel:24s} {config:8s} {dtype:5s} sm_{cc} {variant:10s} FAILED {error}".format(**r))
+            continue
         print("{kernel:24s} {config:8s} {dtype:5s} sm_{cc} {variant:10s} shared={shared:6d} reg={reg} "
               "stack={stack} local={local} mma.sync={mma_sync} wgmma={wgmma} {seconds}s".format(**r))
 
