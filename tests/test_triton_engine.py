@@ -18,8 +18,20 @@ from ltcl_fused.backends import get_engine  # noqa: E402
 from ltcl_fused.engine.contract import dense_backward, dense_forward  # noqa: E402
 
 ENG = get_engine("triton")
-if ENG.unavailable_reason(torch.device("cpu")) is not None:  # pragma: no cover
-    pytest.skip(f"triton engine unavailable: {ENG.unavailable_reason(torch.device('cpu'))}", allow_module_level=True)
+# CPU tensors under the interpreter (CI); CUDA tensors when run on a GPU machine with TRITON_INTERPRET=0
+DEVICE = torch.device("cpu") if ENG.unavailable_reason(torch.device("cpu")) is None else torch.device("cuda")
+if ENG.unavailable_reason(DEVICE) is not None:  # pragma: no cover
+    pytest.skip(f"triton engine unavailable: {ENG.unavailable_reason(DEVICE)}", allow_module_level=True)
+
+
+def _fwd(*args):
+    out = ENG.rowstats_forward(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+    return tuple(o.cpu() for o in out)
+
+
+def _bwd(*args):
+    out = ENG.rowstats_backward(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+    return tuple(o.cpu() for o in out)
 
 from ltcl_fused.triton_kernels import ops  # noqa: E402
 from ltcl_fused.triton_kernels.configs import BlockConfig, KernelConfig  # noqa: E402
@@ -62,7 +74,7 @@ def _cast(t, dt):
 def _check(M, N, D, so, bias, focal, gamma, dtype, scale=1.0, seed=0, tau=0.3):
     A, C, al, cl, bs, bo, coefs = _problem(M, N, D, so, bias, scale=scale, seed=seed)
     args = lambda dt: (A.to(dt), C.to(dt), al, cl, so, 1.0 / tau, _cast(bs, dt), _cast(bo, dt), gamma, focal)  # noqa
-    out = ENG.rowstats_forward(*args(dtype))
+    out = _fwd(*args(dtype))
     ref = dense_forward(*args(torch.float64))
     # fp32: the same-dtype dense oracle decides which statistics over/underflow (e.g. rest -> 0 past ~100 nats)
     ref_same = ref if dtype == torch.float64 else dense_forward(*args(dtype))
@@ -83,7 +95,7 @@ def _check(M, N, D, so, bias, focal, gamma, dtype, scale=1.0, seed=0, tau=0.3):
             torch.testing.assert_close(o[fin].double(), r[fin], rtol=1e-5, atol=1e-5 * scale_, msg=name)
     # backward from the exact statistics with random coefficients
     st = (ref[0], ref[6], ref[7])
-    g = ENG.rowstats_backward(*args(dtype), *[_cast(x, dtype if not fp64 else torch.float64) for x in st],
+    g = _bwd(*args(dtype), *[_cast(x, dtype if not fp64 else torch.float64) for x in st],
                               *[c.to(torch.float64 if fp64 else torch.float32) for c in coefs])
     gr = dense_backward(*args(torch.float64), *st, *coefs)
     for name, o, r in zip(("dA", "dC"), g, gr):
@@ -141,7 +153,7 @@ def test_ties_first_argmax(force_config):
     A = torch.ones(3, 4, dtype=torch.float64)
     C = torch.ones(70, 4, dtype=torch.float64)
     lab = torch.zeros(70, dtype=torch.int64)
-    out = ENG.rowstats_forward(A, C, lab[:3], lab, -1, 2.0, None, None, 0.5, True)
+    out = _fwd(A, C, lab[:3], lab, -1, 2.0, None, None, 0.5, True)
     ref = dense_forward(A, C, lab[:3], lab, -1, 2.0, None, None, 0.5, True)
     assert torch.equal(out[6], ref[6]) and torch.equal(out[6], torch.zeros(3, dtype=torch.int64))
     for o, r in zip(out, ref):
@@ -152,7 +164,7 @@ def test_noncontiguous_and_labels_dtype():
     A, C, al, cl, bs, bo, _ = _problem(20, 40, 9, -1, True)
     At = A.t().contiguous().t()  # column-major view of the same values
     Cs = torch.stack([C, C], 2)[..., 0]  # row stride 2·D, column stride 2
-    out = ENG.rowstats_forward(At, Cs, al.to(torch.int32), cl.to(torch.int32), -1, 2.0, bs, bo, 2.0, True)
+    out = _fwd(At, Cs, al.to(torch.int32), cl.to(torch.int32), -1, 2.0, bs, bo, 2.0, True)
     ref = dense_forward(A, C, al, cl, -1, 2.0, bs, bo, 2.0, True)
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
@@ -160,6 +172,11 @@ def test_noncontiguous_and_labels_dtype():
 
 def test_unavailable_reason_one_line():
     assert ENG.name == "triton" and "rowstats" in ENG.ops
-    assert ENG.unavailable_reason(torch.device("cpu")) is None  # interpreter on
+    assert ENG.unavailable_reason(DEVICE) is None
     r = ENG.unavailable_reason(torch.device("meta"))
     assert isinstance(r, str) and "\n" not in r
+
+
+def test_large_d():
+    """D = 2048: 32 chunks of the interpreter's 64-wide D tiles in every kernel."""
+    _check(5, 9, 2048, 0, True, True, 0.5, torch.float64)
