@@ -197,3 +197,18 @@ def test_auto_on_cpu_is_exact():
     A, a_lab, K, k_lab = _problem(11, 80, 5, 3, torch.float64, seed=5)
     pos, neg = lf.hard_pair_mining(A, a_lab, K, k_lab, k_pos=2, k_neg=9)
     _compare(A, a_lab, K, k_lab, pos, neg, 2, 9, 1e-12)
+
+
+@pytest.mark.parametrize("backend", [p for p in _backend_params() if p.values[0] == "triton"])
+def test_triton_native_sort_path(backend, monkeypatch):
+    """The GPU path (tl.topk + tl.bitonic_merge) under the interpreter, on small tiles (it is slow there);
+    the other tests run the same network written with masked sums."""
+    from ltcl_fused.losses.rescom import _triton_module
+    tm = _triton_module()
+    monkeypatch.setattr(tm, "NATIVE_SORT", True)
+    monkeypatch.setattr(tm, "FORCE_CONFIG", tm.MiningConfig(16, 16, 16, 1, 1))
+    A, a_lab, K, k_lab = _problem(20, 50, 17, 2, torch.float32, seed=11)
+    cnt = (a_lab[:, None] == k_lab[None, :]).sum(1)
+    kp, kn = min(3, int(cnt.min())), min(16, int((50 - cnt).min()))
+    pos, neg = lf.hard_pair_mining(A, a_lab, K, k_lab, k_pos=kp, k_neg=kn, backend=backend)
+    _compare(A, a_lab, K, k_lab, pos, neg, kp, kn, ATOL[torch.float32])
