@@ -28,9 +28,15 @@ def check_features(fn: str, name: str, x, *, ranks: Sequence[int] = (2, 3)) -> N
         raise ValueError(f"{fn}: `{name}` is empty (shape {_shape(x)}); need at least one sample and D >= 1")
 
 
-def check_finite(fn: str, name: str, x: Optional[torch.Tensor], enabled: bool) -> None:
-    if enabled and x is not None and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{fn}: `{name}` contains NaN or Inf (pass check_finite=False to skip this O(N·D) check)")
+def check_finite(fn: str, name: str, x: Optional[torch.Tensor], enabled: bool, chunk_elems: int = 1 << 22) -> None:
+    """NaN/Inf check in chunks of rows, so its temporaries stay small whatever the size of ``x``."""
+    if not enabled or x is None:
+        return
+    flat = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+    rows = max(1, chunk_elems // max(1, flat.shape[1]))
+    for r0 in range(0, flat.shape[0], rows):
+        if not bool(torch.isfinite(flat[r0:r0 + rows]).all()):
+            raise ValueError(f"{fn}: `{name}` contains NaN or Inf (pass check_finite=False to skip this O(N·D) check)")
 
 
 def check_labels(fn: str, name: str, labels, n: int, device: torch.device, what: str) -> None:

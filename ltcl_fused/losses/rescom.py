@@ -133,16 +133,6 @@ def _check_keys(fn, name, keys, ref, ref_name):
     V.check_same(fn, name, keys, ref, ref_name)
 
 
-def _check_finite(fn, name, x, enabled):
-    """V.check_finite in row chunks: the transient memory stays O(chunk), not O(Q·D) (keys may be 10^6 rows)."""
-    if not enabled:
-        return
-    flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    rows = max(1, (1 << 20) // max(1, flat.shape[1]))
-    for r0 in range(0, flat.shape[0], rows):
-        V.check_finite(fn, name, flat[r0:r0 + rows], True)
-
-
 def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, what="anchor"):
     """Raise (naming k_pos / k_neg) unless every row has enough candidates or ``allow_fewer``."""
     if allow_fewer or a_lab.numel() == 0 or (k_pos == 0 and k_neg == 0):
@@ -181,8 +171,8 @@ def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, 
     V.check_labels(fn, "key_labels", key_labels, keys.shape[0], anchors.device, "one per key")
     k_pos = V.check_int(fn, "k_pos", k_pos, 0)
     k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    _check_finite(fn, "anchors", anchors, check_finite)
-    _check_finite(fn, "keys", keys, check_finite)
+    V.check_finite(fn, "anchors", anchors, check_finite)
+    V.check_finite(fn, "keys", keys, check_finite)
     a_lab, k_lab = anchor_labels.to(torch.int64), key_labels.to(torch.int64)
     _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer)
     impl = resolve_mining(backend, anchors.device, fn)
@@ -263,8 +253,8 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], dev, "one per queue row")
     k_pos = V.check_int(fn, "k_pos", k_pos, 0)
     k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    _check_finite(fn, "features", features, check_finite)
-    _check_finite(fn, "queue", queue, check_finite)
+    V.check_finite(fn, "features", features, check_finite)
+    V.check_finite(fn, "queue", queue, check_finite)
     lab = labels.to(torch.int64).repeat(Vw)
     q_lab = queue_labels.to(torch.int64)
     w = None
