@@ -5,8 +5,9 @@ Every shipped block configuration (``ltcl_fused.triton_kernels.configs.SHIPPED``
 (bf16, fp16, fp32), in a subprocess without TRITON_INTERPRET (two compile workers; Triton's on-disk
 cache makes re-runs fast). Checked per kernel: shared memory within the device limit, no register
 spills (``cuobjdump -res-usage``: LOCAL and STACK are 0), tensor-core instructions in the PTX of the
-16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90). The variant compiled is the heaviest one
-(bias + focal pass + γ ≠ 0); ``python -m ltcl_fused.triton_kernels.codegen --full`` adds the others.
+16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90). Variants compiled: the heaviest one of
+each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
+``python -m ltcl_fused.triton_kernels.codegen --full`` adds the others, fp64 and TF32.
 """
 import json
 import os
@@ -66,7 +67,8 @@ def test_every_shipped_config_is_covered():
     assert {"bf16", "fp16", "fp32"} <= {dt for _, dt in have}
 
 
-@pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('rowstats_', '')}")
+@pytest.mark.parametrize("job", JOBS,
+                         ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('rowstats_', '')}-{j[4][0]}")
 def test_codegen(compiled, job):
     res, _ = compiled
     k, cfg, dt, cc, var = job

@@ -38,7 +38,7 @@ SHIPPED = {
     # 16-bit inputs: tensor-core tiles (mma.sync on sm_80, wgmma on sm_90)
     "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 64),
     "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128),
-    "h_large": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0),
+    "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0),
     # fp32 inputs (ieee fp32 dot by default, TF32 opt-in): smaller tiles
     "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32),
     "f_large": KernelConfig(BlockConfig(32, 32, 32, 8, 1), BlockConfig(32, 16, 32, 4, 1), ("fp32",), 0),
