@@ -2,9 +2,11 @@
 
 Notation (SPEC.md / contract): anchors A [M, D], columns C [N, D], ``s_ij = inv_tau·<A_i, C_j>``,
 ``b_ij = bias_same[j]`` if j ∈ P(i) else ``bias_other[j]`` (0 without bias), self column
-``j == i + self_offset`` removed when ``self_offset >= 0``, ``log p_ij = s_ij + b_ij − lse_i``.
+``j == i + self_offset`` removed when ``self_offset >= 0``, ``log p_ij = s_ij + b_ij − lse_i`` except at
+the row's dominant column ``top_i``, where log p and log(1 − p) come from ``lrest_i`` (contract v2).
 
-One forward kernel (online masked LSE + positive sum; FOCAL adds a second sweep for the focal sums)
+One forward kernel (streaming masked LSE as (max, first argmax, rest) + positive sum; FOCAL adds a
+second sweep for the focal sums)
 and one backward family (dA row-parallel, dC column-parallel) with compile-time variants:
 HAS_BIAS, FOCAL, GAMMA_ZERO, SINGLE_D (D fits in one BLOCK_D chunk: operands/accumulators stay in
 registers; otherwise D is swept in BLOCK_D chunks and the dA/dC rows owned by a program are
