@@ -169,23 +169,12 @@ def _register_python_side() -> None:
         # upos, uneg, top, lrest are auxiliary outputs (inputs of the backward formula): not differentiated.
         A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
         self_offset, inv_tau, gamma, focal = ctx.cfg
-        zero = torch.zeros_like(lse)
-        g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
-        g_pos = zero if g_pos is None else g_pos.to(lse.dtype)
-        if focal:
-            g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
-            g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
-            r = (torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero)
-                 - g_lse)
-            top_neg = (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)  # the dominant column's u- = 1/rest
-            rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
-        else:
-            g_fpos = g_fneg = zero
-            r, rt = -g_lse, zero
+        from .engine.function import backward_coefficients, dominant_is_negative
+        cpos, cposf, cneg, r, rt = backward_coefficients(
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
         dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
-                                                   inv_tau, gamma, focal, lse, top, lrest, g_pos.contiguous(),
-                                                   g_fpos.contiguous(), g_fneg.contiguous(), r.contiguous(),
-                                                   rt.contiguous())
+                                                   inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,
+                                                   r, rt)
         return dA, dC, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltcl_fused::rowstats_fwd", _backward, setup_context=_setup)

@@ -17,7 +17,6 @@ values (flattened view-major over the local batch), unscaled.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
@@ -28,6 +27,8 @@ from .. import _validation as V
 from .. import backends
 from ..engine import acc_dtype, row_stats
 from ..losses._common import build_contrast, flatten_views, match_counts
+from ..losses.afcl import afcl_from_stats
+from ..losses.rescom import check_class_weights, rescom_from_stats
 from ..losses.supcon import supcon_from_stats
 from .gather import all_gather_nograd, all_gather_rows, world
 from .ring import ring_row_stats
@@ -185,26 +186,6 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, co
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
 
 
-def _afcl_from_stats(st, npos, n_cols, eta, normalize_by, focal):
-    """Per-anchor AFCL from the row statistics, as ``ltcl_fused.losses.afcl`` combines them."""
-    acc = st.lse.dtype
-    nneg = (n_cols - 1) - npos
-    if focal:
-        t_pos, t_neg = st.fpos, st.fneg
-    else:  # Σ_P −log p = |P| LSE − Σ_P s
-        lse = torch.where(npos > 0, st.lse, torch.zeros_like(st.lse))
-        t_pos, t_neg = npos * lse - st.pos_sum, None
-    if normalize_by == "batch":
-        w_pos = w_neg = torch.full_like(st.lse, 1.0 / n_cols)
-    else:
-        w_pos = torch.where(npos > 0, 1.0 / npos.clamp(min=1).to(acc), 0.0)
-        w_neg = torch.where(nneg > 0, 1.0 / nneg.clamp(min=1).to(acc), 0.0)
-    loss = w_pos * t_pos
-    if eta > 0:
-        loss = loss + eta * w_neg * t_neg
-    return loss
-
-
 def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normalize_by="batch", contrast_mode="all",
          normalize=False, ref_features=None, ref_labels=None, reduction="mean", backend="auto", check_finite=True,
          mode="gather", group=None, grad_sync="mean"):
@@ -227,7 +208,7 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     st = _stats(eng, mode, P.A, P.C, pb.a_lab, pb.c_lab_glob, pb.col_sizes, pb.rank, 1.0 / tau, group,
                 gamma=gamma, focal=focal)
     npos = match_counts(pb.a_lab, pb.c_lab_glob) - 1
-    loss = _afcl_from_stats(st, npos, pb.n_global, eta, normalize_by, focal)
+    loss = afcl_from_stats(st, npos, pb.n_global, eta, normalize_by, focal)
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
 
 
@@ -327,16 +308,6 @@ def _check_candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer):
                              f"allow_fewer=True")
 
 
-def _mined_sims(A, keys, idx, inv_tau):
-    """``inv_tau · A_i · keys[idx_ij]`` in the accumulation dtype, −inf where ``idx_ij < 0``; grad to A only."""
-    acc = acc_dtype(A.dtype)
-    valid = idx >= 0
-    if idx.shape[1] == 0:
-        return A.new_zeros((A.shape[0], 0), dtype=acc), valid
-    s = torch.einsum("md,mkd->mk", A.to(acc), keys.to(acc)[idx.clamp(min=0)]) * inv_tau
-    return s.masked_fill(~valid, -math.inf), valid
-
-
 def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, temperature=0.2, class_weights=None,
            reduction="mean", backend="auto", allow_fewer=False, check_finite=True, mode="gather", group=None,
            grad_sync="mean"):
@@ -367,16 +338,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
         V.check_finite(fn, "queue", queue, check_finite)
         lab = labels.to(torch.int64).repeat(Vw)
         q_lab = queue_labels.to(torch.int64)
-        w = None
-        if class_weights is not None:
-            w = torch.as_tensor(class_weights, device=dev)
-            if w.dim() != 1 or not w.dtype.is_floating_point:
-                raise ValueError(f"{fn}: `class_weights` must be a 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
-            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= w.shape[0]):
-                raise ValueError(f"{fn}: `class_weights` has {w.shape[0]} entries but `labels` go up to "
-                                 f"{int(lab.max())} (and must be >= 0)")
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(f"{fn}: `class_weights` contains NaN or Inf")
+        w = check_class_weights(fn, class_weights, lab, dev)
         _check_candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer)
     except (TypeError, ValueError) as e:
         err = e
@@ -387,7 +349,6 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     sizes = [r[0] for r in rows]
     X = X.contiguous()
     lab_glob = all_gather_nograd(lab, sizes, group)
-    acc = acc_dtype(X.dtype)
     inv_tau = 1.0 / tau
 
     keys = queue.detach()
@@ -395,23 +356,6 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
                                         allow_fewer=allow_fewer, check_finite=False)
     eng = backends.resolve(backend, dev, "rowstats", fn)
     st = _stats(eng, mode, X, X, lab, lab_glob, sizes, rank, inv_tau, group)
-    n_batch_pos = (match_counts(lab, lab_glob) - 1).to(acc)
-    n_batch_cols = sum(sizes) - 1
-
-    s_pos, pos_valid = _mined_sims(X, keys, pos_idx, inv_tau)
-    s_neg, neg_valid = _mined_sims(X, keys, neg_idx, inv_tau)
-    mined = torch.cat([s_pos, s_neg], 1)
-    mined_valid = torch.cat([pos_valid, neg_valid], 1)
-    has_mined = mined_valid.any(1)
-    zero = torch.zeros_like(st.lse)
-    lse_mined = torch.logsumexp(mined.masked_fill(~has_mined[:, None], 0.0), 1) if mined.shape[1] else zero
-    lse_mined = torch.where(has_mined, lse_mined, torch.full_like(zero, -math.inf))
-    # logaddexp(−inf, −inf) has a NaN gradient: a row without any column (loss 0) gets dummy zeros
-    row_empty = ~has_mined if n_batch_cols == 0 else torch.zeros_like(has_mined)
-    lse = torch.logaddexp(torch.where(row_empty, zero, st.lse), torch.where(row_empty, zero, lse_mined))
-    npos = n_batch_pos + pos_valid.sum(1).to(acc)
-    pos_sum = st.pos_sum + torch.where(pos_valid, s_pos, torch.zeros_like(s_pos)).sum(1)
-    loss = torch.where(npos > 0, lse - pos_sum / npos.clamp(min=1), zero)
-    if w is not None:
-        loss = w.to(acc)[lab] * loss
+    loss = rescom_from_stats(st, match_counts(lab, lab_glob) - 1, sum(sizes) - 1, X, lab, keys, pos_idx, neg_idx,
+                             inv_tau, w)
     return _reduce(loss, reduction, sum(sizes), grad_sync, group)

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 import torch.nn.functional as F
 
-from ..engine.contract import acc_dtype, focal_terms, log1mexp
-from ..engine.function import RowStats
+from ..engine.contract import acc_dtype, focal_terms, logp_given_stats
+from ..engine.function import RowStats, backward_coefficients, dominant_is_negative
 from .gather import global_rank, world
 
 __all__ = ["ring_row_stats"]
@@ -93,7 +93,8 @@ def _focal_pass(A, blk, a_lab, b_lab, self_offset, inv_tau, bias_same, bias_othe
         pos = (a_lab[r0:r1, None] == b_lab[None, :]) & valid
         neg = valid & ~pos
         x = s if bias_same is None else s + torch.where(pos, bias_same.to(acc)[None, :], bias_other.to(acc)[None, :])
-        logp, log1mp, is_top = _logp_given_stats(x, valid, lse[r0:r1], top[r0:r1], lrest[r0:r1])
+        is_top = (cidx == top[r0:r1, None]) & valid
+        logp, log1mp = logp_given_stats(x, valid, lse[r0:r1], top[r0:r1], lrest[r0:r1], is_top)
         fp, fn, up, un = focal_terms(logp, log1mp, gamma)
         z = torch.zeros_like(s)
         out[0][r0:r1] = torch.where(pos, fp, z).sum(1)
@@ -101,19 +102,6 @@ def _focal_pass(A, blk, a_lab, b_lab, self_offset, inv_tau, bias_same, bias_othe
         out[2][r0:r1] = torch.where(pos, up, z).sum(1)
         out[3][r0:r1] = torch.where(neg & ~is_top, un, z).sum(1)  # the contract's uneg leaves the top out
     return out
-
-
-def _logp_given_stats(x, valid, lse, top, lrest):
-    """(log p, log(1 − p), is_top) of a block of logits from the global row statistics, as the engine
-    contract defines them (the dominant column ``top``, an index into this block or −1, from ``lrest``)."""
-    is_top = (torch.arange(x.shape[1], device=x.device)[None, :] == top[:, None]) & valid
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    logp = torch.where(valid & ~is_top, x - lse_safe[:, None], torch.full_like(x, -1.0))
-    log1mp = log1mexp(logp)
-    lr = lrest.to(x.dtype)[:, None].expand_as(x)
-    logp = torch.where(is_top, -F.softplus(lr), logp)
-    log1mp = torch.where(is_top, -F.softplus(-lr), log1mp)
-    return logp, log1mp, is_top
 
 
 def _combine(lse_k, top_k, lrest_k):
@@ -190,24 +178,10 @@ class _RingRowStatsFn(torch.autograd.Function):
     def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
         A, X, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, best, top, lrest = ctx.saved_tensors
         sizes, anchor_offset, inv_tau, gamma, focal, engine, group = ctx.cfg
-        zero = torch.zeros_like(lse)
-        g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
-        g_pos = zero if g_pos is None else g_pos.to(lse.dtype)
-        if focal:  # the same chain rule as ltcl_fused.engine.function._RowStatsFn
-            g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
-            g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
-            r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
-            # the dominant column's own u⁻ = 1/rest, applied by the engine to the other columns only
-            ring = _Ring(group, sizes)
-            offs = torch.tensor(ring.offsets[:-1], dtype=torch.int64, device=lse.device)
-            gtop = offs[best.clamp(min=0)] + top.clamp(min=0)  # global column index of the dominant column
-            top_neg = (top >= 0) & (c_lab[gtop] != a_lab)
-            rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
-        else:
-            g_fpos = g_fneg = zero
-            r, rt = -g_lse, zero
-        cpos, cposf, cneg, r, rt = (g_pos.contiguous(), g_fpos.contiguous(), g_fneg.contiguous(), r.contiguous(),
-                                    rt.contiguous())
+        offs = torch.tensor(_Ring(group, sizes).offsets[:-1], dtype=torch.int64, device=lse.device)
+        gtop = torch.where(top >= 0, offs[best.clamp(min=0)] + top.clamp(min=0), top)  # global column index
+        cpos, cposf, cneg, r, rt = backward_coefficients(
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(gtop, a_lab, c_lab), focal)
         ring = _Ring(group, sizes)
         dA = torch.zeros(A.shape, dtype=acc_dtype(A.dtype), device=A.device)
         state = {"acc_in": None, "reqs": []}

@@ -63,7 +63,7 @@ import math
 
 import torch
 
-__all__ = ["acc_dtype", "log1mexp", "focal_terms", "row_logp", "backward_tile", "dense_forward", "dense_backward"]
+__all__ = ["acc_dtype", "log1mexp", "focal_terms", "row_logp", "logp_given_stats", "backward_tile", "dense_forward", "dense_backward"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,7 +154,7 @@ def dense_forward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same=None, bias
             torch.where(pos, up, z).sum(1), torch.where(neg_rest, un, z).sum(1), top, lrest)
 
 
-def _logp_given_stats(x, valid, lse, top, lrest, is_top):
+def logp_given_stats(x, valid, lse, top, lrest, is_top):
     """(log p, log(1 − p)) from saved per-row statistics, the dominant column from lrest."""
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     logp = torch.where(valid & ~is_top, x - lse_safe[:, None], torch.full_like(x, -1.0))
@@ -169,7 +169,7 @@ def backward_tile(x, valid, pos, neg, lse, top, lrest, gamma, focal, cpos, cposf
     """G = ∂/∂S of the backward contract on a tile of logits ``x`` (rows with their per-row inputs,
     columns col0..col0+n). Shared by the dense oracle and the chunked torch backend."""
     is_top = (torch.arange(col0, col0 + x.shape[1], device=x.device)[None, :] == top[:, None]) & valid
-    logp, log1mp = _logp_given_stats(x, valid, lse, top, lrest, is_top)
+    logp, log1mp = logp_given_stats(x, valid, lse, top, lrest, is_top)
     p = torch.exp(logp)
     z = torch.zeros_like(x)
     r_eff = r[:, None] + torch.where(is_top, z, rt[:, None]) if focal else r[:, None].expand_as(x)

@@ -13,6 +13,26 @@ class RowStats(NamedTuple):
     fneg: torch.Tensor     # Σ_{N(i)} f⁻(p_ij)  (zeros unless focal)
 
 
+def dominant_is_negative(top: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor) -> torch.Tensor:
+    """Whether each row's dominant column (``top``, −1 for an empty row) is a negative of that row."""
+    return (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)
+
+
+def backward_coefficients(grads, lse, upos, uneg, lrest, top_neg, focal: bool):
+    """The contract's chain rule: upstream gradients of (lse, pos_sum, fpos, fneg) -> the per-row
+    backward inputs (cpos, cposf, cneg, r, rt) of ``rowstats_backward`` (None gradients count as 0)."""
+    zero = torch.zeros_like(lse)
+    g_lse, g_pos, g_fpos, g_fneg = (zero if g is None else g.to(lse.dtype) for g in grads)
+    if focal:
+        r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
+        # the dominant negative's own u⁻ = 1/rest, applied by the engine to the other columns only
+        rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
+    else:
+        g_fpos = g_fneg = zero
+        r, rt = -g_lse, zero
+    return tuple(t.contiguous() for t in (g_pos, g_fpos, g_fneg, r, rt))
+
+
 class _RowStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine):
@@ -26,22 +46,10 @@ class _RowStatsFn(torch.autograd.Function):
     def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
         A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
         self_offset, inv_tau, gamma, focal, engine = ctx.cfg
-        zero = torch.zeros_like(lse)
-        g_lse = zero if g_lse is None else g_lse.to(lse.dtype)
-        g_pos = zero if g_pos is None else g_pos.to(lse.dtype)
-        if focal:
-            g_fpos = zero if g_fpos is None else g_fpos.to(lse.dtype)
-            g_fneg = zero if g_fneg is None else g_fneg.to(lse.dtype)
-            r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
-            # the dominant column's own u⁻ = 1/rest, applied by the engine to the other columns only
-            top_neg = (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)
-            rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
-        else:
-            g_fpos = g_fneg = zero
-            r, rt = -g_lse, zero
+        cpos, cposf, cneg, r, rt = backward_coefficients(
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
         dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
-                                          gamma, focal, lse, top, lrest, g_pos.contiguous(), g_fpos.contiguous(),
-                                          g_fneg.contiguous(), r.contiguous(), rt.contiguous())
+                                          gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
         return (dA if ctx.needs_input_grad[0] else None, dC if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None, None, None)
 

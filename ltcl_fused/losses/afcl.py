@@ -37,23 +37,29 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     eng = backends.resolve(backend, features.device, "rowstats", fn)
     focal = gamma > 0 or eta > 0
     st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal)
-    npos = match_counts(P.a_lab, P.c_lab) - 1
-    nneg = (P.N - 1) - npos
+    return reduce(afcl_from_stats(st, match_counts(P.a_lab, P.c_lab) - 1, P.N, eta, normalize_by, focal),
+                  reduction)
+
+
+def afcl_from_stats(st, npos, n_cols, eta, normalize_by, focal):
+    """Per-anchor ``T⁺ + η T⁻`` from the row statistics (``npos`` = |P(i)|, ``n_cols`` = N)."""
+    acc = st.lse.dtype
+    nneg = (n_cols - 1) - npos
     if focal:
         t_pos, t_neg = st.fpos, st.fneg
     else:  # Σ_P −log p = |P| LSE − Σ_P s: no second pass needed
         lse = torch.where(npos > 0, st.lse, torch.zeros_like(st.lse))
         t_pos, t_neg = npos * lse - st.pos_sum, None
     if normalize_by == "batch":
-        w_pos = w_neg = torch.full_like(st.lse, 1.0 / P.N)
+        w_pos = w_neg = torch.full_like(st.lse, 1.0 / n_cols)
     else:
-        acc = st.lse.dtype
         w_pos = torch.where(npos > 0, 1.0 / npos.clamp(min=1).to(acc), 0.0)
         w_neg = torch.where(nneg > 0, 1.0 / nneg.clamp(min=1).to(acc), 0.0)
     loss = w_pos * t_pos
-    if eta > 0:
+    if eta > 0:  # skipped at η = 0: 0·inf would be NaN on a degenerate row
         loss = loss + eta * w_neg * t_neg
-    return reduce(loss, reduction)
+    return loss
+
 
 
 def fcl(features, labels=None, *, gamma=1.0, **kw):

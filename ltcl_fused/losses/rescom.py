@@ -133,6 +133,47 @@ def _check_keys(fn, name, keys, ref, ref_name):
     V.check_same(fn, name, keys, ref, ref_name)
 
 
+def rescom_from_stats(st, n_batch_pos, n_batch_cols, X, lab, keys, pos_idx, neg_idx, inv_tau, w):
+    """Per-anchor (weighted) ResCom ℓ_i from the batch block's row statistics plus the mined keys.
+
+    The mined block is M × (k_pos + k_neg) gathered similarities (autograd to the anchors only); its
+    log-sum-exp joins the batch block's with ``logaddexp``, so the engine's backward receives the right
+    g_lse. ``n_batch_pos`` = same-class batch columns but self, ``n_batch_cols`` = batch columns but self.
+    """
+    acc = acc_dtype(X.dtype)
+    Xa, Ka = X.to(acc), keys.to(acc)
+    s_pos = _GatheredSim.apply(Xa, Ka, pos_idx, inv_tau)
+    s_neg = _GatheredSim.apply(Xa, Ka, neg_idx, inv_tau)
+    mined = torch.cat([s_pos, s_neg], dim=1)
+    mined_valid = torch.cat([pos_idx, neg_idx], dim=1) >= 0
+    pos_valid = pos_idx >= 0
+    lse_mined = _masked_lse(mined, mined_valid)
+    has_mined = mined_valid.any(dim=1)
+    row_empty = ~has_mined if n_batch_cols == 0 else torch.zeros_like(has_mined)
+    zero = torch.zeros_like(st.lse)
+    # logaddexp(-inf, -inf) has a NaN gradient: a row with no column at all gets dummy zeros (its loss is 0)
+    lse = torch.logaddexp(torch.where(row_empty, zero, st.lse), torch.where(row_empty, zero, lse_mined))
+    npos = n_batch_pos.to(acc) + pos_valid.sum(dim=1).to(acc)
+    pos_sum = st.pos_sum + torch.where(pos_valid, s_pos, torch.zeros_like(s_pos)).sum(dim=1)
+    loss = torch.where(npos > 0, lse - pos_sum / npos.clamp(min=1), zero)
+    return loss if w is None else w.to(acc)[lab] * loss
+
+
+def check_class_weights(fn, class_weights, lab, dev):
+    """``class_weights`` as a 1-D float tensor covering every label, or None."""
+    if class_weights is None:
+        return None
+    w = torch.as_tensor(class_weights, device=dev)
+    if w.dim() != 1 or not w.dtype.is_floating_point:
+        raise ValueError(f"{fn}: `class_weights` must be a 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= w.shape[0]):
+        raise ValueError(f"{fn}: `class_weights` has {w.shape[0]} entries but `labels` go up to "
+                         f"{int(lab.max())} (and must be >= 0)")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{fn}: `class_weights` contains NaN or Inf")
+    return w
+
+
 def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, what="anchor"):
     """Raise (naming k_pos / k_neg) unless every row has enough candidates or ``allow_fewer``."""
     if allow_fewer or a_lab.numel() == 0 or (k_pos == 0 and k_neg == 0):
@@ -257,16 +298,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     V.check_finite(fn, "queue", queue, check_finite)
     lab = labels.to(torch.int64).repeat(Vw)
     q_lab = queue_labels.to(torch.int64)
-    w = None
-    if class_weights is not None:
-        w = torch.as_tensor(class_weights, device=dev)
-        if w.dim() != 1 or not w.dtype.is_floating_point:
-            raise ValueError(f"{fn}: `class_weights` must be a 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
-        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= w.shape[0]):
-            raise ValueError(f"{fn}: `class_weights` has {w.shape[0]} entries but `labels` go up to "
-                             f"{int(lab.max())} (and must be >= 0)")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{fn}: `class_weights` contains NaN or Inf")
+    w = check_class_weights(fn, class_weights, lab, dev)
     _candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer, what="anchor (flattened row)")
     if backend == "reference":
         if allow_fewer:
@@ -280,32 +312,9 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     keys = queue.detach()
     pos_idx, neg_idx = miner(X.detach(), lab, keys, q_lab, k_pos, k_neg)
 
-    acc = acc_dtype(X.dtype)
     inv_tau = 1.0 / tau
     # batch block: every other batch column, positives = same class (self excluded), through the engine
     st = row_stats(eng, X, X, lab, lab, self_offset=0, inv_tau=inv_tau)
-    n_batch_pos = (match_counts(lab, lab) - 1).to(acc)
-    n_batch_cols = X.shape[0] - 1
-
-    # mined block: M × (k_pos + k_neg) gathered similarities, autograd to the anchors only
-    Xa, Ka = X.to(acc), keys.to(acc)
-    s_pos = _GatheredSim.apply(Xa, Ka, pos_idx, inv_tau)
-    s_neg = _GatheredSim.apply(Xa, Ka, neg_idx, inv_tau)
-    mined = torch.cat([s_pos, s_neg], dim=1)
-    mined_valid = torch.cat([pos_idx, neg_idx], dim=1) >= 0
-    pos_valid = pos_idx >= 0
-    lse_mined = _masked_lse(mined, mined_valid)
-
-    has_mined = mined_valid.any(dim=1)
-    row_empty = ~has_mined if n_batch_cols == 0 else torch.zeros_like(has_mined)
-    zero = torch.zeros_like(st.lse)
-    # logaddexp(-inf, -inf) has a NaN gradient: a row with no column at all gets dummy zeros (its loss is 0)
-    lse = torch.logaddexp(torch.where(row_empty, zero, st.lse), torch.where(row_empty, zero, lse_mined))
-
-    npos = n_batch_pos + pos_valid.sum(dim=1).to(acc)
-    pos_sum = st.pos_sum + torch.where(pos_valid, s_pos, torch.zeros_like(s_pos)).sum(dim=1)
-    has = npos > 0
-    loss = torch.where(has, lse - pos_sum / npos.clamp(min=1), zero)
-    if w is not None:
-        loss = w.to(acc)[lab] * loss
+    loss = rescom_from_stats(st, match_counts(lab, lab) - 1, X.shape[0] - 1, X, lab, keys, pos_idx, neg_idx,
+                             inv_tau, w)
     return reduce(loss, reduction)
