@@ -52,10 +52,11 @@ def _allow_tf32() -> bool:
 
 class TritonEngine(Engine):
     name = "triton"
-    ops = frozenset({"rowstats"})
+    ops = frozenset({"rowstats", "ssl"})
 
     def __init__(self):
         self._ops = None
+        self._ssl_ops = None
         self._reason = None
 
     def _kernels(self):
@@ -123,6 +124,32 @@ class TritonEngine(Engine):
         return torch.ops.ltcl_fused.triton_rowstats_bwd(
             A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, float(inv_tau),
             float(gamma), int(self_offset), bool(focal), _allow_tf32())
+
+    # --- the "ssl" operation (see ltcl_fused/engine/ssl_contract.py; kernels in triton_kernels/ssl_rowstats.py) ---
+    def _ssl(self):
+        if self._kernels() is None:
+            self._fail()
+        if self._ssl_ops is None:
+            self._ssl_ops = importlib.import_module(_KERNELS + ".ssl_ops")
+        return self._ssl_ops
+
+    @staticmethod
+    def _ssl_args(A, C, partner, self_offset, inv_tau, cfg, ssl_ops):
+        return (A.contiguous(), C.contiguous(), partner.to(torch.int64).contiguous(), int(self_offset),
+                float(inv_tau), [float(c) for c in cfg.scales], bool(cfg.exclude_partner), bool(cfg.include_self),
+                ssl_ops.FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper),
+                [] if cfg.bayes is None else [float(x) for x in cfg.bayes], _allow_tf32())
+
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
+        from ..engine.ssl_contract import SSLStats
+        args = self._ssl_args(A, C, partner, self_offset, inv_tau, cfg, self._ssl())
+        return SSLStats(*torch.ops.ltcl_fused.triton_ssl_fwd(*args))
+
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
+        args = self._ssl_args(A, C, partner, self_offset, inv_tau, cfg, self._ssl())
+        acc = acc_dtype(A.dtype)
+        lse, coef, cpos = (t.to(acc).contiguous() for t in (lse, coef, cpos))
+        return torch.ops.ltcl_fused.triton_ssl_bwd(*args, lse, coef, cpos)
 
     def _fail(self):
         from .base import BackendUnavailable

@@ -1,0 +1,232 @@
+"""Host side of the SSL kernels (``ssl_rowstats.py``), registered as torch.library custom ops.
+
+``torch.ops.ltcl_fused.triton_ssl_fwd`` / ``triton_ssl_bwd`` implement the forward / backward of
+``ltcl_fused/engine/ssl_contract.py`` (the autograd wrapper is ``ssl_row_stats`` there). On GPUs they
+are ``torch.library.triton_op``s launching the kernels through ``wrap_triton``; under the Triton
+interpreter they are opaque ``custom_op``s with fake implementations (as in ``ops.py``).
+
+The SSLConfig travels as plain arguments: ``scales`` (list of c_k), ``exclude_partner``,
+``include_self``, ``filter_mode`` (0 none, 1 "both", 2 "low"), ``lower``, ``upper`` and ``bayes``
+([] or [α, β, τ⁺]).
+
+Unit weights (DCL, HCL, MTTV): one fused forward kernel and the recompute dA/dC kernels; the scales
+are processed two at a time (any K works; K <= 2 is one launch).
+Bayesian weights (exact ranks): the anchors are processed in row blocks of ``rows = budget // N``
+(memory O(rows · N), never M × N): the STRIP variant of the forward kernel writes the block's
+masked similarities, ``torch.sort`` sorts each row, and ``ssl_bayes_kernel`` finds every element's
+exact rank by binary lifting and accumulates the weighted LSE (forward) or writes the block's G
+strip (backward), which the dA/dC kernels then multiply (G_STRIP); the dC of the blocks is summed in
+order (deterministic).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from .configs import BlockConfig
+from .ops import _acc, _config, _launcher, _precision, _upcast, interpreted
+from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_fwd_kernel
+
+#: elements of one Bayesian row block's strip (rows = BAYES_BLOCK_ELEMENTS // N, at least one kernel
+#: row tile). A block keeps about 5 strips alive: V, its sorted copy and sort indices (int64), G.
+BAYES_BLOCK_ELEMENTS = int(os.environ.get("LTCL_TRITON_SSL_BLOCK_ELEMENTS", 1 << 22))
+#: test hook: rows per Bayesian block (0: from BAYES_BLOCK_ELEMENTS)
+FORCE_BAYES_ROWS = 0
+#: block shape of the weighting pass (BLOCK_M rows per program, column tiles of BLOCK_N)
+BAYES_CONFIG = BlockConfig(16, 128, 0, 4, 1)
+BAYES_CONFIG_INTERPRET = BlockConfig(16, 64, 0, 1, 1)
+
+FILTERS = {None: 0, "both": 1, "low": 2}
+
+
+def _params(inv_tau, c0, c1, lower, upper, bayes, acc, device):
+    """PARAMS of the kernels: [inv_tau, c0, c1, lower, upper] + (Bayesian) the constants of ω (see _bayes_logw)."""
+    p = [inv_tau, c0, c1, lower, upper]
+    if bayes:
+        alpha, beta, tau_plus = bayes
+        tau_minus = 1.0 - tau_plus
+        a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
+        b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
+        p += [b * b, 4.0 * a, 2.0 * a, b, alpha, 1.0 - alpha, alpha * (1.0 - beta), (1.0 - alpha) * beta,
+              alpha * (1.0 - beta) + (1.0 - alpha) * beta + 1e-3, tau_minus, tau_plus]
+    return torch.tensor(p, dtype=acc, device=device)
+
+
+def _groups(scales: List[float]):
+    """Scales two at a time: (first index, c0, c1, K2)."""
+    for k in range(0, len(scales), 2):
+        two = k + 1 < len(scales)
+        yield k, float(scales[k]), float(scales[k + 1]) if two else 0.0, two
+
+
+def _bayes_rows(M: int, N: int) -> int:
+    if FORCE_BAYES_ROWS:
+        return FORCE_BAYES_ROWS
+    return max(64, min(M, BAYES_BLOCK_ELEMENTS // max(N, 1)))
+
+
+def _bayes_cfg() -> BlockConfig:
+    return BAYES_CONFIG_INTERPRET if interpreted() else BAYES_CONFIG
+
+
+def _strip(A_blk, C, partner_blk, self_off, params, pos, pos_in, filter_mode, exclude_partner, include_self, cfg,
+           prec, upcast):
+    """The masked similarity strip V [rows, N] (+inf off the set), its row-sorted copy and the set sizes."""
+    bm, D = A_blk.shape
+    N = C.shape[0]
+    acc = pos.dtype
+    V = torch.empty(bm, N, dtype=acc, device=A_blk.device)
+    nset = torch.empty(bm, dtype=torch.int32, device=A_blk.device)
+    _launcher(ssl_fwd_kernel)[(triton.cdiv(bm, cfg.BLOCK_M),)](
+        A_blk, C, partner_blk, params, pos, pos, pos_in, V, nset, bm, N, D, A_blk.stride(0), C.stride(0), self_off,
+        K2=False, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=True,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
+        UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    srt = torch.sort(V, dim=1).values
+    return V, srt, nset
+
+
+def _lifting(N: int):
+    top = 1 << (max(N, 1).bit_length() - 1)
+    return top, top.bit_length()
+
+
+def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: float, scales: List[float],
+              exclude_partner: bool, include_self: bool, filter_mode: int, lower: float, upper: float,
+              bayes: List[float], allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(lse [K, M], pos [M], pos_in [M]) of the SSL contract."""
+    M, D = A.shape
+    N = C.shape[0]
+    acc = _acc(A.dtype)
+    K = len(scales)
+    lse = torch.empty(K, M, dtype=acc, device=A.device)
+    pos = torch.empty(M, dtype=acc, device=A.device)
+    pos_in = torch.empty(M, dtype=acc, device=A.device)
+    cfg = _config(M, N, D, A.dtype).fwd
+    prec, upcast = _precision(A.dtype, allow_tf32), _upcast(A.dtype)
+    if M == 0:
+        return lse, pos, pos_in
+    if not bayes:
+        for k, c0, c1, two in _groups(scales):
+            params = _params(inv_tau, c0, c1, lower, upper, None, acc, A.device)
+            _launcher(ssl_fwd_kernel)[(triton.cdiv(M, cfg.BLOCK_M),)](
+                A, C, partner, params, lse[k], pos, pos_in, lse, lse, M, N, D, A.stride(0), C.stride(0), self_offset,
+                K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=False,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
+                UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return lse, pos, pos_in
+    if K != 1:
+        raise ValueError("triton ssl: the Bayesian weights are defined for one scale only")
+    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
+    bc = _bayes_cfg()
+    top, steps = _lifting(N)
+    rows = _bayes_rows(M, N)
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        so = self_offset + r0 if self_offset >= 0 else self_offset
+        V, srt, nset = _strip(A[r0:r1], C, partner[r0:r1], so, params, pos[r0:r1], pos_in[r0:r1], filter_mode,
+                              exclude_partner, include_self, cfg, prec, upcast)
+        bm = r1 - r0
+        _launcher(ssl_bayes_kernel)[(triton.cdiv(bm, bc.BLOCK_M),)](
+            V, srt, nset, params, partner[r0:r1], lse[0, r0:r1], lse, lse, V, bm, N, top, steps,
+            BWD=False, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+    return lse, pos, pos_in
+
+
+def _bwd_launch(kernel, grid, A, C, partner, params, lse, coef, cpos, gs, out, self_offset, two, filter_mode,
+                exclude_partner, include_self, g_strip, bm, bn, cfg, prec, upcast):
+    M, D = A.shape
+    N = C.shape[0]
+    _launcher(kernel)[grid](
+        A, C, partner, params, lse, coef, cpos, gs, out, M, N, D, A.stride(0), C.stride(0), self_offset,
+        K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, G_STRIP=g_strip,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec, UPCAST=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: float, scales: List[float],
+              exclude_partner: bool, include_self: bool, filter_mode: int, lower: float, upper: float,
+              bayes: List[float], allow_tf32: bool, lse: Tensor, coef: Tensor, cpos: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dA [M, D], dC [N, D]) in the input dtype: the SSL contract backward."""
+    M, D = A.shape
+    N = C.shape[0]
+    acc = _acc(A.dtype)
+    cfg = _config(M, N, D, A.dtype).bwd
+    prec, upcast = _precision(A.dtype, allow_tf32), _upcast(A.dtype)
+    da_grid = (triton.cdiv(M, cfg.BLOCK_M),)
+    dc_grid = (triton.cdiv(N, cfg.BLOCK_M),)
+    # dA: a program owns BLOCK_M anchor rows and sweeps column tiles of BLOCK_N;
+    # dC: a program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps row tiles of BLOCK_N (kernel's BLOCK_M)
+    if M == 0 or N == 0:
+        return torch.zeros_like(A), torch.zeros_like(C)
+    if not bayes:
+        dA = dC = None
+        zero = torch.zeros_like(cpos)
+        for k, c0, c1, two in _groups(scales):
+            params = _params(inv_tau, c0, c1, lower, upper, None, acc, A.device)
+            cp = cpos if k == 0 else zero  # the partner term once
+            ga = torch.empty(M, D, dtype=acc, device=A.device)
+            gc = torch.empty(N, D, dtype=acc, device=A.device)
+            common = (partner, params, lse[k], coef[k], cp, lse)
+            _bwd_launch(ssl_bwd_da_kernel, da_grid, A, C, *common, ga, self_offset, two, filter_mode,
+                        exclude_partner, include_self, False, cfg.BLOCK_M, cfg.BLOCK_N, cfg, prec, upcast)
+            _bwd_launch(ssl_bwd_dc_kernel, dc_grid, A, C, *common, gc, self_offset, two, filter_mode,
+                        exclude_partner, include_self, False, cfg.BLOCK_N, cfg.BLOCK_M, cfg, prec, upcast)
+            dA = ga if dA is None else dA.add_(ga)
+            dC = gc if dC is None else dC.add_(gc)
+        return dA.to(A.dtype), dC.to(C.dtype)
+    fcfg = _config(M, N, D, A.dtype).fwd
+    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
+    bc = _bayes_cfg()
+    top, steps = _lifting(N)
+    rows = _bayes_rows(M, N)
+    dA = torch.empty(M, D, dtype=acc, device=A.device)
+    dC = torch.zeros(N, D, dtype=acc, device=A.device)
+    gc = torch.empty(N, D, dtype=acc, device=A.device)
+    scratch = torch.empty(2, rows, dtype=acc, device=A.device)
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        bm = r1 - r0
+        A_blk, p_blk = A[r0:r1], partner[r0:r1]
+        so = self_offset + r0 if self_offset >= 0 else self_offset
+        V, srt, nset = _strip(A_blk, C, p_blk, so, params, scratch[0, :bm], scratch[1, :bm], filter_mode,
+                              exclude_partner, include_self, fcfg, prec, upcast)
+        G = torch.empty_like(V)
+        _launcher(ssl_bayes_kernel)[(triton.cdiv(bm, bc.BLOCK_M),)](
+            V, srt, nset, params, p_blk, lse[0, r0:r1], coef[0, r0:r1], cpos[r0:r1], G, bm, N, top, steps,
+            BWD=True, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+        del V, srt
+        _bwd_launch(ssl_bwd_da_kernel, (triton.cdiv(bm, cfg.BLOCK_M),), A_blk, C, p_blk, params, lse, coef, cpos, G,
+                    dA[r0:r1], so, False, filter_mode, exclude_partner, include_self, True, cfg.BLOCK_M, cfg.BLOCK_N,
+                    cfg, prec, upcast)
+        _bwd_launch(ssl_bwd_dc_kernel, dc_grid, A_blk, C, p_blk, params, lse, coef, cpos, G, gc, so, False,
+                    filter_mode, exclude_partner, include_self, True, cfg.BLOCK_N, cfg.BLOCK_M, cfg, prec, upcast)
+        dC.add_(gc)
+    return dA.to(A.dtype), dC.to(C.dtype)
+
+
+def _fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper,
+              bayes, allow_tf32):
+    M = A.shape[0]
+    acc = _acc(A.dtype)
+    return A.new_empty(len(scales), M, dtype=acc), A.new_empty(M, dtype=acc), A.new_empty(M, dtype=acc)
+
+
+def _bwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper,
+              bayes, allow_tf32, lse, coef, cpos):
+    return torch.empty_like(A), torch.empty_like(C)
+
+
+if interpreted():
+    triton_ssl_fwd = torch.library.custom_op("ltcl_fused::triton_ssl_fwd", _fwd_impl, mutates_args=())
+    triton_ssl_fwd.register_fake(_fwd_fake)
+    triton_ssl_bwd = torch.library.custom_op("ltcl_fused::triton_ssl_bwd", _bwd_impl, mutates_args=())
+    triton_ssl_bwd.register_fake(_bwd_fake)
+else:
+    triton_ssl_fwd = torch.library.triton_op("ltcl_fused::triton_ssl_fwd", _fwd_impl, mutates_args=())
+    triton_ssl_bwd = torch.library.triton_op("ltcl_fused::triton_ssl_bwd", _bwd_impl, mutates_args=())

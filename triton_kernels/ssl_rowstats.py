@@ -1,0 +1,385 @@
+"""Fused Triton kernels of the self-supervised row-statistics contract (``ltcl_fused/engine/ssl_contract.py``).
+
+Notation (contract): anchors A [M, D], columns C [N, D], ``g_ij = <A_i, C_j>``, ``s_ij = inv_tau·g_ij``;
+``set(i)`` = the columns j ≠ self (unless INCL_SELF), ≠ partner(i) (if EXCL_PARTNER) and kept by the
+element filter on g (FILTER: 0 none, 1 "both" ``lower <= |g| <= upper``, 2 "low" ``|g| >= lower``).
+
+Kernels (every variant is a compile-time constant):
+
+``ssl_fwd_kernel``     per row block, a sweep over column tiles (S recomputed by ``tl.dot`` over D
+                       chunks, never stored): K2 = one or two online LSEs of ``c_k s`` over the set,
+                       the positive's logit and ``pos_in``. STRIP instead stores the block's masked
+                       similarity strip ``V = s on the set, +inf elsewhere`` and the set sizes (the
+                       first step of the Bayesian path).
+``ssl_bayes_kernel``   Bayesian weighting pass over a strip ``V`` and its row-sorted copy: each
+                       element's exact count ``#{k ∈ set(i): s_ik <= s_ij}`` by binary lifting in the
+                       sorted row (⌈log2 N⌉ + 1 gathers; ties count as <=), ``ω(u)``, then either the
+                       weighted LSE (forward) or the strip of ``G = ∂/∂S`` (BWD).
+``ssl_bwd_da_kernel``  dA = inv_tau·G C, row-parallel;  ``ssl_bwd_dc_kernel``  dC = inv_tau·Gᵀ A,
+                       column-parallel. G is formed in registers from the recomputed S tile, or
+                       (G_STRIP, the Bayesian path) loaded from the strip of the weighting pass.
+                       Deterministic: every output row is owned by one program (no atomics).
+
+Only ``tl.exp``/``tl.log``/``tl.sqrt`` are used, so the same code runs under the Triton interpreter.
+The tile helpers (``_s_tile``, ``_mma``, ``_log1p``) are imported from ``rowstats.py``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .rowstats import _mma, _s_tile
+
+INF = tl.constexpr(float("inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _ssl_masks(rows, cols, rmask, cmask, g, part, self_offset, lower, upper, FILTER: tl.constexpr,
+               EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr):
+    """(in_set, is_partner) of a tile; every argument already broadcast to 2-D (g = raw dot product)."""
+    valid = rmask & cmask
+    is_p = valid & (cols == part)
+    in_set = valid
+    if not INCL_SELF:
+        in_set = in_set & ((cols != rows + self_offset) | (self_offset < 0))
+    if EXCL_PARTNER:
+        in_set = in_set & (cols != part)
+    if FILTER == 1:
+        ag = tl.abs(g)
+        in_set = in_set & (ag >= lower) & (ag <= upper)
+    elif FILTER == 2:
+        in_set = in_set & (tl.abs(g) >= lower)
+    return in_set, is_p
+
+
+@triton.jit
+def _lse_update(m, acc, x):
+    """One tile of an online log-sum-exp along axis 1 (x = −inf off the set); returns (max, Σ exp(x − max))."""
+    nm = tl.maximum(m, tl.max(x, 1))
+    nms = tl.where(nm == -INF, 0.0, nm)
+    acc = acc * tl.exp(m - nms) + tl.sum(tl.exp(x - nms[:, None]), 1)
+    return nm, acc
+
+
+@triton.jit
+def _lse_final(m, acc):
+    return tl.where(acc > 0.0, tl.where(acc > 0.0, m, 0.0) + tl.log(acc), -INF)
+
+
+@triton.jit
+def _live(lse, coef):
+    """(lse with −inf replaced by 0, coefficient zeroed where lse = −inf): a dead term contributes exactly 0."""
+    dead = lse == -INF
+    return tl.where(dead, 0.0, lse), tl.where(dead, 0.0, coef)
+
+
+@triton.jit
+def _ssl_grad(s, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2: tl.constexpr):
+    """G of the backward contract on a tile (unit weights): Σ_k 1[set] coef_k c_k exp(c_k s − lse_k) + 1[partner] cpos."""
+    g = tl.where(is_p, cpos, 0.0)
+    live0 = in_set & (k0 != 0.0)
+    g += tl.where(live0, (k0 * c0) * tl.exp(tl.where(live0, c0 * s - l0, -INF)), 0.0)
+    if K2:
+        live1 = in_set & (k1 != 0.0)
+        g += tl.where(live1, (k1 * c1) * tl.exp(tl.where(live1, c1 * s - l1, -INF)), 0.0)
+    return g
+
+
+@triton.jit
+def _bayes_logw(cnt, nset, P):
+    """log ω(u), u = cnt / nset (SPEC.md section 5, the operations in the order of ``bayes_omega``); −inf where ω = 0.
+
+    P: PARAMS pointer: [inv_tau, c, c1, lower, upper, b·b, 4a, 2a, b, α, 1−α, α(1−β), (1−α)β, den_htn, τ⁻, τ⁺].
+    """
+    bb = tl.load(P + 5)
+    a4 = tl.load(P + 6)
+    a2 = tl.load(P + 7)
+    b = tl.load(P + 8)
+    al = tl.load(P + 9)
+    al1 = tl.load(P + 10)
+    h1 = tl.load(P + 11)
+    h2 = tl.load(P + 12)
+    hden = tl.load(P + 13)
+    tm = tl.load(P + 14)
+    tp = tl.load(P + 15)
+    u = cnt / nset
+    x = (-b + tl.sqrt(bb + a4 * u)) / a2
+    phi1 = 2.0 * (1.0 - x)
+    phi2 = 2.0 * x
+    psi_tn = al * phi1 + al1 * phi2
+    psi_fn = al1 * phi1 + al * phi2
+    psi_htn = (h1 * phi1 + h2 * phi2) / hden
+    w = psi_htn / (tm * psi_tn + tp * psi_fn)
+    return tl.where(w > 0.0, tl.log(tl.where(w > 0.0, w, 1.0)), -INF)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward (and the Bayesian strip)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
+                   M, N, D, stride_a, stride_c, self_offset,
+                   K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
+                   STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+    """LSE [K2 + 1, M] (row stride M), POS/POS_IN [M]; with STRIP: V [M, N], NSET [M] (int32) instead of LSE."""
+    ACC: tl.constexpr = POS.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    inv_tau = tl.load(PARAMS)
+    c0 = tl.load(PARAMS + 1)
+    c1 = tl.load(PARAMS + 2)
+    lower = tl.load(PARAMS + 3)
+    upper = tl.load(PARAMS + 4)
+    part = tl.load(PARTNER + ri, mask=rmask, other=-1)
+    a_res = None
+    if SINGLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+    m0 = tl.full([BLOCK_M], -INF, ACC)
+    s0 = tl.zeros([BLOCK_M], ACC)
+    m1 = tl.full([BLOCK_M], -INF, ACC)
+    s1 = tl.zeros([BLOCK_M], ACC)
+    psum = tl.zeros([BLOCK_M], ACC)
+    pin = tl.zeros([BLOCK_M], ACC)
+    cnt = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ci = cols.to(tl.int64)
+        g = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                    SINGLE_D, PREC, UPCAST)
+        in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], g, part[:, None],
+                                  self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
+        s = g * inv_tau
+        psum += tl.sum(tl.where(is_p, s, 0.0), 1)
+        pin += tl.sum(tl.where(is_p & in_set, 1.0, 0.0), 1)
+        if STRIP:
+            tl.store(V + ri[:, None] * N + ci[None, :], tl.where(in_set, s, INF), mask=rmask[:, None] & cmask[None, :])
+            cnt += tl.sum(in_set.to(tl.int32), 1)
+        else:
+            m0, s0 = _lse_update(m0, s0, tl.where(in_set, c0 * s, -INF))
+            if K2:
+                m1, s1 = _lse_update(m1, s1, tl.where(in_set, c1 * s, -INF))
+    tl.store(POS + ri, psum, mask=rmask)
+    tl.store(POS_IN + ri, pin, mask=rmask)
+    if STRIP:
+        tl.store(NSET + ri, cnt, mask=rmask)
+    else:
+        tl.store(LSE + ri, _lse_final(m0, s0), mask=rmask)
+        if K2:
+            tl.store(LSE + M + ri, _lse_final(m1, s1), mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bayesian weighting pass (exact ranks by binary lifting in the sorted rows of a strip)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, n_steps,
+                     BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Strip rows [M, N]: V (s on the set, +inf elsewhere), SRT = V sorted along each row, NSET [M] set sizes.
+
+    ``cnt_ij = #{q: SRT_iq <= V_ij}`` by binary lifting (steps top_step, top_step/2, .., 1; top_step = the
+    largest power of two <= N, n_steps = log2(top_step) + 1): exact, ties counted as <=.
+    Forward: LSE [M] = log Σ_set ω e^{c s}. BWD: G [M, N] = 1[set] coef c ω e^{c s − lse} + 1[partner] cpos.
+    """
+    ACC: tl.constexpr = V.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    c = tl.load(PARAMS + 1)
+    nset = tl.load(NSET + ri, mask=rmask, other=1).to(ACC)
+    nset = tl.where(nset > 0.0, nset, 1.0)[:, None]
+    roff = ri[:, None] * N
+    m = tl.full([BLOCK_M], -INF, ACC)
+    acc = tl.zeros([BLOCK_M], ACC)
+    if BWD:
+        lse, coef = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
+        lse = lse[:, None]
+        kc = (coef * c)[:, None]
+        cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
+        part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ci = cols.to(tl.int64)
+        mk = rmask[:, None] & cmask[None, :]
+        v = tl.load(V + roff + ci[None, :], mask=mk, other=INF)
+        in_set = v < INF
+        cnt = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        step = top_step
+        for _ in range(n_steps):
+            probe = cnt + step
+            ok = in_set & (probe <= N)
+            q = tl.load(SRT + roff + (probe - 1).to(tl.int64), mask=ok, other=INF)
+            cnt = tl.where(ok & (q <= v), probe, cnt)
+            step = step // 2
+        logw = tl.where(in_set, _bayes_logw(cnt.to(ACC), nset, PARAMS), -INF)
+        live = logw > -INF
+        x = tl.where(live, logw + c * tl.where(live, v, 0.0), -INF)
+        if BWD:
+            gt = tl.where(live & (kc != 0.0), kc * tl.exp(tl.where(live, x - lse, -INF)), 0.0)
+            gt += tl.where(cols[None, :] == part, cpos, 0.0)
+            tl.store(G + roff + ci[None, :], gt, mask=mk)
+        else:
+            m, acc = _lse_update(m, acc, x)
+    if not BWD:
+        tl.store(LSE + ri, _lse_final(m, acc), mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward, row-parallel part: dA_i = inv_tau · Σ_j G_ij C_j
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def ssl_bwd_da_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
+                      M, N, D, stride_a, stride_c, self_offset,
+                      K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
+                      G_STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+    """OUT [M, D] in the accumulation dtype (cast by the host). LSE/COEF [K2 + 1, M] (row stride M), CPOS [M];
+    with G_STRIP, G is read from GS [M, N] (row stride N) instead of being recomputed."""
+    ACC: tl.constexpr = OUT.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    inv_tau = tl.load(PARAMS)
+    c0 = tl.load(PARAMS + 1)
+    c1 = tl.load(PARAMS + 2)
+    lower = tl.load(PARAMS + 3)
+    upper = tl.load(PARAMS + 4)
+    part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
+    l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
+    l1 = l0
+    k1 = k0
+    if K2:
+        l1, k1 = _live(tl.load(LSE + M + ri, mask=rmask, other=0.0), tl.load(COEF + M + ri, mask=rmask, other=0.0))
+    l0 = l0[:, None]
+    k0 = k0[:, None]
+    l1 = l1[:, None]
+    k1 = k1[:, None]
+    cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    a_res = None
+    acc = None
+    if SINGLE_D:
+        if not G_STRIP:
+            a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :],
+                            mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ci = cols.to(tl.int64)
+        if G_STRIP:
+            g = tl.load(GS + ri[:, None] * N + ci[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            gd = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                         SINGLE_D, PREC, UPCAST)
+            in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], gd, part,
+                                      self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
+            g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2)
+        if SINGLE_D:
+            cc = tl.load(C + ci[:, None] * stride_c + offs_d[None, :], mask=cmask[:, None] & (offs_d[None, :] < D),
+                         other=0.0)
+            acc = _mma(g.to(cc.dtype), cc, acc, ACC, PREC, UPCAST)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                dm = dd[None, :] < D
+                cc = tl.load(C + ci[:, None] * stride_c + dd[None, :], mask=cmask[:, None] & dm, other=0.0)
+                part_acc = _mma(g.to(cc.dtype), cc, None, ACC, PREC, UPCAST)
+                optr = OUT + ri[:, None] * D + dd[None, :]
+                om = rmask[:, None] & dm
+                prev = tl.load(optr, mask=om & (n0 > 0), other=0.0)
+                tl.store(optr, prev + part_acc, mask=om)
+            tl.debug_barrier()
+    if SINGLE_D:
+        tl.store(OUT + ri[:, None] * D + offs_d[None, :], acc * inv_tau, mask=rmask[:, None] & (offs_d[None, :] < D))
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            optr = OUT + ri[:, None] * D + dd[None, :]
+            om = rmask[:, None] & (dd[None, :] < D)
+            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward, column-parallel part: dC_j = inv_tau · Σ_i G_ij A_i (the tile is formed transposed, Gᵀ)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def ssl_bwd_dc_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
+                      M, N, D, stride_a, stride_c, self_offset,
+                      K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
+                      G_STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+    """OUT [N, D]: a program owns BLOCK_N columns and sweeps anchor-row tiles of BLOCK_M."""
+    ACC: tl.constexpr = OUT.dtype.element_ty
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ci = cols.to(tl.int64)
+    inv_tau = tl.load(PARAMS)
+    c0 = tl.load(PARAMS + 1)
+    c1 = tl.load(PARAMS + 2)
+    lower = tl.load(PARAMS + 3)
+    upper = tl.load(PARAMS + 4)
+    offs_d = tl.arange(0, BLOCK_D)
+    c_res = None
+    acc = None
+    if SINGLE_D:
+        if not G_STRIP:
+            c_res = tl.load(C + ci[:, None] * stride_c + offs_d[None, :],
+                            mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        ri = rows.to(tl.int64)
+        if G_STRIP:
+            g = tl.load(GS + ri[None, :] * N + ci[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0)
+        else:
+            part = tl.load(PARTNER + ri, mask=rmask, other=-1)[None, :]
+            l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
+            l1 = l0
+            k1 = k0
+            if K2:
+                l1, k1 = _live(tl.load(LSE + M + ri, mask=rmask, other=0.0),
+                               tl.load(COEF + M + ri, mask=rmask, other=0.0))
+            cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[None, :]
+            gd = _s_tile(C, A, ci, ri, cmask, rmask, D, stride_c, stride_a, c_res, ACC, BLOCK_N, BLOCK_M, BLOCK_D,
+                         SINGLE_D, PREC, UPCAST)
+            in_set, is_p = _ssl_masks(rows[None, :], cols[:, None], rmask[None, :], cmask[:, None], gd, part,
+                                      self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
+            g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0[None, :], k0[None, :], c0, l1[None, :], k1[None, :],
+                          c1, K2)
+        if SINGLE_D:
+            a = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+            acc = _mma(g.to(a.dtype), a, acc, ACC, PREC, UPCAST)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                dm = dd[None, :] < D
+                a = tl.load(A + ri[:, None] * stride_a + dd[None, :], mask=rmask[:, None] & dm, other=0.0)
+                part_acc = _mma(g.to(a.dtype), a, None, ACC, PREC, UPCAST)
+                optr = OUT + ci[:, None] * D + dd[None, :]
+                om = cmask[:, None] & dm
+                prev = tl.load(optr, mask=om & (m0 > 0), other=0.0)
+                tl.store(optr, prev + part_acc, mask=om)
+            tl.debug_barrier()
+    if SINGLE_D:
+        tl.store(OUT + ci[:, None] * D + offs_d[None, :], acc * inv_tau, mask=cmask[:, None] & (offs_d[None, :] < D))
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            optr = OUT + ci[:, None] * D + dd[None, :]
+            om = cmask[:, None] & (dd[None, :] < D)
+            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
