@@ -65,7 +65,7 @@ def _with_cuda() -> bool:
 def sources(with_cuda: Optional[bool] = None) -> List[str]:
     root = csrc_dir()
     srcs = [os.path.join(root, "ops.cpp"), os.path.join(root, "cpu", "rowstats_cpu.cpp"),
-            os.path.join(root, "cpu", "topk_mining.cpp")]
+            os.path.join(root, "cpu", "topk_mining.cpp"), os.path.join(root, "cpu", "ssl_cpu.cpp")]
     if _with_cuda() if with_cuda is None else with_cuda:
         srcs += [os.path.join(root, "cuda", "rowstats_cuda.cu"), os.path.join(root, "cuda", "binding_cuda.cpp")]
     return srcs
@@ -178,6 +178,41 @@ def _register_python_side() -> None:
         return dA, dC, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltcl_fused::rowstats_fwd", _backward, setup_context=_setup)
+    _register_ssl_python_side()
+
+
+def _register_ssl_python_side() -> None:
+    """Fakes and autograd of ``ssl_fwd`` / ``ssl_bwd`` (contract: ltcl_fused/engine/ssl_contract.py).
+
+    The gradient of (lse, pos) is the contract's backward with coef = the upstream gradient of lse and
+    cpos = that of pos; pos_in is not differentiable."""
+
+    @torch.library.register_fake("ltcl_fused::ssl_fwd")
+    def _ssl_fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
+                      upper, bayes):
+        acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+        M = A.shape[0]
+        return (A.new_empty((len(scales), M), dtype=acc), A.new_empty((M,), dtype=acc),
+                A.new_empty((M,), dtype=acc))
+
+    @torch.library.register_fake("ltcl_fused::ssl_bwd")
+    def _ssl_bwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
+                      upper, bayes, lse, coef, cpos):
+        return A.new_empty(A.shape), C.new_empty(C.shape)
+
+    def _ssl_setup(ctx, inputs, output):
+        A, C, partner = inputs[:3]
+        ctx.save_for_backward(A, C, partner, output[0])
+        ctx.cfg = inputs[3:]
+
+    def _ssl_backward(ctx, g_lse, g_pos, _g_pos_in):
+        A, C, partner, lse = ctx.saved_tensors
+        coef = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype).contiguous()
+        cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
+        dA, dC = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *ctx.cfg, lse, coef, cpos)
+        return (dA, dC) + (None,) * 10
+
+    torch.library.register_autograd("ltcl_fused::ssl_fwd", _ssl_backward, setup_context=_ssl_setup)
 
 
 def load(verbose: Optional[bool] = None) -> dict:

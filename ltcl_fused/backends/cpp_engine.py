@@ -1,6 +1,7 @@
 """backend="cpu" / "cuda": the C++/CUDA extension (``csrc/``, built on first use by ``ltcl_fused.ext``).
 
-Both engines call the registered ops ``torch.ops.ltcl_fused.rowstats_fwd`` / ``rowstats_bwd``; the
+Both engines call the registered ops ``torch.ops.ltcl_fused.rowstats_fwd`` / ``rowstats_bwd`` (the
+self-supervised family: ``ssl_fwd`` / ``ssl_bwd``, CPU only for now); the
 dispatcher picks the CPU or CUDA kernel from the tensors' device. ``unavailable_reason`` builds the
 extension the first time it is asked (about a minute) and reports a failed build in one line.
 """
@@ -18,9 +19,19 @@ def _ext():
     return ext
 
 
+_FILTERS = {None: 0, "both": 1, "low": 2}
+
+
+def _ssl_args(self_offset, inv_tau, cfg):
+    """The SSLConfig as the scalar arguments of the ssl_fwd / ssl_bwd schemas."""
+    return (int(self_offset), float(inv_tau), [float(c) for c in cfg.scales], bool(cfg.exclude_partner),
+            bool(cfg.include_self), _FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper),
+            [] if cfg.bayes is None else [float(v) for v in cfg.bayes])
+
+
 class CPUEngine(Engine):
     name = "cpu"
-    ops = frozenset({"rowstats"})
+    ops = frozenset({"rowstats", "ssl"})
     device_type = "cpu"
 
     def unavailable_reason(self, device) -> Optional[str]:
@@ -40,10 +51,19 @@ class CPUEngine(Engine):
                                                  float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
                                                  cpos, cposf, cneg, r, rt)
 
+    # --- the "ssl" operation (ltcl_fused/engine/ssl_contract.py; csrc/cpu/ssl_cpu.cpp) ---
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
+        from ..engine.ssl_contract import SSLStats
+        return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *_ssl_args(self_offset, inv_tau, cfg)))
+
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
+        return torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *_ssl_args(self_offset, inv_tau, cfg), lse, coef, cpos)
+
 
 class CUDAEngine(CPUEngine):
     name = "cuda"
     device_type = "cuda"
+    ops = frozenset({"rowstats"})  # no CUDA kernels of the SSL contract yet
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)

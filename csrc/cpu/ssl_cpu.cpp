@@ -1,0 +1,472 @@
+// CPU kernels of the self-supervised row-statistics contract (ltcl_fused/engine/ssl_contract.py):
+// DCL, HCL, the Bayesian contrastive loss and MTTV (SPEC.md sections 5 and 6).
+//
+// Forward: parallel over blocks of bm anchor rows (at::parallel_for). Per block one GEMM (MKL through
+// at::mm_out, single-threaded inside the worker) writes the bm x N strip of raw dot products g into a
+// thread-local buffer sized for L2; the fused epilogue then walks each row while it is in cache:
+//   1. s = inv_tau * g, with the element filter on |g| (MTTV), the self column and (DCL/HCL/Bayes)
+//      the partner column masked to -inf, the positive's value and whether it stayed in the set;
+//   2. plain sets: the max and min of s over the set, then one vectorised pass per scale c_k for
+//      sum exp(c_k s - max_k) (two-pass LSE on the cached row);
+//      Bayesian sets: the row's set values are copied and sorted (std::sort), every set entry's count
+//      of values <= it is read by upper_bound (exact ranks, ties count as <=), u = count / n,
+//      t = log ω(u) + c s in place, then the LSE of t.
+// Backward: the same super-block scheme as rowstats_cpu.cpp. Rows go in super-blocks of R rows (R a
+// function of N and the dtype, never of the thread count). Phase 1, parallel over row blocks:
+// recompute the strip and the epilogue's masks/weights, form G in place, dA_blk = inv_tau G_blk C.
+// Phase 2, parallel over column blocks: dC_cols += inv_tau G_sb[:, cols]^T A_sb. Every GEMM shape and
+// every reduction order is independent of the thread count: 1 and 2 threads give identical bits.
+// Inputs of any floating dtype are computed in fp32 (fp64 for fp64) and the gradients cast back.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common/ssl_math.h"
+
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace ltcl {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+namespace cm = ltcl::common;
+
+constexpr int kMaxScales = 8;
+
+// MKL single-threaded inside a worker (see rowstats_cpu.cpp): a GEMM gives the same bits from any thread.
+struct SeqBlas {
+  int prev = 0;
+  bool set = false;
+  SeqBlas() {
+    if (&MKL_Set_Num_Threads_Local != nullptr) {
+      prev = MKL_Set_Num_Threads_Local(1);
+      set = true;
+    }
+  }
+  ~SeqBlas() {
+    if (set) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return dflt;
+  const long long x = std::atoll(v);
+  return x > 0 ? static_cast<int64_t>(x) : dflt;
+}
+
+template <typename T>
+struct Problem {
+  const T* A;
+  const T* C;
+  const int64_t* partner;
+  int64_t M, N, D, Npad, self_offset;
+  T inv_tau, lower, upper;
+  int filter;
+  bool exclude_partner, include_self, bayes;
+  int K;
+  T scales[kMaxScales];
+  cm::BayesOmega<T> omega;
+};
+
+// Rows per block: the strip (bm x Npad) within about 2 MB (L2), between 16 and 64 rows.
+template <typename T>
+int64_t block_rows(int64_t Npad) {
+  const int64_t forced = env_int("LTCL_CPU_BLOCK_ROWS", 0);
+  if (forced > 0) return forced;
+  int64_t bm = 64;
+  while (bm > 16 && bm * Npad * static_cast<int64_t>(sizeof(T)) > (int64_t(2) << 20)) bm /= 2;
+  return bm;
+}
+
+template <typename T>
+Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// out[rows x N] (leading dimension Npad) = A[r0 : r0 + rows] C^T
+template <typename T>
+void gemm_strip(const Problem<T>& P, int64_t r0, int64_t rows, T* out) {
+  if (P.D == 0) {
+    for (int64_t r = 0; r < rows; ++r) std::fill(out + r * P.Npad, out + r * P.Npad + P.N, T(0));
+    return;
+  }
+  Tensor o = view2d(out, rows, P.N, P.Npad, 1);
+  at::mm_out(o, view2d(P.A + r0 * P.D, rows, P.D, P.D, 1), view2d(P.C, P.N, P.D, P.D, 1).t());
+}
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += buf[l];
+  return s;
+}
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = buf[0];
+  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::max(s, buf[l]);
+  return s;
+}
+template <typename T>
+T hmin(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = buf[0];
+  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::min(s, buf[l]);
+  return s;
+}
+
+struct RowInfo {
+  double pos = 0;
+  bool pos_in = false;
+};
+
+// On entry x holds the raw dot products of row i (N valid, Npad wide). On exit:
+//   plain sets: x_j = s_ij on the set, -inf elsewhere; *smax / *smin = max / min of s over the set;
+//   Bayesian:   x_j = log ω(u_ij) + c s_ij on the set (-inf where ω <= 0), -inf elsewhere; *smax = max x.
+// vbuf: Npad scratch (Bayesian only).
+template <typename T>
+RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* smax, T* smin) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = cm::neg_inf<T>(), pinf = -ninf;
+  RowInfo info;
+  const int64_t p = P.partner[i];
+  const bool has_p = p >= 0 && p < P.N;
+  if (has_p) info.pos = static_cast<double>(x[p] * P.inv_tau);
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+
+  const Vec vinv(P.inv_tau), vninf(ninf), vlo(P.lower), vhi(P.upper);
+  for (int64_t j = 0; j < P.Npad; j += W) {
+    const Vec g = Vec::loadu(x + j);
+    Vec s = g * vinv;
+    if (P.filter != cm::kFilterNone) {
+      const Vec a = g.abs();
+      Vec keep = (a >= vlo);
+      if (P.filter == cm::kFilterBoth) keep = keep & (a <= vhi);
+      s = Vec::blendv(vninf, s, keep);
+    }
+    s.store(x + j);
+  }
+  if (P.self_offset >= 0 && !P.include_self) {
+    const int64_t js = i + P.self_offset;
+    if (js < P.N) x[js] = ninf;
+  }
+  if (has_p && P.exclude_partner) x[p] = ninf;
+  info.pos_in = has_p && x[p] > ninf;
+
+  if (!P.bayes) {
+    Vec vmax(ninf), vmin(pinf);
+    const Vec vpinf(pinf);
+    for (int64_t j = 0; j < P.Npad; j += W) {
+      const Vec v = Vec::loadu(x + j);
+      vmax = at::vec::maximum(vmax, v);
+      vmin = at::vec::minimum(vmin, Vec::blendv(vpinf, v, v > vninf));
+    }
+    *smax = hmax(vmax);
+    *smin = hmin(vmin);
+    return info;
+  }
+  // Bayesian: exact within-row ranks of the set values
+  int64_t n = 0;
+  for (int64_t j = 0; j < P.N; ++j) {
+    if (x[j] > ninf) vbuf[n++] = x[j];
+  }
+  *smax = ninf;
+  *smin = pinf;
+  if (n == 0) return info;
+  std::sort(vbuf, vbuf + n);
+  const T tn = static_cast<T>(n), c = P.scales[0];
+  T m = ninf;
+  for (int64_t j = 0; j < P.N; ++j) {
+    const T v = x[j];
+    if (!(v > ninf)) continue;
+    const int64_t cnt = std::upper_bound(vbuf, vbuf + n, v) - vbuf;  // #{k in set: s_k <= s_j}
+    const T t = P.omega.log_weight(static_cast<T>(cnt) / tn) + c * v;
+    x[j] = t;
+    m = std::max(m, t);
+  }
+  *smax = m;
+  return info;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+void forward_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* lse, T* pos, T* pos_in) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = cm::neg_inf<T>();
+  T smax, smin;
+  const RowInfo info = prepare_row(P, i, x, vbuf, &smax, &smin);
+  pos[i] = static_cast<T>(info.pos);
+  pos_in[i] = info.pos_in ? T(1) : T(0);
+  if (!(smax > ninf)) {  // empty set (or every weight 0)
+    for (int k = 0; k < P.K; ++k) lse[k * P.M + i] = ninf;
+    return;
+  }
+  if (P.bayes) {
+    const Vec vm(smax);
+    Vec acc(T(0));
+    for (int64_t j = 0; j < P.Npad; j += W) acc = acc + (Vec::loadu(x + j) - vm).exp();
+    lse[i] = cm::lse_finish(smax, hsum(acc));
+    return;
+  }
+  const Vec vninf(ninf), zero(T(0));
+  for (int k = 0; k < P.K; ++k) {
+    const T c = P.scales[k];
+    const T m = cm::scaled_max(c, smax, smin);
+    const Vec vc(c), vm(m);
+    Vec acc(T(0));
+    if (c == T(1)) {  // exp(-inf - m) = 0 outside the set: no mask needed
+      for (int64_t j = 0; j < P.Npad; j += W) acc = acc + (Vec::loadu(x + j) - vm).exp();
+    } else {
+      for (int64_t j = 0; j < P.Npad; j += W) {
+        const Vec v = Vec::loadu(x + j);
+        acc = acc + Vec::blendv(zero, (vc * v - vm).exp(), v > vninf);
+      }
+    }
+    lse[k * P.M + i] = cm::lse_finish(m, hsum(acc));
+  }
+}
+
+template <typename T>
+void forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
+  const int64_t bm = block_rows<T>(P.Npad);
+  const int64_t nblk = (P.M + bm - 1) / bm;
+  at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+    SeqBlas seq;
+    std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
+    std::vector<T> vbuf(P.bayes ? static_cast<size_t>(P.Npad) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * bm, rows = std::min(bm, P.M - r0);
+      gemm_strip(P, r0, rows, strip.data());
+      for (int64_t ii = 0; ii < rows; ++ii)
+        forward_row(P, r0 + ii, strip.data() + ii * P.Npad, vbuf.data(), lse, pos, pos_in);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct BwdIn {
+  const T* lse;   // [K, M]
+  const T* coef;  // [K, M]
+  const T* cpos;  // [M]
+};
+
+// On entry x holds the raw dot products of row i; on exit G_i (0 outside the set and in the padding).
+template <typename T>
+void backward_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, const BwdIn<T>& in) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = cm::neg_inf<T>();
+  T smax, smin;
+  prepare_row(P, i, x, vbuf, &smax, &smin);
+  const Vec vninf(ninf), zero(T(0));
+  T* dst = P.K == 1 ? x : vbuf;  // one scale: G in place; several: accumulated in vbuf
+  bool first = true;
+  for (int k = 0; k < P.K; ++k) {
+    const T L = in.lse[k * P.M + i], ck = in.coef[k * P.M + i], c = P.scales[k];
+    if (ck == T(0) || !std::isfinite(L)) continue;  // a dead term contributes exactly 0
+    const Vec va(ck * c), vL(L), vc(c);
+    for (int64_t j = 0; j < P.Npad; j += W) {
+      const Vec v = Vec::loadu(x + j);
+      Vec g = P.bayes ? va * (v - vL).exp()  // x = log w + c s; -inf -> 0
+                      : Vec::blendv(zero, va * (vc * v - vL).exp(), v > vninf);
+      if (!first) g = g + Vec::loadu(dst + j);
+      g.store(dst + j);
+    }
+    first = false;
+  }
+  if (first) {
+    std::fill(x, x + P.Npad, T(0));
+  } else if (dst != x) {
+    std::copy(vbuf, vbuf + P.Npad, x);
+  }
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
+  const int64_t p = P.partner[i];
+  if (p >= 0 && p < P.N) x[p] = in.cpos[i] + x[p];
+}
+
+template <typename T>
+void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
+  const int64_t M = P.M, N = P.N, D = P.D;
+  const int64_t bm = block_rows<T>(P.Npad);
+  // super-block rows: G of one super-block takes about 32 MB; a function of N and the dtype only
+  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
+  const int64_t R = std::max(bm, (sb_budget / (P.Npad * static_cast<int64_t>(sizeof(T))) / bm) * bm);
+  const int64_t bn = 256;
+  std::vector<T> gsb(static_cast<size_t>(std::min(R, M) * P.Npad));
+  const int64_t ncb = (N + bn - 1) / bn;
+  for (int64_t sb0 = 0; sb0 < M; sb0 += R) {
+    const int64_t rows_sb = std::min(R, M - sb0);
+    const int64_t nblk = (rows_sb + bm - 1) / bm;
+    at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
+      SeqBlas seq;
+      // vbuf: the sorted set values (Bayesian), then G accumulated over the scales
+      std::vector<T> vbuf(static_cast<size_t>(P.Npad));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
+        T* g = gsb.data() + (b * bm) * P.Npad;
+        gemm_strip(P, r0, rows, g);
+        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, vbuf.data(), in);
+        Tensor out = view2d(dA + r0 * D, rows, D, D, 1);
+        at::addmm_out(out, out, view2d<T>(g, rows, N, P.Npad, 1), view2d(P.C, N, D, D, 1), /*beta=*/0,
+                      /*alpha=*/P.inv_tau);
+      }
+    });
+    at::parallel_for(0, ncb, 0, [&](int64_t c0b, int64_t c1b) {
+      SeqBlas seq;
+      for (int64_t cb = c0b; cb < c1b; ++cb) {
+        const int64_t c0 = cb * bn, cols = std::min(bn, N - c0);
+        Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
+        at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
+                      view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- ops
+
+struct Prepared {
+  Tensor A, C, partner;
+  int64_t M, N, D, Npad;
+  at::ScalarType acc, in_dtype;
+};
+
+Prepared prepare(const Tensor& A, const Tensor& C, const Tensor& partner, c10::ArrayRef<double> scales,
+                 int64_t filter, c10::ArrayRef<double> bayes, const char* op) {
+  TORCH_CHECK(A.dim() == 2 && C.dim() == 2, op, ": A and C must be 2-D, got ", A.sizes(), " and ", C.sizes());
+  TORCH_CHECK(A.size(1) == C.size(1), op, ": A and C need the same feature size, got ", A.sizes(), " and ",
+              C.sizes());
+  TORCH_CHECK(A.scalar_type() == C.scalar_type(), op, ": A and C must share a dtype");
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), op, ": floating-point features required, got ", A.scalar_type());
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == A.size(0), op, ": `partner` must have shape [M]");
+  TORCH_CHECK(!scales.empty() && scales.size() <= static_cast<size_t>(kMaxScales), op, ": 1 to ", kMaxScales,
+              " scales expected, got ", scales.size());
+  TORCH_CHECK(filter >= 0 && filter <= 2, op, ": filter must be 0 (none), 1 (both) or 2 (low)");
+  TORCH_CHECK(bayes.empty() || (bayes.size() == 3 && scales.size() == 1), op,
+              ": `bayes` is [] or [alpha, beta, tau_plus] with one scale");
+  Prepared pp;
+  pp.in_dtype = A.scalar_type();
+  pp.acc = pp.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  pp.M = A.size(0);
+  pp.N = C.size(0);
+  pp.D = A.size(1);
+  pp.A = A.to(pp.acc).contiguous();
+  pp.C = C.to(pp.acc).contiguous();
+  pp.partner = partner.to(at::kLong).contiguous();
+  const int64_t W = pp.acc == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+  pp.Npad = std::max<int64_t>(W, (pp.N + W - 1) / W * W);
+  return pp;
+}
+
+template <typename T>
+Problem<T> make_problem(const Prepared& pp, int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                        bool exclude_partner, bool include_self, int64_t filter, double lower, double upper,
+                        c10::ArrayRef<double> bayes) {
+  Problem<T> P;
+  P.A = pp.A.data_ptr<T>();
+  P.C = pp.C.data_ptr<T>();
+  P.partner = pp.partner.data_ptr<int64_t>();
+  P.M = pp.M;
+  P.N = pp.N;
+  P.D = pp.D;
+  P.Npad = pp.Npad;
+  P.self_offset = self_offset;
+  P.inv_tau = static_cast<T>(inv_tau);
+  P.lower = static_cast<T>(lower);
+  P.upper = static_cast<T>(upper);
+  P.filter = static_cast<int>(filter);
+  P.exclude_partner = exclude_partner;
+  P.include_self = include_self;
+  P.K = static_cast<int>(scales.size());
+  for (int k = 0; k < P.K; ++k) P.scales[k] = static_cast<T>(scales[k]);
+  P.bayes = !bayes.empty();
+  if (P.bayes) P.omega = cm::BayesOmega<T>(bayes[0], bayes[1], bayes[2]);
+  return P;
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                               int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                               bool exclude_partner, bool include_self, int64_t filter, double lower,
+                                               double upper, c10::ArrayRef<double> bayes) {
+  Prepared pp = prepare(A, C, partner, scales, filter, bayes, "ltcl_fused::ssl_fwd");
+  const int64_t K = static_cast<int64_t>(scales.size());
+  auto opts = A.options().dtype(pp.acc);
+  Tensor lse = at::empty({K, pp.M}, opts), pos = at::empty({pp.M}, opts), pos_in = at::empty({pp.M}, opts);
+  if (pp.M > 0) {
+    AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_fwd_cpu", [&] {
+      auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
+                                      upper, bayes);
+      forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
+    });
+  }
+  return {lse, pos, pos_in};
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+                                       double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
+                                       bool include_self, int64_t filter, double lower, double upper,
+                                       c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
+                                       const Tensor& cpos) {
+  Prepared pp = prepare(A, C, partner, scales, filter, bayes, "ltcl_fused::ssl_bwd");
+  const int64_t K = static_cast<int64_t>(scales.size());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == K && lse.size(1) == pp.M && coef.sizes() == lse.sizes(),
+              "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
+  TORCH_CHECK(cpos.dim() == 1 && cpos.size(0) == pp.M, "ltcl_fused::ssl_bwd: cpos must have shape [M]");
+  auto opts = A.options().dtype(pp.acc);
+  Tensor dA = at::zeros({pp.M, pp.D}, opts), dC = at::zeros({pp.N, pp.D}, opts);
+  if (pp.M > 0 && pp.N > 0 && pp.D > 0) {
+    Tensor l = lse.to(pp.acc).contiguous(), cf = coef.to(pp.acc).contiguous(), cp = cpos.to(pp.acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_bwd_cpu", [&] {
+      auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
+                                      upper, bayes);
+      BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>()};
+      backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+    });
+  }
+  return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace ltcl
+
+TORCH_LIBRARY_FRAGMENT(ltcl_fused, m) {
+  // SSL row statistics of S = A C^T * inv_tau (contract: ltcl_fused/engine/ssl_contract.py):
+  // (lse [K, M], pos [M], pos_in [M]) in the accumulation dtype. filter: 0 none, 1 "both", 2 "low";
+  // bayes: [] or [alpha, beta, tau_plus].
+  m.def(
+      "ssl_fwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
+      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradient (dA, dC) of sum_k sum_i coef_ki lse_ki + sum_i cpos_i pos_i, recomputing S.
+  m.def(
+      "ssl_bwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
+      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
+      "Tensor lse, Tensor coef, Tensor cpos) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ltcl_fused, CPU, m) {
+  m.impl("ssl_fwd", &ltcl::cpu::ssl_fwd_cpu);
+  m.impl("ssl_bwd", &ltcl::cpu::ssl_bwd_cpu);
+}
