@@ -18,7 +18,7 @@ demo-synthetic: setup
 	$(ENV_PY) -m ltcl_fused.demo --synthetic
 
 test: setup
-	$(ENV_PY) -m pytest tests -q
+	$(ENV_PY) -m pytest tests -q -n 2 --durations=15
 
 bench: setup
 	$(ENV_PY) benchmarks/sweep.py
