@@ -59,7 +59,8 @@ def _figure(rows, metric, ylabel, title, fname, out_dir, with_bound):
         for r in rows:
             if r["provider"] == "gemm4" and r["status"] == "ok":
                 bound.setdefault(int(r["D"]), []).append((int(r["N"]), float(r["total_ms"])))
-    keys = sorted(k for k in series if k[0] != "-")
+    # panels with at least one measured loss provider (bcl/mining may be absent from a run)
+    keys = sorted(k for k, d in series.items() if k[0] != "-" and any(v[0] for pr, v in d.items() if pr != "gemm4"))
     if not keys:
         return None
     losses = sorted({k[0] for k in keys}, key=lambda s: ["supcon", "afcl", "bcl", "mining"].index(s)
@@ -67,6 +68,8 @@ def _figure(rows, metric, ylabel, title, fname, out_dir, with_bound):
     dims = sorted({k[1] for k in keys})
     fig, axes = plt.subplots(len(losses), len(dims), figsize=(5.2 * len(dims), 3.6 * len(losses)), squeeze=False)
     meta = rows[0]
+    all_n = [int(r["N"]) for r in rows if r["status"] == "ok"]
+    n_range = (min(all_n), max(all_n)) if all_n else None
     for i, L in enumerate(losses):
         for j, D in enumerate(dims):
             ax = axes[i][j]
@@ -84,17 +87,27 @@ def _figure(rows, metric, ylabel, title, fname, out_dir, with_bound):
                         ax.annotate(f"{STOP_LABEL[stop[1]]} at {stop[0]}", (xs[-1], ys[-1]),
                                     textcoords="offset points", xytext=(4, -10), fontsize=7, color=col)
                         ax.plot([xs[-1]], [ys[-1]], marker="x", color=col, ms=10, mew=2)
+            if (L, D) not in keys:
+                ax.text(0.5, 0.5, "not measured in this run\n(see the CSV status column)", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=9, color="gray")
             ax.set_xscale("log", base=2)
+            if n_range:
+                ax.set_xlim(n_range[0] / 1.3, n_range[1] * 1.3)
             ax.set_yscale("log")
             ax.set_title(f"{L}, D={D}", fontsize=10)
             ax.set_xlabel("N (anchors = columns)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == len(dims) - 1:
-                ax.legend(fontsize=7, loc="upper left")
+
     fig.suptitle(f"{title}\n{meta['machine']} | {meta['device']}, {meta['threads']} threads | torch {meta['torch']} "
                  f"| {meta['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if len(losses) < 3 else 0.04, 1, 1))
     path = os.path.join(out_dir, fname)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -104,6 +117,7 @@ def _figure(rows, metric, ylabel, title, fname, out_dir, with_bound):
 def plot_csv(csv_path, out_dir=None):
     rows = read(csv_path)
     out_dir = out_dir or os.path.dirname(csv_path)
+    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(csv_path))[0]
     made = [
         _figure(rows, "total_ms", "forward+backward (ms)", "Time vs N (median; x = stopped: OOM / timeout / too slow)",
