@@ -71,9 +71,6 @@ def compile_one(job):
 
 def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from . import rowstats
     from .configs import SHIPPED
     kernel = getattr(rowstats, k)
@@ -101,10 +98,17 @@ def _compile_one(job):
             sig[n] = "*i64"
         else:
             sig[n] = "*" + acc
+    r = compile_report(kernel, sig, constexprs, cc, bc.num_warps, bc.num_stages)
+    return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, **r)
+
+
+def compile_report(kernel, signature, constexprs, cc, num_warps, num_stages):
+    """Compile one JITFunction for sm_<cc>: shared memory, registers, spills (STACK/LOCAL), tensor-core use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
     t0 = time.time()
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                        options=dict(num_warps=bc.num_warps, num_stages=bc.num_stages))
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = ck.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -115,9 +119,8 @@ def _compile_one(job):
     for line in res.splitlines():
         if "REG:" in line:
             usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
-    return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, shared=ck.metadata.shared,
-                shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"), stack=usage.get("STACK"),
-                local=usage.get("LOCAL"), mma_sync="mma.sync" in ptx, wgmma="wgmma" in ptx,
+    return dict(shared=ck.metadata.shared, shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"),
+                stack=usage.get("STACK"), local=usage.get("LOCAL"), mma_sync="mma.sync" in ptx, wgmma="wgmma" in ptx,
                 seconds=round(time.time() - t0, 2))
 
 

@@ -20,9 +20,8 @@ order (deterministic).
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -38,10 +37,16 @@ BAYES_BLOCK_ELEMENTS = int(os.environ.get("LTCL_TRITON_SSL_BLOCK_ELEMENTS", 1 <<
 #: test hook: rows per Bayesian block (0: from BAYES_BLOCK_ELEMENTS)
 FORCE_BAYES_ROWS = 0
 #: block shape of the weighting pass (BLOCK_M rows per program, column tiles of BLOCK_N)
-BAYES_CONFIG = BlockConfig(16, 128, 0, 4, 1)
+BAYES_CONFIG = BlockConfig(16, 64, 0, 4, 1)
 BAYES_CONFIG_INTERPRET = BlockConfig(16, 64, 0, 1, 1)
 
 FILTERS = {None: 0, "both": 1, "low": 2}
+
+
+def gstrip_config(bc: BlockConfig) -> BlockConfig:
+    """Block shape of the dA/dC kernels in the G_STRIP variant (Bayesian path): the backward shape with
+    column tiles of at least 32 (the 32x16 fp32 tile of "f_large" uses an 8-byte stack frame on sm_90)."""
+    return bc._replace(BLOCK_N=max(bc.BLOCK_N, 32))
 
 
 def _params(inv_tau, c0, c1, lower, upper, bayes, acc, device):
@@ -181,6 +186,8 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
             dC = gc if dC is None else dC.add_(gc)
         return dA.to(A.dtype), dC.to(C.dtype)
     fcfg = _config(M, N, D, A.dtype).fwd
+    cfg = gstrip_config(cfg)
+    dc_grid = (triton.cdiv(N, cfg.BLOCK_M),)
     params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
     bc = _bayes_cfg()
     top, steps = _lifting(N)

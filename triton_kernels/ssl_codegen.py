@@ -1,0 +1,133 @@
+"""Compile the SSL kernels (``ssl_rowstats.py``) to real sm_80 / sm_90 cubins without a GPU.
+
+    python -m ltcl_fused.triton_kernels.ssl_codegen [--jobs 2] [--full]
+
+The forward and dA/dC kernels run with the row-statistics block configurations (``configs.SHIPPED``,
+picked by the same heuristic), so every shipped configuration is compiled for the dtypes it serves;
+the Bayesian weighting pass (no ``tl.dot``) with ``ssl_ops.BAYES_CONFIG`` in fp32 (and fp64 with
+``--full``). Default variants: the heaviest of each kernel (two scales + the "both" filter) and the
+Bayesian ones (STRIP forward, G_STRIP dA/dC, both modes of the weighting pass); ``--full`` adds the
+one-scale/no-filter/include-self variants and fp64. Reports come from ``codegen.compile_report``
+(shared memory, registers, STACK/LOCAL spills, mma.sync / wgmma in the PTX).
+Must run with TRITON_INTERPRET unset. Used by ``tests/test_triton_ssl_codegen.py`` (in a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+from .codegen import compile_report
+
+KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel")
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset", "top_step", "n_steps")
+
+# (name, constexpr overrides)
+HEAVY = ("k2_both", dict(K2=True, FILTER=1, EXCL_PARTNER=True, INCL_SELF=False))
+LIGHT = ("k1_self_low", dict(K2=False, FILTER=2, EXCL_PARTNER=False, INCL_SELF=True))
+PLAIN = ("k1_plain", dict(K2=False, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False))
+BAYES = ("bayes", dict(K2=False, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False))
+
+
+def jobs(full: bool = False):
+    """(kernel, config name, dtype, cc, variant) for every compiled case."""
+    from .configs import SHIPPED
+    out = []
+    for name, cfg in SHIPPED.items():
+        dts = [d for d in cfg.dtypes if full or d != "fp64"]
+        for dt in dts:
+            for cc in (80, 90):
+                for k in KERNELS:
+                    variants = [HEAVY, BAYES] + ([LIGHT, PLAIN] if full else [])
+                    for var in variants:
+                        out.append((k, name, dt, cc, var))
+    for dt in (("fp32", "fp64") if full else ("fp32",)):
+        for cc in (80, 90):
+            for bwd in (False, True):
+                out.append(("ssl_bayes_kernel", "bayes", dt, cc, ("bwd" if bwd else "fwd", dict(BWD=bwd))))
+    return out
+
+
+def compile_one(job):
+    try:
+        return _compile_one(job)
+    except Exception as e:  # noqa: BLE001
+        k, cfg_name, dt, cc, var = job
+        return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var[0],
+                    error=f"{type(e).__name__}: {str(e)[-2000:]}")
+
+
+def _compile_one(job):
+    k, cfg_name, dt, cc, (var_name, flags) = job
+    from . import ssl_rowstats
+    from .configs import SHIPPED
+    from .ssl_ops import BAYES_CONFIG, gstrip_config
+    kernel = getattr(ssl_rowstats, k)
+    acc = "fp64" if dt == "fp64" else "fp32"
+    if k == "ssl_bayes_kernel":
+        bc = BAYES_CONFIG
+        constexprs = dict(BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, **flags)
+    else:
+        kc = SHIPPED[cfg_name]
+        bc = kc.fwd if k == "ssl_fwd_kernel" else kc.bwd
+        if k != "ssl_fwd_kernel" and var_name == "bayes":
+            bc = gstrip_config(bc)
+        # the dC program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps BLOCK_N rows (kernel's BLOCK_M)
+        bm, bn = (bc.BLOCK_N, bc.BLOCK_M) if k == "ssl_bwd_dc_kernel" else (bc.BLOCK_M, bc.BLOCK_N)
+        constexprs = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,
+                          PREC="ieee", UPCAST=False)
+        if k == "ssl_fwd_kernel":
+            constexprs["STRIP"] = var_name == "bayes"
+        else:
+            constexprs["G_STRIP"] = var_name == "bayes"
+    sig = {}
+    for p in kernel.params:
+        n = p.name
+        if p.is_constexpr:
+            sig[n] = "constexpr"
+        elif n in INT_ARGS:
+            sig[n] = "i32"
+        elif n in ("A", "C"):
+            sig[n] = "*" + dt
+        elif n == "PARTNER":
+            sig[n] = "*i64"
+        elif n == "NSET":
+            sig[n] = "*i32"
+        else:
+            sig[n] = "*" + acc
+    r = compile_report(kernel, sig, constexprs, cc, bc.num_warps, bc.num_stages)
+    return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, **r)
+
+
+def run(n_jobs: int = 2, full: bool = False):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    js = jobs(full)
+    if n_jobs <= 1:
+        return [compile_one(j) for j in js]
+    with ProcessPoolExecutor(n_jobs) as ex:
+        return list(ex.map(compile_one, js))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    a = ap.parse_args(argv)
+    out = run(a.jobs, a.full)
+    if a.json:
+        print(json.dumps(out))
+        return
+    for r in out:
+        if "error" in r:
+            print("{kernel:18s} {config:8s} {dtype:5s} sm_{cc} {variant:11s} FAILED {error}".format(**r))
+            continue
+        print("{kernel:18s} {config:8s} {dtype:5s} sm_{cc} {variant:11s} shared={shared:6d} reg={reg} "
+              "stack={stack} local={local} mma.sync={mma_sync} wgmma={wgmma} {seconds}s".format(**r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
