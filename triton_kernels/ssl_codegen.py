@@ -5,9 +5,10 @@
 The forward and dA/dC kernels run with the row-statistics block configurations (``configs.SHIPPED``,
 picked by the same heuristic), so every shipped configuration is compiled for the dtypes it serves;
 the Bayesian weighting pass (no ``tl.dot``) with ``ssl_ops.BAYES_CONFIG`` in fp32 (and fp64 with
-``--full``). Default variants: the heaviest of each kernel (two scales + the "both" filter) and the
-Bayesian ones (STRIP forward, G_STRIP dA/dC, both modes of the weighting pass); ``--full`` adds the
-one-scale/no-filter/include-self variants and fp64. Reports come from ``codegen.compile_report``
+``--full``). Default variants: the heaviest of each kernel (two scales + the "both" filter), MTTV's
+"low" filter with the self column, and the Bayesian ones (STRIP forward, G_STRIP dA/dC, both modes
+of the weighting pass); ``--full`` adds the
+other variants the losses use and fp64. Reports come from ``codegen.compile_report``
 (shared memory, registers, STACK/LOCAL spills, mma.sync / wgmma in the PTX).
 Must run with TRITON_INTERPRET unset. Used by ``tests/test_triton_ssl_codegen.py`` (in a subprocess).
 """
@@ -24,11 +25,19 @@ from .codegen import compile_report
 KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel")
 INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset", "top_step", "n_steps")
 
-# (name, constexpr overrides)
+# (name, constexpr overrides). Default: HEAVY (two scales + the "both" filter), MTTV_LOW_SELF (the one
+# that needed the 4-warp rule of ssl_ops.bwd_config) and BAYES (STRIP / G_STRIP); --full: every variant
+# a loss uses (dcl, hcl, the four mttv ones) as well.
 HEAVY = ("k2_both", dict(K2=True, FILTER=1, EXCL_PARTNER=True, INCL_SELF=False))
-LIGHT = ("k1_self_low", dict(K2=False, FILTER=2, EXCL_PARTNER=False, INCL_SELF=True))
-PLAIN = ("k1_plain", dict(K2=False, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False))
 BAYES = ("bayes", dict(K2=False, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False))
+MTTV_LOW_SELF = ("mttv_low_self", dict(K2=False, FILTER=2, EXCL_PARTNER=False, INCL_SELF=True))
+LOSS_VARIANTS = (
+    ("dcl", dict(K2=False, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False)),
+    ("hcl", dict(K2=True, FILTER=0, EXCL_PARTNER=True, INCL_SELF=False)),
+    ("mttv_both", dict(K2=False, FILTER=1, EXCL_PARTNER=False, INCL_SELF=False)),
+    ("mttv_low", dict(K2=False, FILTER=2, EXCL_PARTNER=False, INCL_SELF=False)),
+    ("mttv_both_self", dict(K2=False, FILTER=1, EXCL_PARTNER=False, INCL_SELF=True)),
+)
 
 
 def jobs(full: bool = False):
@@ -40,7 +49,7 @@ def jobs(full: bool = False):
         for dt in dts:
             for cc in (80, 90):
                 for k in KERNELS:
-                    variants = [HEAVY, BAYES] + ([LIGHT, PLAIN] if full else [])
+                    variants = [HEAVY, BAYES, MTTV_LOW_SELF] + (list(LOSS_VARIANTS) if full else [])
                     for var in variants:
                         out.append((k, name, dt, cc, var))
     for dt in (("fp32", "fp64") if full else ("fp32",)):
@@ -63,7 +72,7 @@ def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, flags) = job
     from . import ssl_rowstats
     from .configs import SHIPPED
-    from .ssl_ops import BAYES_CONFIG, gstrip_config
+    from .ssl_ops import BAYES_CONFIG, bwd_config
     kernel = getattr(ssl_rowstats, k)
     acc = "fp64" if dt == "fp64" else "fp32"
     if k == "ssl_bayes_kernel":
@@ -72,8 +81,8 @@ def _compile_one(job):
     else:
         kc = SHIPPED[cfg_name]
         bc = kc.fwd if k == "ssl_fwd_kernel" else kc.bwd
-        if k != "ssl_fwd_kernel" and var_name == "bayes":
-            bc = gstrip_config(bc)
+        if k != "ssl_fwd_kernel":
+            bc = bwd_config(bc, var_name == "bayes")
         # the dC program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps BLOCK_N rows (kernel's BLOCK_M)
         bm, bn = (bc.BLOCK_N, bc.BLOCK_M) if k == "ssl_bwd_dc_kernel" else (bc.BLOCK_M, bc.BLOCK_N)
         constexprs = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,

@@ -43,10 +43,16 @@ BAYES_CONFIG_INTERPRET = BlockConfig(16, 64, 0, 1, 1)
 FILTERS = {None: 0, "both": 1, "low": 2}
 
 
-def gstrip_config(bc: BlockConfig) -> BlockConfig:
-    """Block shape of the dA/dC kernels in the G_STRIP variant (Bayesian path): the backward shape with
-    column tiles of at least 32 (the 32x16 fp32 tile of "f_large" uses an 8-byte stack frame on sm_90)."""
-    return bc._replace(BLOCK_N=max(bc.BLOCK_N, 32))
+def bwd_config(bc: BlockConfig, g_strip: bool) -> BlockConfig:
+    """Block shape of the SSL dA/dC kernels, derived from the row-statistics backward shape ``bc``:
+    at most 4 warps on tiles of <= 32x32 (the 8-warp fp32 "f_d32" dC with the "low" filter and the self
+    column kept used an 8-byte stack frame on sm_90), and in the G_STRIP variant (Bayesian path) column
+    tiles of at least 32 (the 32x16 fp32 tile of "f_large" did the same). Checked by ssl_codegen."""
+    if bc.BLOCK_M * bc.BLOCK_N <= 32 * 32:
+        bc = bc._replace(num_warps=min(bc.num_warps, 4))
+    if g_strip:
+        bc = bc._replace(BLOCK_N=max(bc.BLOCK_N, 32))
+    return bc
 
 
 def _params(inv_tau, c0, c1, lower, upper, bayes, acc, device):
@@ -161,7 +167,7 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
     M, D = A.shape
     N = C.shape[0]
     acc = _acc(A.dtype)
-    cfg = _config(M, N, D, A.dtype).bwd
+    cfg = bwd_config(_config(M, N, D, A.dtype).bwd, bool(bayes))
     prec, upcast = _precision(A.dtype, allow_tf32), _upcast(A.dtype)
     da_grid = (triton.cdiv(M, cfg.BLOCK_M),)
     dc_grid = (triton.cdiv(N, cfg.BLOCK_M),)
@@ -186,8 +192,6 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
             dC = gc if dC is None else dC.add_(gc)
         return dA.to(A.dtype), dC.to(C.dtype)
     fcfg = _config(M, N, D, A.dtype).fwd
-    cfg = gstrip_config(cfg)
-    dc_grid = (triton.cdiv(N, cfg.BLOCK_M),)
     params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
     bc = _bayes_cfg()
     top, steps = _lifting(N)
