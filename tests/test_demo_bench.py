@@ -55,7 +55,9 @@ def test_augment_is_seeded_and_keeps_shape():
 
 # ---------------------------------------------------------------------------------------------- demo: runs
 def test_demo_quick_writes_table_and_plot(tmp_path, capsys):
+    threads = torch.get_num_threads()
     demo.main(["--quick", "--out", str(tmp_path), "--no-progress", "--methods", "ce,supcon,afcl,bcl"])
+    assert torch.get_num_threads() == threads  # the demo restores the caller's thread count
     out = capsys.readouterr().out
     assert "runs on:" in out
     for name in ("CE", "SupCon", "AFCL", "BCL"):
@@ -71,9 +73,13 @@ def test_demo_quick_writes_table_and_plot(tmp_path, capsys):
 def test_demo_training_is_deterministic_and_learns():
     cfg = demo.Config(progress=False, steps=30, probe_steps=60, batch=64)
     data = demo.load_long_tailed_digits(10.0)
+    prev = torch.get_num_threads()
     torch.set_num_threads(1)
-    a = demo.train_one("afcl", 7, data, cfg)
-    b = demo.train_one("afcl", 7, data, cfg)
+    try:
+        a = demo.train_one("afcl", 7, data, cfg)
+        b = demo.train_one("afcl", 7, data, cfg)
+    finally:
+        torch.set_num_threads(prev)
     assert a["per_class"] == b["per_class"]
     assert a["unweighted"] > 0.3  # far above chance (0.1) after a few steps
 
