@@ -117,6 +117,18 @@ def test_hand_worked_bayes_ranks():
         assert float(st.pos[0]) == 5.0 and float(st.pos_in[0]) == 0.0
 
 
+def test_signed_zeros_tie():
+    """-0.0 and +0.0 compare equal, so they share a rank (the radix keys canonicalise the zero)."""
+    A = torch.tensor([[1.0], [2.0]], dtype=F64)
+    C = torch.tensor([[-0.0], [0.0], [1.0], [-1.0], [-0.0], [0.5]], dtype=F64)
+    partner = torch.tensor([5, -1])
+    cfg = SSLConfig(bayes=(0.7, 0.6, 0.2))
+    for dt in (F64, F32):
+        st = eng().ssl_forward(A.to(dt), C.to(dt), partner, -1, 1.0, cfg)
+        ref = dense_forward(A.to(dt), C.to(dt), partner, -1, 1.0, cfg)
+        torch.testing.assert_close(st.lse, ref.lse, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
     A, C, partner = _problem(40, 40, 16, 0, dtype, seed=5)

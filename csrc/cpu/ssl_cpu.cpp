@@ -8,9 +8,10 @@
 //      the partner column masked to -inf, the positive's value and whether it stayed in the set;
 //   2. plain sets: the max and min of s over the set, then one vectorised pass per scale c_k for
 //      sum exp(c_k s - max_k) (two-pass LSE on the cached row);
-//      Bayesian sets: the row's set values are copied and sorted (std::sort), every set entry's count
-//      of values <= it is read by upper_bound (exact ranks, ties count as <=), u = count / n,
-//      t = log ω(u) + c s in place, then the LSE of t.
+//      Bayesian sets: the row's set values are copied with their columns and sorted (LSD radix sort on
+//      order-preserving integer keys, O(n) per row); every entry of a run of equal values has
+//      count = the run's end (exact ranks, ties count as <=), u = count / n, t = log ω(u) + c s
+//      in place (a table of log ω(c/n), c = 1..n, per thread, rebuilt when n changes), then the LSE of t.
 // Backward: the same super-block scheme as rowstats_cpu.cpp. Rows go in super-blocks of R rows (R a
 // function of N and the dtype, never of the thread count). Phase 1, parallel over row blocks:
 // recompute the strip and the epilogue's masks/weights, form G in place, dA_blk = inv_tau G_blk C.
@@ -25,6 +26,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -131,6 +134,73 @@ T hmin(const Vectorized<T>& v) {
   return s;
 }
 
+// ---------------------------------------------------------------- exact ranks
+
+// Order-preserving unsigned key of a float / double (-0 and +0 map to the same key: they compare equal).
+inline uint32_t ordered_key(float v) {
+  uint32_t u;
+  v = v == 0.0f ? 0.0f : v;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t ordered_key(double v) {
+  uint64_t u;
+  v = v == 0.0 ? 0.0 : v;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// Per-thread scratch of the rank pass: the set's keys and column indices, sorted by an LSD radix sort
+// (8-bit digits; a digit that every key shares is skipped). O(n) per row, stable.
+template <typename T>
+struct RankScratch {
+  using Key = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  std::vector<Key> key, key2;
+  std::vector<uint32_t> idx, idx2;
+  std::vector<T> logw;  // log ω(c / n) for c = 1..n (every row of a plain two-view batch has the same n)
+  int64_t logw_n = -1;
+  explicit RankScratch(int64_t n) : key(n), key2(n), idx(n), idx2(n), logw(n) {}
+
+  const T* log_weights(const cm::BayesOmega<T>& omega, int64_t n) {
+    if (n != logw_n) {
+      const T tn = static_cast<T>(n);
+      for (int64_t c = 1; c <= n; ++c) logw[c - 1] = omega.log_weight(static_cast<T>(c) / tn);
+      logw_n = n;
+    }
+    return logw.data();
+  }
+
+  // sorts key[0, n) / idx[0, n) in place (by key)
+  void sort(int64_t n) {
+    Key* k0 = key.data();
+    Key* k1 = key2.data();
+    uint32_t* i0 = idx.data();
+    uint32_t* i1 = idx2.data();
+    for (int shift = 0; shift < static_cast<int>(8 * sizeof(Key)); shift += 8) {
+      int64_t cnt[256] = {0};
+      for (int64_t q = 0; q < n; ++q) ++cnt[(k0[q] >> shift) & 0xFF];
+      if (cnt[(k0[0] >> shift) & 0xFF] == n) continue;  // every key has this digit
+      int64_t off = 0;
+      for (int d = 0; d < 256; ++d) {
+        const int64_t c = cnt[d];
+        cnt[d] = off;
+        off += c;
+      }
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t dst = cnt[(k0[q] >> shift) & 0xFF]++;
+        k1[dst] = k0[q];
+        i1[dst] = i0[q];
+      }
+      std::swap(k0, k1);
+      std::swap(i0, i1);
+    }
+    if (k0 != key.data()) {
+      std::copy(k0, k0 + n, key.data());
+      std::copy(i0, i0 + n, idx.data());
+    }
+  }
+};
+
 struct RowInfo {
   double pos = 0;
   bool pos_in = false;
@@ -139,9 +209,9 @@ struct RowInfo {
 // On entry x holds the raw dot products of row i (N valid, Npad wide). On exit:
 //   plain sets: x_j = s_ij on the set, -inf elsewhere; *smax / *smin = max / min of s over the set;
 //   Bayesian:   x_j = log ω(u_ij) + c s_ij on the set (-inf where ω <= 0), -inf elsewhere; *smax = max x.
-// vbuf: Npad scratch (Bayesian only).
+// rs: scratch of the rank pass (Bayesian only).
 template <typename T>
-RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* smax, T* smin) {
+RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* smax, T* smin) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T ninf = cm::neg_inf<T>(), pinf = -ninf;
@@ -182,24 +252,36 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* smax, T* s
     *smin = hmin(vmin);
     return info;
   }
-  // Bayesian: exact within-row ranks of the set values
+  // Bayesian: exact within-row ranks of the set values. Radix-sort the set's (key, column) pairs; every
+  // entry of a run of equal values has count = the end of its run (ties count as <=), so ω is
+  // evaluated once per distinct value and written to the run's columns as t = log ω(u) + c s.
   int64_t n = 0;
   for (int64_t j = 0; j < P.N; ++j) {
-    if (x[j] > ninf) vbuf[n++] = x[j];
+    if (x[j] > ninf) {
+      rs->key[n] = ordered_key(x[j]);
+      rs->idx[n++] = static_cast<uint32_t>(j);
+    }
   }
   *smax = ninf;
   *smin = pinf;
   if (n == 0) return info;
-  std::sort(vbuf, vbuf + n);
-  const T tn = static_cast<T>(n), c = P.scales[0];
+  rs->sort(n);
+  const T* lwt = rs->log_weights(P.omega, n);
+  const T c = P.scales[0];
   T m = ninf;
-  for (int64_t j = 0; j < P.N; ++j) {
-    const T v = x[j];
-    if (!(v > ninf)) continue;
-    const int64_t cnt = std::upper_bound(vbuf, vbuf + n, v) - vbuf;  // #{k in set: s_k <= s_j}
-    const T t = P.omega.log_weight(static_cast<T>(cnt) / tn) + c * v;
-    x[j] = t;
-    m = std::max(m, t);
+  for (int64_t q = n; q > 0;) {  // runs from the largest value down
+    const int64_t end = q;
+    const auto k = rs->key[q - 1];
+    int64_t q0 = q - 1;
+    while (q0 > 0 && rs->key[q0 - 1] == k) --q0;
+    const T lw = lwt[end - 1];  // log ω(u), u = #{set values <= s} / n
+    for (int64_t r = q0; r < end; ++r) {
+      const int64_t j = rs->idx[r];
+      const T t = lw + c * x[j];
+      x[j] = t;
+      m = std::max(m, t);
+    }
+    q = q0;
   }
   *smax = m;
   return info;
@@ -208,12 +290,12 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* smax, T* s
 // ---------------------------------------------------------------- forward
 
 template <typename T>
-void forward_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, T* lse, T* pos, T* pos_in) {
+void forward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* lse, T* pos, T* pos_in) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T ninf = cm::neg_inf<T>();
   T smax, smin;
-  const RowInfo info = prepare_row(P, i, x, vbuf, &smax, &smin);
+  const RowInfo info = prepare_row(P, i, x, rs, &smax, &smin);
   pos[i] = static_cast<T>(info.pos);
   pos_in[i] = info.pos_in ? T(1) : T(0);
   if (!(smax > ninf)) {  // empty set (or every weight 0)
@@ -252,12 +334,12 @@ void forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
   at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
     SeqBlas seq;
     std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
-    std::vector<T> vbuf(P.bayes ? static_cast<size_t>(P.Npad) : 0);
+    RankScratch<T> rs(P.bayes ? P.N : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * bm, rows = std::min(bm, P.M - r0);
       gemm_strip(P, r0, rows, strip.data());
       for (int64_t ii = 0; ii < rows; ++ii)
-        forward_row(P, r0 + ii, strip.data() + ii * P.Npad, vbuf.data(), lse, pos, pos_in);
+        forward_row(P, r0 + ii, strip.data() + ii * P.Npad, &rs, lse, pos, pos_in);
     }
   });
 }
@@ -273,12 +355,12 @@ struct BwdIn {
 
 // On entry x holds the raw dot products of row i; on exit G_i (0 outside the set and in the padding).
 template <typename T>
-void backward_row(const Problem<T>& P, int64_t i, T* x, T* vbuf, const BwdIn<T>& in) {
+void backward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* vbuf, const BwdIn<T>& in) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T ninf = cm::neg_inf<T>();
   T smax, smin;
-  prepare_row(P, i, x, vbuf, &smax, &smin);
+  prepare_row(P, i, x, rs, &smax, &smin);
   const Vec vninf(ninf), zero(T(0));
   T* dst = P.K == 1 ? x : vbuf;  // one scale: G in place; several: accumulated in vbuf
   bool first = true;
@@ -320,13 +402,13 @@ void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
     const int64_t nblk = (rows_sb + bm - 1) / bm;
     at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
       SeqBlas seq;
-      // vbuf: the sorted set values (Bayesian), then G accumulated over the scales
-      std::vector<T> vbuf(static_cast<size_t>(P.Npad));
+      RankScratch<T> rs(P.bayes ? N : 0);
+      std::vector<T> vbuf(P.K > 1 ? static_cast<size_t>(P.Npad) : 0);  // G accumulated over the scales
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
         T* g = gsb.data() + (b * bm) * P.Npad;
         gemm_strip(P, r0, rows, g);
-        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, vbuf.data(), in);
+        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, &rs, vbuf.data(), in);
         Tensor out = view2d(dA + r0 * D, rows, D, D, 1);
         at::addmm_out(out, out, view2d<T>(g, rows, N, P.Npad, 1), view2d(P.C, N, D, D, 1), /*beta=*/0,
                       /*alpha=*/P.inv_tau);
@@ -359,6 +441,7 @@ Prepared prepare(const Tensor& A, const Tensor& C, const Tensor& partner, c10::A
               C.sizes());
   TORCH_CHECK(A.scalar_type() == C.scalar_type(), op, ": A and C must share a dtype");
   TORCH_CHECK(at::isFloatingType(A.scalar_type()), op, ": floating-point features required, got ", A.scalar_type());
+  TORCH_CHECK(C.size(0) < (int64_t(1) << 32), op, ": fewer than 2^32 contrast columns required");
   TORCH_CHECK(partner.dim() == 1 && partner.size(0) == A.size(0), op, ": `partner` must have shape [M]");
   TORCH_CHECK(!scales.empty() && scales.size() <= static_cast<size_t>(kMaxScales), op, ": 1 to ", kMaxScales,
               " scales expected, got ", scales.size());
