@@ -42,6 +42,7 @@ setup(
         "ext": ["ninja"],
         "test": ["pytest>=7", "pytest-xdist", "pytorch-metric-learning>=2.0", "ninja", "triton>=3.0; platform_system=='Linux'"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        "bench": ["pytorch-metric-learning>=2.0", "matplotlib"],
     },
     cmdclass={"build_py": BuildPy},
 )

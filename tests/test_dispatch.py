@@ -82,3 +82,29 @@ def test_every_backend_name_resolves_or_explains():
     # CUDA tensors cannot exist here, but the cuda backend must explain itself for CPU tensors
     r = backends.get_engine("cuda").unavailable_reason(torch.device("cpu"))
     assert r is None or "cuda" in r.lower() or "gpu" in r.lower()
+
+
+def test_backend_choice_is_a_constant_under_torch_compile():
+    """The dispatcher runs eagerly inside torch.compile (no graph break), and the compiled step matches eager."""
+    x = torch.randn(12, 2, 6, requires_grad=True)
+    y = torch.randint(0, 3, (12,))
+
+    def step(f):
+        return lf.afcl(f, y, gamma=1.0, eta=2.0, temperature=0.5, backend="torch", check_finite=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    v = compiled(x)
+    v.backward()
+    g = x.grad.clone()
+    x.grad = None
+    step(x).backward()
+    torch.testing.assert_close(v, step(x))
+    torch.testing.assert_close(g, x.grad)
+
+
+def test_import_does_not_pull_in_dynamo():
+    import subprocess
+    import sys
+    code = "import sys, ltcl_fused; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -44,11 +44,15 @@ def resolve(backend: str, device: torch.device, op: str, fn: str) -> Optional[En
     return None if name is None else _cache[name]
 
 
-@torch.compiler.assume_constant_result
 def _resolve_name(backend: str, device_type: str, device_index, op: str, fn: str) -> Optional[str]:
     # Runs eagerly even under torch.compile (the choice is a constant of the compiled graph).
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     return _resolve(backend, device, op, fn).name if backend != "reference" else None
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (~1 s) at import time;
+# tests/test_dispatch.py checks that a loss still compiles with fullgraph=True.
+_resolve_name._dynamo_marked_constant = True
 
 
 def _resolve(backend: str, device: torch.device, op: str, fn: str) -> Engine:
