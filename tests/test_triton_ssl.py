@@ -349,3 +349,12 @@ def test_torch_compile_step():
         torch.testing.assert_close(v.cpu(), r, rtol=1e-10, atol=1e-10)
         for a, b in zip(g, rg):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+def test_bayes_signed_zero_ties():
+    # s = −0.0 and +0.0 are equal (ties count as <=) in the ranks, as in the oracle
+    A = torch.tensor([[-1.0], [1.0], [2.0]], dtype=F64)
+    C = torch.tensor([[0.0], [0.0], [-0.0], [1.0], [-1.0], [3.0]], dtype=F64)
+    s = A @ C.T
+    assert (torch.signbit(s) & (s == 0)).any() and (~torch.signbit(s) & (s == 0)).any()
+    _check(A, C, torch.tensor([5, -1, 0]), -1, 1.0, SSLConfig(bayes=(0.7, 0.6, 0.1)), 1e-12)
