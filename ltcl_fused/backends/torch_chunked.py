@@ -42,6 +42,34 @@ def _block_logits(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_
     return s, sb, valid, pos, neg
 
 
+def _self_index(r0, bm, N, self_offset, device):
+    """(rows within the block, their self columns) for the rows whose self column exists."""
+    if self_offset < 0:
+        return None
+    rows = torch.arange(bm, device=device)
+    cols = rows + r0 + self_offset
+    keep = cols < N
+    return rows[keep], cols[keep]
+
+
+def _lean_block(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_same, bias_other):
+    """Non-focal fast path of one block: (Σ_P s per row, logits x with self = −inf, positives mask).
+
+    The self column is handled by indexing (O(block)) instead of an M×N comparison mask, and x is
+    formed in place of s."""
+    x = torch.mm(A_blk.to(Cacc.dtype), Cacc.T).mul_(inv_tau)
+    pos = a_lab_blk[:, None] == c_lab[None, :]
+    idx = _self_index(r0, x.shape[0], x.shape[1], self_offset, x.device)
+    if idx is not None:
+        pos[idx] = False
+    pos_sum = (x * pos).sum(1)
+    if bias_same is not None:
+        x.add_(torch.where(pos, bias_same[None, :], bias_other[None, :]))
+    if idx is not None:
+        x[idx] = float("-inf")
+    return pos_sum, x, pos
+
+
 class TorchChunkedEngine(Engine):
     name = "torch"
     ops = frozenset({"rowstats"})
@@ -58,9 +86,22 @@ class TorchChunkedEngine(Engine):
         lse, pos_sum, fpos, fneg, upos, uneg, lrest = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(7))
         top = torch.full((M,), -1, dtype=torch.int64, device=A.device)
         for r0, r1 in _row_blocks(M, N):
+            if not focal:  # lean path: max, dominant column and rest by indexing, no elementwise masks
+                pos_sum[r0:r1], x, pos = _lean_block(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
+                                                     inv_tau, bs, bo)
+                m, t = x.max(dim=1)
+                nonempty = m > float("-inf")
+                m0 = torch.where(nonempty, m, torch.zeros_like(m))
+                e = torch.exp(x.sub_(m0[:, None]))
+                e[torch.arange(r1 - r0, device=A.device), t] = 0.0
+                rest = e.sum(1)
+                lse[r0:r1] = torch.where(nonempty, m0 + torch.log1p(rest), m)
+                top[r0:r1] = torch.where(nonempty, t, torch.full_like(t, -1))
+                lrest[r0:r1] = torch.log(rest)
+                continue
             s, sb, valid, pos, neg = _block_logits(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                    inv_tau, bs, bo)
-            lse[r0:r1], top[r0:r1], lrest[r0:r1], logp, log1mp = row_logp(sb, valid)
+            lse[r0:r1], top[r0:r1], lrest[r0:r1], logp, log1mp = row_logp(sb, valid, need_logp=focal)
             pos_sum[r0:r1] = (s * pos).sum(1)
             if focal:
                 fp, fn, up, un = focal_terms(logp, log1mp, gamma)
@@ -83,6 +124,17 @@ class TorchChunkedEngine(Engine):
         dC = torch.zeros(N, C.shape[1], dtype=acc, device=A.device)
         for r0, r1 in _row_blocks(M, N):
             A_blk = A[r0:r1].to(acc)
+            if not focal:  # lean path: G = cpos·1[P] − r·p, self and dominant column by indexing
+                _, x, pos = _lean_block(A_blk, Cacc, r0, a_lab[r0:r1], c_lab, self_offset, inv_tau, bs, bo)
+                l_blk, t_blk = lse[r0:r1], top[r0:r1]
+                ok = t_blk >= 0
+                p = torch.exp(x.sub_(torch.where(ok, l_blk, torch.zeros_like(l_blk))[:, None]))
+                rows = torch.arange(r1 - r0, device=A.device)[ok]
+                p[rows, t_blk[ok]] = torch.exp(-torch.nn.functional.softplus(lrest[r0:r1][ok]))
+                g = p.mul_(-r[r0:r1, None]).addcmul_(pos, cpos[r0:r1, None])
+                dA[r0:r1] = (g @ Cacc) * inv_tau
+                dC.addmm_(g.T, A_blk, alpha=inv_tau)
+                continue
             s, sb, valid, pos, neg = _block_logits(A_blk, Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                    inv_tau, bs, bo)
             sl = slice(r0, r1)

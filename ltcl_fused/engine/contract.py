@@ -92,11 +92,12 @@ def focal_terms(logp: torch.Tensor, log1mp: torch.Tensor, gamma: float):
     return fpos, fneg, upos, uneg
 
 
-def row_logp(x: torch.Tensor, valid: torch.Tensor, r0: int = 0):
+def row_logp(x: torch.Tensor, valid: torch.Tensor, need_logp: bool = True):
     """Per-row (lse, top, lrest) and elementwise (log p, log(1 − p)) of logits ``x`` [m, N] over ``valid``.
 
-    Rows of a block that starts at anchor ``r0``; ``top`` holds column indices. Invalid entries get
-    log p = −1 and log(1 − p) = log1mexp(−1) (arbitrary finite values, masked by the caller).
+    ``top`` holds column indices. Invalid entries get log p = −1 and log(1 − p) = log1mexp(−1)
+    (arbitrary finite values, masked by the caller). ``need_logp=False`` skips the elementwise part
+    (returned as None).
     """
     ninf = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
     xm = torch.where(valid, x, ninf)
@@ -109,12 +110,9 @@ def row_logp(x: torch.Tensor, valid: torch.Tensor, r0: int = 0):
     rest = torch.where(valid & ~is_top, torch.exp(xm - m_safe[:, None]), torch.zeros_like(x)).sum(1)
     lrest = torch.log(rest)
     lse = torch.where(nonempty, m_safe + torch.log1p(rest), ninf)
-    lse_safe = torch.where(nonempty, lse, torch.zeros_like(lse))
-    logp = torch.where(valid & ~is_top, x - lse_safe[:, None], torch.full_like(x, -1.0))
-    log1mp = log1mexp(logp)
-    lr = lrest[:, None].expand_as(x)
-    logp = torch.where(is_top, -torch.nn.functional.softplus(lr), logp)
-    log1mp = torch.where(is_top, -torch.nn.functional.softplus(-lr), log1mp)
+    if not need_logp:
+        return lse, top, lrest, None, None
+    logp, log1mp = logp_given_stats(x, valid, lse, top, lrest, is_top)
     return lse, top, lrest, logp, log1mp
 
 
@@ -142,7 +140,7 @@ def _dense_logits(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_othe
 def dense_forward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same=None, bias_other=None, gamma=0.0, focal=False):
     """Literal dense transcription of the forward contract (test oracle for the backends)."""
     s, b, valid, pos, neg = _dense_logits(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other)
-    lse, top, lrest, logp, log1mp = row_logp(s + b, valid)
+    lse, top, lrest, logp, log1mp = row_logp(s + b, valid, need_logp=focal)
     pos_sum = torch.where(pos, s, torch.zeros_like(s)).sum(1)
     zeros = torch.zeros_like(lse)
     if not focal:
@@ -154,14 +152,16 @@ def dense_forward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same=None, bias
             torch.where(pos, up, z).sum(1), torch.where(neg_rest, un, z).sum(1), top, lrest)
 
 
-def logp_given_stats(x, valid, lse, top, lrest, is_top):
-    """(log p, log(1 − p)) from saved per-row statistics, the dominant column from lrest."""
+def logp_given_stats(x, valid, lse, top, lrest, is_top, need_log1mp: bool = True):
+    """(log p, log(1 − p)) from saved per-row statistics, the dominant column from lrest
+    (log(1 − p) is None when not needed)."""
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     logp = torch.where(valid & ~is_top, x - lse_safe[:, None], torch.full_like(x, -1.0))
-    log1mp = log1mexp(logp)
     lr = lrest.to(x.dtype)[:, None].expand_as(x)
+    log1mp = None
+    if need_log1mp:
+        log1mp = torch.where(is_top, -torch.nn.functional.softplus(-lr), log1mexp(logp))
     logp = torch.where(is_top, -torch.nn.functional.softplus(lr), logp)
-    log1mp = torch.where(is_top, -torch.nn.functional.softplus(-lr), log1mp)
     return logp, log1mp
 
 
@@ -169,7 +169,7 @@ def backward_tile(x, valid, pos, neg, lse, top, lrest, gamma, focal, cpos, cposf
     """G = ∂/∂S of the backward contract on a tile of logits ``x`` (rows with their per-row inputs,
     columns col0..col0+n). Shared by the dense oracle and the chunked torch backend."""
     is_top = (torch.arange(col0, col0 + x.shape[1], device=x.device)[None, :] == top[:, None]) & valid
-    logp, log1mp = logp_given_stats(x, valid, lse, top, lrest, is_top)
+    logp, log1mp = logp_given_stats(x, valid, lse, top, lrest, is_top, need_log1mp=focal)
     p = torch.exp(logp)
     z = torch.zeros_like(x)
     r_eff = r[:, None] + torch.where(is_top, z, rt[:, None]) if focal else r[:, None].expand_as(x)
