@@ -12,6 +12,7 @@ import torch
 
 from ..engine.contract import acc_dtype, backward_tile, focal_terms, row_logp
 from .base import Engine
+from .ssl_torch import SSLTorchMixin
 
 #: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1)
 BLOCK_ELEMENTS = int(os.environ.get("LTCL_TORCH_BLOCK_ELEMENTS", 1 << 20))
@@ -70,9 +71,10 @@ def _lean_block(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_sa
     return pos_sum, x, pos
 
 
-class TorchChunkedEngine(Engine):
+class TorchChunkedEngine(SSLTorchMixin, Engine):
+    """Both engine contracts in chunked PyTorch: "rowstats" (softmax family) and "ssl" (ssl_torch.py)."""
     name = "torch"
-    ops = frozenset({"rowstats"})
+    ops = frozenset({"rowstats", "ssl"})
 
     def unavailable_reason(self, device):
         return None

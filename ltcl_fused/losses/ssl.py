@@ -9,44 +9,18 @@ for float64 inputs).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
 from .. import backends
-from ..backends import ssl_torch
 from ..engine.ssl_contract import SSLConfig, ssl_row_stats
 from ._common import reduce
 
-_FUSED = "the fused self-supervised kernels of issue #7 (Triton/C++) are not written yet"
-
-
 def _engine(backend, device, fn):
     """The engine for the "ssl" operation; None means the dense reference."""
-    if backend == "reference":
-        return None
-    if backend == "torch":
-        eng = backends.get_engine("torch")
-        return eng if "ssl" in eng.ops else ssl_torch.get_engine()
-    if backend == "auto":
-        for name in backends.auto_order(device):
-            eng = backends.get_engine(name)
-            if "ssl" not in eng.ops:
-                continue
-            reason = eng.unavailable_reason(device)
-            if reason is None:
-                return eng
-            if (name, reason) not in backends._warned:  # once per reason, like backends.resolve
-                backends._warned.add((name, reason))
-                warnings.warn(f"ltcl_fused: backend {name!r} unavailable ({reason}); falling back", RuntimeWarning,
-                              stacklevel=3)
-        return ssl_torch.get_engine()
-    if "ssl" in backends.get_engine(backend).ops:  # a fused backend that has landed
-        return backends.resolve(backend, device, "ssl", fn)
-    raise NotImplementedError(f"{fn}: backend {backend!r} does not implement this loss yet ({_FUSED}); "
-                              f"use backend='torch', 'auto' or 'reference'")
+    return backends.resolve(backend, device, "ssl", fn)
 
 
 def _two_views(fn, z1, z2, check_finite):
