@@ -10,7 +10,7 @@ Compares, at D=128, 100 classes, fp32, forward+backward:
     forward+backward cannot avoid (S = A C^T twice, G C, G^T A; outputs preallocated),
   * ``cpu``: ``ltcl_fused.supcon/afcl(..., backend="cpu")``.
 Every (case, N) runs in a fresh subprocess, so ``peak_rss_mb`` is the whole process's peak resident
-memory (ru_maxrss) for that case alone. Times are medians of ``--repeats`` runs after one warm-up; the
+memory (VmHWM) for that case alone. Times are medians of ``--repeats`` runs after one warm-up; the
 ratios in the CSV come from this one run. Output: benchmarks/results/cpu_engine.csv.
 """
 from __future__ import annotations
@@ -27,6 +27,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAU, GAMMA, ETA = 0.07, 2.0, 5.0
+
+
+def _vm_hwm_mb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss can carry the parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def dense_supcon(features, labels, temperature=TAU):
@@ -101,7 +113,7 @@ def _worker(spec):
         dt = time.perf_counter() - t0
         if k > 0 or not spec["warmup"]:
             times.append(dt)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_mb = _vm_hwm_mb()
     print(json.dumps(dict(median_s=statistics.median(times), times=times, peak_rss_mb=peak_mb,
                           threads=torch.get_num_threads())))
 
