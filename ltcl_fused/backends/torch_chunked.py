@@ -129,8 +129,10 @@ class TorchChunkedEngine(SSLTorchMixin, Engine):
             if not focal:  # lean path: G = cpos·1[P] − r·p, self and dominant column by indexing
                 _, x, pos = _lean_block(A_blk, Cacc, r0, a_lab[r0:r1], c_lab, self_offset, inv_tau, bs, bo)
                 l_blk, t_blk = lse[r0:r1], top[r0:r1]
+                # top may be -1 for a non-empty row whose dominant column lies outside these columns
+                # (the distributed ring): the row's lse still applies, only the override is skipped
+                p = torch.exp(x.sub_(torch.where(torch.isfinite(l_blk), l_blk, torch.zeros_like(l_blk))[:, None]))
                 ok = t_blk >= 0
-                p = torch.exp(x.sub_(torch.where(ok, l_blk, torch.zeros_like(l_blk))[:, None]))
                 rows = torch.arange(r1 - r0, device=A.device)[ok]
                 p[rows, t_blk[ok]] = torch.exp(-torch.nn.functional.softplus(lrest[r0:r1][ok]))
                 g = p.mul_(-r[r0:r1, None]).addcmul_(pos, cpos[r0:r1, None])

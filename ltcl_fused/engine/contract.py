@@ -39,7 +39,9 @@ forward -> eight [M] tensors: six in the accumulation dtype (fp32; fp64 for fp64
 backward(lse, top, lrest, cpos, cposf, cneg, r, rt) -> dA [M, D], dC [N, D] in the input dtype:
     j ≠ top_i: G_ij = 1[j∈P(i)] (cpos_i + cposf_i u⁺(p_ij)) + 1[j∈N(i)] cneg_i u⁻(p_ij) − (r_i + rt_i) p_ij
     j = top_i: G_ij = 1[j∈P(i)] (cpos_i + cposf_i u⁺(p_ij)) + 1[j∈N(i)] cneg_i p_ij − r_i p_ij
-    G_i,self = 0; p and 1 − p of column top_i from lrest as above;
+    G_i,self = 0; p and 1 − p of column top_i from lrest as above; top_i = −1 with a finite lse_i
+    means the dominant column is not among these columns (the distributed ring passes blocks): every
+    column then takes the generic formula with lse_i;
     dA = inv_tau · G C,  dC = inv_tau · Gᵀ A.
     ``rt_i = [top_i ∈ N(i)] cneg_i u⁻(p_i,top)`` is the dominant negative's share of r, kept apart so that
     G at the dominant column is formed without cancellation: cneg u⁻ − p (r + cneg u⁻) = cneg p − p r
