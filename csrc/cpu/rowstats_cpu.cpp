@@ -323,7 +323,9 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   const T ninf = cm::neg_inf<T>();
   const T lse = in.lse[i];
   const int64_t top = in.top[i];
-  if (!(lse > ninf) || top < 0 || top >= P.N) {  // empty row: no valid column, zero gradient
+  if (!(lse > ninf)) {  // empty row: no valid column, zero gradient
+    // (top < 0 with a finite lse: the row's dominant column lies outside these columns, as when the
+    // distributed ring passes one block of columns; every column then takes the generic formula)
     std::fill(x, x + P.Npad, T(0));
     return;
   }
@@ -342,7 +344,7 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
     cm::elem_logp<T>(xval(j), lse, j == top, lrest, &lp, &l1);
     posg[k] = cm::grad_element<T>(lp, l1, true, P.focal, P.gamma, cpos, cposf, cneg, j == top ? r : reff);
   }
-  const bool top_neg = P.ix->cid[top] != aid;
+  const bool top_neg = top >= 0 && top < P.N && P.ix->cid[top] != aid;
   T gtop = T(0);
   if (top_neg) {
     T lp, l1;

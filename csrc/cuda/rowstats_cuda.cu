@@ -216,7 +216,9 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdRows<T>& R, int6
   if (!col_valid(P, i, j)) return T(0);
   const T lse = R.lse[i];
   const int64_t top = R.top[i];
-  if (!(lse > cm::neg_inf<T>()) || top < 0) return T(0);
+  // empty row: zero gradient; top < 0 with a finite lse means the dominant column lies outside these
+  // columns (the distributed ring's blocks): every column takes the generic formula
+  if (!(lse > cm::neg_inf<T>())) return T(0);
   const bool is_pos = P.c_lab[j] == P.a_lab[i];
   const bool is_top = j == top;
   const T x = dot * P.inv_tau + cm::column_bias(P.bs, P.bo, j, is_pos);
