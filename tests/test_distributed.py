@@ -23,7 +23,7 @@ import ltcl_fused as lf
 D = 5
 V = 2
 WORLDS = (2, 3)
-MODES = ("gather", "ring")
+MODES = ("gather", "ring", "ring-cpu")  # "ring-cpu": ring mode on the C++ engine (the CPU default)
 ATOL = 1e-10
 
 
@@ -177,7 +177,8 @@ def _init(rank, W, port):
 def _run_case(name, mode, W, rank, group):
     import ltcl_fused.distributed as lfd
     loss, args, kw, leaves = _local_inputs(name, W, rank)
-    out = getattr(lfd, loss)(*args, mode=mode, backend="torch", group=group, **kw)
+    mode, _, backend = mode.partition("-")
+    out = getattr(lfd, loss)(*args, mode=mode, backend=backend or "torch", group=group, **kw)
     if out.dim():  # "none": weight the local rows with the same weights the reference uses on the global rows
         w = torch.rand(_global_rows(name, W), generator=torch.Generator().manual_seed(5), dtype=out.dtype) + 0.5
         w = w[_local_row_index(name, W, rank)]
@@ -238,8 +239,9 @@ def _run_ddp(W, rank, group):
     for m in MODES:
         ddp.zero_grad()
         z = ddp(x)  # [B_r, V, 4]
-        lfd.supcon(z, _labels(W, 900)[rank], temperature=0.3, normalize=True, mode=m, backend="torch",
-                   group=group).backward()
+        mode, _, backend = m.partition("-")
+        lfd.supcon(z, _labels(W, 900)[rank], temperature=0.3, normalize=True, mode=mode,
+                   backend=backend or "torch", group=group).backward()
         out[m] = {n: p.grad.clone() for n, p in model.named_parameters()}
     return out
 
