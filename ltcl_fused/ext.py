@@ -67,7 +67,8 @@ def sources(with_cuda: Optional[bool] = None) -> List[str]:
     srcs = [os.path.join(root, "ops.cpp"), os.path.join(root, "cpu", "rowstats_cpu.cpp"),
             os.path.join(root, "cpu", "topk_mining.cpp"), os.path.join(root, "cpu", "ssl_cpu.cpp")]
     if _with_cuda() if with_cuda is None else with_cuda:
-        srcs += [os.path.join(root, "cuda", "rowstats_cuda.cu"), os.path.join(root, "cuda", "binding_cuda.cpp")]
+        srcs += [os.path.join(root, "cuda", f) for f in ("rowstats_cuda.cu", "mining_cuda.cu", "ssl_cuda.cu",
+                                                         "binding_cuda.cpp")]
     return srcs
 
 

@@ -1,11 +1,14 @@
 // CUDA implementations of the ltcl_fused ops: argument checks, dtype handling and torch's current
-// stream around the raw-pointer launchers of rowstats_cuda.cu. Built only against a CUDA torch.
+// stream around the raw-pointer launchers of rowstats_cuda.cu, mining_cuda.cu and ssl_cuda.cu.
+// Built only against a CUDA torch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "mining_cuda.h"
 #include "rowstats_cuda.h"
+#include "ssl_cuda.h"
 
 namespace ltcl {
 namespace cuda {
@@ -103,11 +106,148 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cuda(const Tensor& A, const Tensor& C, c
   return {dA.to(p.in_dtype), dC.to(p.in_dtype)};
 }
 
+// ---------------------------------------------------------------- hard-pair mining (csrc/cuda/mining_cuda.cu)
+
+std::tuple<Tensor, Tensor> topk_mining_cuda(const Tensor& anchors, const Tensor& anchor_labels, const Tensor& keys,
+                                            const Tensor& key_labels, int64_t k_pos, int64_t k_neg) {
+  const char* op = "ltcl_fused::topk_mining";
+  TORCH_CHECK(anchors.is_cuda() && keys.is_cuda() && anchor_labels.is_cuda() && key_labels.is_cuda(), op,
+              ": all tensors must be on CUDA");
+  TORCH_CHECK(anchors.dim() == 2 && keys.dim() == 2, op, ": anchors and keys must be 2-D, got ", anchors.sizes(),
+              " and ", keys.sizes());
+  TORCH_CHECK(anchors.size(1) == keys.size(1), op, ": anchors and keys must share D");
+  TORCH_CHECK(anchors.scalar_type() == keys.scalar_type() && at::isFloatingType(anchors.scalar_type()), op,
+              ": anchors and keys must share a floating dtype");
+  TORCH_CHECK(anchor_labels.scalar_type() == at::kLong && key_labels.scalar_type() == at::kLong, op,
+              ": labels must be int64");
+  TORCH_CHECK(anchor_labels.numel() == anchors.size(0) && key_labels.numel() == keys.size(0), op,
+              ": one label per anchor and per key");
+  TORCH_CHECK(k_pos >= 0 && k_neg >= 0, op, ": k_pos and k_neg must be >= 0");
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  const int64_t M = anchors.size(0), Q = keys.size(0), D = anchors.size(1);
+  auto opts = anchors.options().dtype(at::kLong);
+  Tensor pos = at::full({M, k_pos}, -1, opts), neg = at::full({M, k_neg}, -1, opts);
+  if (M == 0 || Q == 0 || (k_pos == 0 && k_neg == 0)) return {pos, neg};
+  const auto acc = anchors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor A = anchors.to(acc).contiguous(), K = keys.to(acc).contiguous();
+  Tensor al = anchor_labels.contiguous(), kl = key_labels.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES(acc, "topk_mining_cuda", [&] {
+    const size_t bytes = topk_mining_workspace_bytes<scalar_t>(M, k_pos, k_neg);
+    Tensor ws = at::empty({static_cast<int64_t>(bytes)}, anchors.options().dtype(at::kByte));
+    err = topk_mining<scalar_t>(A.data_ptr<scalar_t>(), al.data_ptr<int64_t>(), K.data_ptr<scalar_t>(),
+                                kl.data_ptr<int64_t>(), M, Q, D, k_pos, k_neg, pos.data_ptr<int64_t>(),
+                                neg.data_ptr<int64_t>(), ws.data_ptr(), stream.stream());
+  });
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
+  return {pos, neg};
+}
+
+// ---------------------------------------------------------------- SSL row statistics (csrc/cuda/ssl_cuda.cu)
+
+struct SSLPrep {
+  Tensor A, C, partner;
+  at::ScalarType acc, in_dtype;
+  int64_t M, N, D;
+  SSLParams params;
+};
+
+SSLPrep ssl_prepare(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset, double inv_tau,
+                    c10::ArrayRef<double> scales, bool exclude_partner, bool include_self, int64_t filter,
+                    double lower, double upper, c10::ArrayRef<double> bayes, const char* op) {
+  TORCH_CHECK(A.is_cuda() && C.is_cuda() && partner.is_cuda(), op, ": all tensors must be on CUDA");
+  TORCH_CHECK(A.dim() == 2 && C.dim() == 2, op, ": A and C must be 2-D, got ", A.sizes(), " and ", C.sizes());
+  TORCH_CHECK(A.size(1) == C.size(1), op, ": A and C need the same feature size, got ", A.sizes(), " and ",
+              C.sizes());
+  TORCH_CHECK(A.scalar_type() == C.scalar_type(), op, ": A and C must share a dtype");
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), op, ": floating-point features required, got ", A.scalar_type());
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == A.size(0), op, ": `partner` must have shape [M]");
+  TORCH_CHECK(!scales.empty() && scales.size() <= static_cast<size_t>(kSSLMaxScales), op, ": 1 to ",
+              kSSLMaxScales, " scales expected, got ", scales.size());
+  TORCH_CHECK(filter >= 0 && filter <= 2, op, ": filter must be 0 (none), 1 (both) or 2 (low)");
+  TORCH_CHECK(bayes.empty() || (bayes.size() == 3 && scales.size() == 1), op,
+              ": `bayes` is [] or [alpha, beta, tau_plus] with one scale");
+  TORCH_CHECK(bayes.empty(), op, ": Bayesian ranks on CUDA: use backend='triton' (the CUDA kernels of the SSL "
+              "contract cover DCL, HCL and MTTV only)");
+  SSLPrep pp;
+  pp.in_dtype = A.scalar_type();
+  pp.acc = pp.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  pp.M = A.size(0);
+  pp.N = C.size(0);
+  pp.D = A.size(1);
+  pp.A = A.to(pp.acc).contiguous();
+  pp.C = C.to(pp.acc).contiguous();
+  pp.partner = partner.to(at::kLong).contiguous();
+  SSLParams& p = pp.params;
+  p.self_offset = self_offset;
+  p.inv_tau = inv_tau;
+  p.num_scales = static_cast<int>(scales.size());
+  for (int k = 0; k < kSSLMaxScales; ++k) p.scales[k] = k < p.num_scales ? scales[k] : 0.0;
+  p.exclude_partner = exclude_partner;
+  p.include_self = include_self;
+  p.filter = static_cast<int>(filter);
+  p.lower = lower;
+  p.upper = upper;
+  return pp;
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                                bool exclude_partner, bool include_self, int64_t filter,
+                                                double lower, double upper, c10::ArrayRef<double> bayes) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
+                           lower, upper, bayes, "ltcl_fused::ssl_fwd");
+  const int64_t K = static_cast<int64_t>(scales.size());
+  auto opts = A.options().dtype(pp.acc);
+  Tensor lse = at::empty({K, pp.M}, opts), pos = at::empty({pp.M}, opts), pos_in = at::empty({pp.M}, opts);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_fwd_cuda", [&] {
+    err = ssl_forward<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.C.data_ptr<scalar_t>(), pp.partner.data_ptr<int64_t>(),
+                                pp.M, pp.N, pp.D, pp.params, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
+                                pos_in.data_ptr<scalar_t>(), stream.stream());
+  });
+  TORCH_CHECK(err == cudaSuccess, "ltcl_fused::ssl_fwd (CUDA): ", cudaGetErrorString(err));
+  return {lse, pos, pos_in};
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
+                                        bool include_self, int64_t filter, double lower, double upper,
+                                        c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
+                                        const Tensor& cpos) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
+                           lower, upper, bayes, "ltcl_fused::ssl_bwd");
+  const int64_t K = static_cast<int64_t>(scales.size());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == K && lse.size(1) == pp.M && coef.sizes() == lse.sizes(),
+              "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
+  TORCH_CHECK(cpos.dim() == 1 && cpos.size(0) == pp.M, "ltcl_fused::ssl_bwd: cpos must have shape [M]");
+  auto opts = A.options().dtype(pp.acc);
+  Tensor dA = at::empty({pp.M, pp.D}, opts), dC = at::empty({pp.N, pp.D}, opts);
+  Tensor l = lse.to(pp.acc).contiguous(), cf = coef.to(pp.acc).contiguous(), cp = cpos.to(pp.acc).contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_bwd_cuda", [&] {
+    err = ssl_backward<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.C.data_ptr<scalar_t>(),
+                                 pp.partner.data_ptr<int64_t>(), pp.M, pp.N, pp.D, pp.params, l.data_ptr<scalar_t>(),
+                                 cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(),
+                                 dC.data_ptr<scalar_t>(), stream.stream());
+  });
+  TORCH_CHECK(err == cudaSuccess, "ltcl_fused::ssl_bwd (CUDA): ", cudaGetErrorString(err));
+  return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ltcl_fused, CUDA, m) {
   m.impl("rowstats_fwd", &rowstats_fwd_cuda);
   m.impl("rowstats_bwd", &rowstats_bwd_cuda);
+  m.impl("topk_mining", &topk_mining_cuda);
+  m.impl("ssl_fwd", &ssl_fwd_cuda);
+  m.impl("ssl_bwd", &ssl_bwd_cuda);
 }
 
 }  // namespace cuda

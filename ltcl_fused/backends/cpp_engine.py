@@ -1,7 +1,8 @@
 """backend="cpu" / "cuda": the C++/CUDA extension (``csrc/``, built on first use by ``ltcl_fused.ext``).
 
 Both engines call the registered ops ``torch.ops.ltcl_fused.rowstats_fwd`` / ``rowstats_bwd`` (the
-self-supervised family: ``ssl_fwd`` / ``ssl_bwd``, CPU only for now); the
+self-supervised family: ``ssl_fwd`` / ``ssl_bwd``; hard-pair mining: ``topk_mining``, whose CPU kernel is
+reached through ``losses/rescom.py``'s table and whose CUDA kernel through ``CUDAEngine.mine``); the
 dispatcher picks the CPU or CUDA kernel from the tensors' device. ``unavailable_reason`` builds the
 extension the first time it is asked (about a minute) and reports a failed build in one line.
 """
@@ -63,7 +64,13 @@ class CPUEngine(Engine):
 class CUDAEngine(CPUEngine):
     name = "cuda"
     device_type = "cuda"
-    ops = frozenset({"rowstats"})  # no CUDA kernels of the SSL contract yet
+    # mining: csrc/cuda/mining_cuda.cu; ssl: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV; the Bayesian weights raise)
+    ops = frozenset({"rowstats", "mining", "ssl"})
+
+    def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
+        """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""
+        return torch.ops.ltcl_fused.topk_mining(A, a_lab.to(torch.int64), K, k_lab.to(torch.int64), int(k_pos),
+                                                int(k_neg))
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)
