@@ -102,6 +102,47 @@ def _mma(x, y, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr)
 
 
 @triton.jit
+def _accumulate_gy(g, Y, yi, ymask, stride_y, OUT, oi, omask, not_first, acc, D, ACC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile's share of a backward product: ``out_o += Σ_y G_oy Y_y`` (dA: Y = C; dC: G transposed, Y = A).
+
+    SINGLE_D: into the register accumulator ``acc`` (returned). Otherwise D is swept in BLOCK_D chunks and
+    the program's own rows ``oi`` of the fp32/fp64 workspace OUT are read, added to and written back (no
+    other program touches them: deterministic, no atomics); ``not_first`` is False on the first tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        y = tl.load(Y + yi[:, None] * stride_y + offs_d[None, :], mask=ymask[:, None] & (offs_d[None, :] < D),
+                    other=0.0)
+        acc = _mma(g.to(y.dtype), y, acc, ACC, PREC, UPCAST)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            dm = dd[None, :] < D
+            y = tl.load(Y + yi[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dm, other=0.0)
+            part = _mma(g.to(y.dtype), y, None, ACC, PREC, UPCAST)
+            optr = OUT + oi[:, None] * D + dd[None, :]
+            om = omask[:, None] & dm
+            prev = tl.load(optr, mask=om & not_first, other=0.0)
+            tl.store(optr, prev + part, mask=om)
+        tl.debug_barrier()
+    return acc
+
+
+@triton.jit
+def _store_scaled(OUT, oi, omask, acc, D, inv_tau, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """``OUT[oi] = inv_tau · (accumulated product)``: from registers (SINGLE_D) or the workspace in place."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        tl.store(OUT + oi[:, None] * D + offs_d[None, :], acc * inv_tau, mask=omask[:, None] & (offs_d[None, :] < D))
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            optr = OUT + oi[:, None] * D + dd[None, :]
+            om = omask[:, None] & (dd[None, :] < D)
+            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+
+
+@triton.jit
 def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.constexpr,
             BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
             PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -309,29 +350,13 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         is_top = valid & (cols[None, :] == top)
         g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
                        FOCAL, GAMMA_ZERO)
-        if SINGLE_D:
-            c = tl.load(C + ci[:, None] * stride_c + offs_d[None, :], mask=cmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
-            acc = _mma(g.to(c.dtype), c, acc, ACC, PREC, UPCAST)
+        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
+            acc = _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D,
+                                 SINGLE_D, PREC, UPCAST)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                dm = dd[None, :] < D
-                c = tl.load(C + ci[:, None] * stride_c + dd[None, :], mask=cmask[:, None] & dm, other=0.0)
-                part = _mma(g.to(c.dtype), c, None, ACC, PREC, UPCAST)
-                optr = OUT + ri[:, None] * D + dd[None, :]
-                om = rmask[:, None] & dm
-                prev = tl.load(optr, mask=om & (n0 > 0), other=0.0)
-                tl.store(optr, prev + part, mask=om)
-            tl.debug_barrier()
-    if SINGLE_D:
-        tl.store(OUT + ri[:, None] * D + offs_d[None, :], acc * inv_tau, mask=rmask[:, None] & (offs_d[None, :] < D))
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            optr = OUT + ri[:, None] * D + dd[None, :]
-            om = rmask[:, None] & (dd[None, :] < D)
-            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+            _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
+                           PREC, UPCAST)
+    _store_scaled(OUT, ri, rmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,26 +421,10 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         is_top = valid & (cols[:, None] == top)
         g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
                        FOCAL, GAMMA_ZERO)
-        if SINGLE_D:
-            a = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
-            acc = _mma(g.to(a.dtype), a, acc, ACC, PREC, UPCAST)
+        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
+            acc = _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D,
+                                 SINGLE_D, PREC, UPCAST)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                dm = dd[None, :] < D
-                a = tl.load(A + ri[:, None] * stride_a + dd[None, :], mask=rmask[:, None] & dm, other=0.0)
-                part = _mma(g.to(a.dtype), a, None, ACC, PREC, UPCAST)
-                optr = OUT + ci[:, None] * D + dd[None, :]
-                om = cmask[:, None] & dm
-                prev = tl.load(optr, mask=om & (m0 > 0), other=0.0)
-                tl.store(optr, prev + part, mask=om)
-            tl.debug_barrier()
-    if SINGLE_D:
-        tl.store(OUT + ci[:, None] * D + offs_d[None, :], acc * inv_tau, mask=cmask[:, None] & (offs_d[None, :] < D))
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            optr = OUT + ci[:, None] * D + dd[None, :]
-            om = cmask[:, None] & (dd[None, :] < D)
-            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+            _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
+                           PREC, UPCAST)
+    _store_scaled(OUT, ci, cmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rowstats import _mma, _s_tile
+from .rowstats import _accumulate_gy, _s_tile, _store_scaled
 
 INF = tl.constexpr(float("inf"))
 
@@ -286,29 +286,13 @@ def ssl_bwd_da_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
             in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], gd, part,
                                       self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
             g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2)
-        if SINGLE_D:
-            cc = tl.load(C + ci[:, None] * stride_c + offs_d[None, :], mask=cmask[:, None] & (offs_d[None, :] < D),
-                         other=0.0)
-            acc = _mma(g.to(cc.dtype), cc, acc, ACC, PREC, UPCAST)
+        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
+            acc = _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D,
+                                 SINGLE_D, PREC, UPCAST)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                dm = dd[None, :] < D
-                cc = tl.load(C + ci[:, None] * stride_c + dd[None, :], mask=cmask[:, None] & dm, other=0.0)
-                part_acc = _mma(g.to(cc.dtype), cc, None, ACC, PREC, UPCAST)
-                optr = OUT + ri[:, None] * D + dd[None, :]
-                om = rmask[:, None] & dm
-                prev = tl.load(optr, mask=om & (n0 > 0), other=0.0)
-                tl.store(optr, prev + part_acc, mask=om)
-            tl.debug_barrier()
-    if SINGLE_D:
-        tl.store(OUT + ri[:, None] * D + offs_d[None, :], acc * inv_tau, mask=rmask[:, None] & (offs_d[None, :] < D))
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            optr = OUT + ri[:, None] * D + dd[None, :]
-            om = rmask[:, None] & (dd[None, :] < D)
-            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+            _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
+                           PREC, UPCAST)
+    _store_scaled(OUT, ri, rmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,26 +344,10 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
                                       self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
             g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0[None, :], k0[None, :], c0, l1[None, :], k1[None, :],
                           c1, K2)
-        if SINGLE_D:
-            a = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
-            acc = _mma(g.to(a.dtype), a, acc, ACC, PREC, UPCAST)
+        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
+            acc = _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D,
+                                 SINGLE_D, PREC, UPCAST)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                dm = dd[None, :] < D
-                a = tl.load(A + ri[:, None] * stride_a + dd[None, :], mask=rmask[:, None] & dm, other=0.0)
-                part_acc = _mma(g.to(a.dtype), a, None, ACC, PREC, UPCAST)
-                optr = OUT + ci[:, None] * D + dd[None, :]
-                om = cmask[:, None] & dm
-                prev = tl.load(optr, mask=om & (m0 > 0), other=0.0)
-                tl.store(optr, prev + part_acc, mask=om)
-            tl.debug_barrier()
-    if SINGLE_D:
-        tl.store(OUT + ci[:, None] * D + offs_d[None, :], acc * inv_tau, mask=cmask[:, None] & (offs_d[None, :] < D))
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            optr = OUT + ci[:, None] * D + dd[None, :]
-            om = cmask[:, None] & (dd[None, :] < D)
-            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+            _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
+                           PREC, UPCAST)
+    _store_scaled(OUT, ci, cmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
