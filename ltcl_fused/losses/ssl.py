@@ -147,6 +147,8 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
     t = V.check_positive(fn, "temperature", temperature)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
     eng = _engine(backend, z1.device, fn)
+    if backend == "auto" and eng is not None and eng.name == "cuda":
+        eng = backends.get_engine("torch")  # the CUDA extension has no Bayesian-rank kernel (Triton has)
     if eng is None:
         from .. import reference as R
         return R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t, reduction=reduction)
