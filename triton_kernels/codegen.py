@@ -124,32 +124,36 @@ def compile_report(kernel, signature, constexprs, cc, num_warps, num_stages):
                 seconds=round(time.time() - t0, 2))
 
 
-def run(n_jobs: int = 2, full: bool = False):
+def run(n_jobs: int = 2, full: bool = False, jobs_fn=None, compile_fn=None):
+    """Compile every job of ``jobs_fn(full)`` with ``compile_fn`` (defaults: this module's kernels)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
-    js = jobs(full)
+    js = (jobs_fn or jobs)(full)
+    compile_fn = compile_fn or compile_one
     if n_jobs <= 1:
-        return [compile_one(j) for j in js]
+        return [compile_fn(j) for j in js]
     with ProcessPoolExecutor(n_jobs) as ex:
-        return list(ex.map(compile_one, js))
+        return list(ex.map(compile_fn, js))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, run_fn=None, doc=None, width=24):
+    """Command line of the compile sweep (also used by ``ssl_codegen``): a table or JSON of reports."""
+    ap = argparse.ArgumentParser(description=(doc or __doc__).splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     a = ap.parse_args(argv)
-    out = run(a.jobs, a.full)
+    out = (run_fn or run)(a.jobs, a.full)
     if a.json:
         print(json.dumps(out))
         return
+    head = "{kernel:%ds} {config:8s} {dtype:5s} sm_{cc} {variant:11s}" % width
     for r in out:
         if "error" in r:
-            print("{kernel:24s} {config:8s} {dtype:5s} sm_{cc} {variant:10s} FAILED {error}".format(**r))
+            print((head + " FAILED {error}").format(**r))
             continue
-        print("{kernel:24s} {config:8s} {dtype:5s} sm_{cc} {variant:10s} shared={shared:6d} reg={reg} "
-              "stack={stack} local={local} mma.sync={mma_sync} wgmma={wgmma} {seconds}s".format(**r))
+        print((head + " shared={shared:6d} reg={reg} stack={stack} local={local} mma.sync={mma_sync} "
+                      "wgmma={wgmma} {seconds}s").format(**r))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ Must run with TRITON_INTERPRET unset. Used by ``tests/test_triton_ssl_codegen.py
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
+from . import codegen
 from .codegen import compile_report
 
 KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel")
@@ -111,31 +108,11 @@ def _compile_one(job):
 
 
 def run(n_jobs: int = 2, full: bool = False):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
-    js = jobs(full)
-    if n_jobs <= 1:
-        return [compile_one(j) for j in js]
-    with ProcessPoolExecutor(n_jobs) as ex:
-        return list(ex.map(compile_one, js))
+    return codegen.run(n_jobs, full, jobs, compile_one)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    a = ap.parse_args(argv)
-    out = run(a.jobs, a.full)
-    if a.json:
-        print(json.dumps(out))
-        return
-    for r in out:
-        if "error" in r:
-            print("{kernel:18s} {config:8s} {dtype:5s} sm_{cc} {variant:11s} FAILED {error}".format(**r))
-            continue
-        print("{kernel:18s} {config:8s} {dtype:5s} sm_{cc} {variant:11s} shared={shared:6d} reg={reg} "
-              "stack={stack} local={local} mma.sync={mma_sync} wgmma={wgmma} {seconds}s".format(**r))
+    return codegen.main(argv, run, __doc__, width=18)
 
 
 if __name__ == "__main__":
