@@ -28,7 +28,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("supcon", "afcl", "bcl", "mining")
+SSL_LOSSES = ("dcl", "hcl", "bayesian_cl", "mttv")  # two views z1, z2 [N/2, D] (mttv: [N, D] interleaved)
+LOSSES = ("supcon", "afcl", "bcl", "mining") + SSL_LOSSES
 N_CLASSES = 100
 TAU = 0.07
 AFCL_GAMMA, AFCL_ETA = 2.0, 10.0
@@ -58,6 +59,11 @@ def make_inputs(loss: str, N: int, D: int, device, dtype=torch.float32, seed: in
                 "keys": k.to(device, dtype), "key_labels": long_tailed_labels(N, gen=g).to(device)}
     B = N // 2
     x = F.normalize(torch.randn(B, 2, D, generator=g, dtype=torch.float64), dim=-1)
+    if loss in SSL_LOSSES:  # N anchors: the 2B rows of the two views (or of the interleaved MTTV embeddings)
+        if loss == "mttv":
+            return {"embeddings": x.reshape(2 * B, D).to(device, dtype).requires_grad_(True)}
+        return {"z1": x[:, 0].contiguous().to(device, dtype).requires_grad_(True),
+                "z2": x[:, 1].contiguous().to(device, dtype).requires_grad_(True)}
     out = {"features": x.to(device, dtype).requires_grad_(True), "labels": long_tailed_labels(B, gen=g).to(device)}
     if loss == "bcl":
         # every label must have a prototype: classes 0..N_CLASSES-1
@@ -158,6 +164,8 @@ def unavailable_reason(provider: str, loss: str, device: torch.device) -> Option
 
 def _public_call(loss: str, backend: str, inp):
     import ltcl_fused as lf
+    if loss in SSL_LOSSES:
+        return getattr(lf, loss)(**inp, backend=backend)
     if loss == "supcon":
         return lf.supcon(inp["features"], inp["labels"], temperature=TAU, backend=backend)
     if loss == "afcl":
@@ -188,6 +196,8 @@ def build(provider: str, loss: str, inp) -> Callable[[], torch.Tensor]:
         return lambda: _public_call(loss, provider, inp)
     if provider == "reference":
         import ltcl_fused.reference as R
+        if loss in SSL_LOSSES:
+            return lambda: getattr(R, loss)(**inp)
         if loss == "supcon":
             return lambda: R.supcon(inp["features"], inp["labels"], temperature=TAU)
         if loss == "afcl":

@@ -276,7 +276,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--N", default=None, help="comma-separated N (anchors = columns)")
     ap.add_argument("--D", default=None, help="comma-separated feature dims")
-    ap.add_argument("--losses", default=None, help="comma-separated, from supcon,afcl,bcl,mining")
+    ap.add_argument("--losses", default=None, help="comma-separated, from supcon,afcl,bcl,mining,dcl,hcl,bayesian_cl,mttv")
     ap.add_argument("--providers", default=None, help="comma-separated (see providers.py)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per case before 'timeout'")

@@ -171,3 +171,22 @@ def test_sweep_marks_timeout():
     cfg = {"provider": "reference", "loss": "supcon", "N": 64, "D": 4, "device": "cpu", "repeats": 1,
            "time_limit": 0.2, "mem_limit_gb": None, "threads": 1}
     assert sweep.run_case(cfg, 0.2)["status"] == "timeout"
+
+
+@pytest.mark.parametrize("loss", P.SSL_LOSSES)
+def test_sweep_providers_cover_the_self_supervised_losses(loss):
+    """The sweep's self-supervised cases run the same loss on every provider (values and gradients agree)."""
+    inp = P.make_inputs(loss, 24, 8, torch.device("cpu"), dtype=torch.float64)
+    ref = P.build("reference", loss, inp)()
+    ref.backward()
+    ref_grads = [t.grad.clone() for t in P.leaves(inp)]
+    for provider in ("torch", "cpu"):
+        if P.unavailable_reason(provider, loss, torch.device("cpu")) is not None:
+            continue
+        for t in P.leaves(inp):
+            t.grad = None
+        out = P.build(provider, loss, inp)()
+        out.backward()
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+        for t, g in zip(P.leaves(inp), ref_grads):
+            torch.testing.assert_close(t.grad, g, rtol=1e-8, atol=1e-10)
