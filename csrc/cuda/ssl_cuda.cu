@@ -18,6 +18,7 @@
 
 #include "../common/ssl_math.h"
 #include "ssl_cuda.h"
+#include "tile_common.cuh"
 
 namespace ltcl {
 namespace cuda {
@@ -25,9 +26,13 @@ namespace {
 
 namespace cm = ltcl::common;
 
-constexpr int kTile = 32;     // BM = BN = BK
-constexpr int kThreads = 256; // 8 warps
-constexpr int kRowsPerThread = kTile / (kThreads / 32);  // 4
+using tile::kRowsPerThread;
+using tile::kThreads;
+using tile::kTile;
+using tile::Smem;
+using tile::tile_dots;
+using tile::warp_max;
+using tile::warp_sum;
 
 template <typename T>
 struct Args {
@@ -41,51 +46,6 @@ struct Args {
   T scales[kSSLMaxScales];
 };
 
-template <typename T>
-struct Smem {
-  T a[kTile][kTile + 1];
-  T c[kTile][kTile + 1];
-  T g[kTile][kTile + 1];
-};
-
-// acc[q] = <A[r0 + w + 8q], C[c0 + lane]> for the 32 x 32 tile at (r0, c0); zero outside the matrices.
-template <typename T>
-__device__ void tile_dots(const Args<T>& P, int64_t r0, int64_t c0, Smem<T>& sm, T acc[kRowsPerThread]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
-  for (int64_t k0 = 0; k0 < P.D; k0 += kTile) {
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int rr = e / kTile, kk = e % kTile;
-      const int64_t k = k0 + kk;
-      const int64_t ra = r0 + rr, cc = c0 + rr;
-      sm.a[rr][kk] = (ra < P.M && k < P.D) ? P.A[ra * P.D + k] : T(0);
-      sm.c[rr][kk] = (cc < P.N && k < P.D) ? P.C[cc * P.D + k] : T(0);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kTile; ++kk) {
-      const T cv = sm.c[lane][kk];
-#pragma unroll
-      for (int q = 0; q < kRowsPerThread; ++q) acc[q] += sm.a[warp + 8 * q][kk] * cv;
-    }
-    __syncthreads();
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // Whether column j is in set(i), from the raw dot product g (i < M assumed; j may be >= N).
 template <typename T>
