@@ -18,12 +18,14 @@
 #include <cstdint>
 
 #include "mining_cuda.h"
+#include "tile_common.cuh"
 
 namespace ltcl {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;     // 8 warps
+using tile::kThreads;              // 256 threads, 8 warps
+using tile::warp_sum;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileKeys = 256;    // keys per tile: at most this many candidates enter between two checks
 constexpr int kSlack = 1024;      // buffer capacity k + kSlack; a cut when fewer than kTileKeys slots are left
@@ -50,13 +52,6 @@ __device__ __forceinline__ Buf<T> block_buf(void* ws, int64_t cap, int which) {
 template <typename T>
 __device__ __forceinline__ bool better(T va, int64_t ja, T vb, int64_t jb) {
   return va > vb || (va == vb && ja < jb);
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Rank selection of the best min(n, k) of src[0, n) into dst[0, min(n, k)) in order (best first).
