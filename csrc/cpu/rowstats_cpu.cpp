@@ -26,29 +26,18 @@
 #include <vector>
 
 #include "../common/ltcl_math.h"
+#include "strip_common.h"
 
 // MKL (linked into torch's CPU wheels) is asked to run every GEMM of a worker single-threaded, so a
 // GEMM gives the same bits whether called from one thread or from inside the parallel region
 // (otherwise MKL may split the k dimension differently). Weak: torch builds without MKL skip it.
 // (MKL_Set_Num_Threads_Local is the by-value C entry point; the lower-case name is the Fortran one.)
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace ltcl {
 namespace cpu {
 
-struct SequentialBlas {
-  int prev = 0;
-  bool set = false;
-  SequentialBlas() {
-    if (&MKL_Set_Num_Threads_Local != nullptr) {
-      prev = MKL_Set_Num_Threads_Local(1);
-      set = true;
-    }
-  }
-  ~SequentialBlas() {
-    if (set) MKL_Set_Num_Threads_Local(prev);
-  }
-};
+using strip::hmax;
+using strip::hsum;
 
 using at::Tensor;
 using at::vec::Vectorized;
@@ -114,55 +103,6 @@ struct Problem {
     return ix->perm.data() + ix->start[id];
   }
 };
-
-static int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == 0) return dflt;
-  const long long x = std::atoll(v);
-  return x > 0 ? static_cast<int64_t>(x) : dflt;
-}
-
-// Rows per block: the strip (bm x N) should fit the L2 cache; at least 16 rows so the GEMM stays efficient.
-template <typename T>
-static int64_t block_rows(int64_t Npad) {
-  const int64_t forced = env_int("LTCL_CPU_BLOCK_ROWS", 0);
-  if (forced > 0) return forced;
-  const int64_t budget = 2 << 20;
-  int64_t bm = 64;
-  while (bm > 16 && bm * Npad * static_cast<int64_t>(sizeof(T)) > budget) bm /= 2;
-  return bm;
-}
-
-template <typename T>
-static at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// out[rows x N] (leading dim ldo) = A_blk[rows x D] C^T
-template <typename T>
-static void gemm_strip(const Problem<T>& P, int64_t r0, int64_t rows, T* out) {
-  at::Tensor o = view2d(out, rows, P.N, P.Npad, 1);
-  at::mm_out(o, view2d(P.A + r0 * P.D, rows, P.D, P.D, 1), view2d(P.C, P.N, P.D, P.D, 1).t());
-}
-
-template <typename T>
-static T hsum(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = T(0);
-  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += buf[l];
-  return s;
-}
-
-template <typename T>
-static T hmax(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = buf[0];
-  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::max(s, buf[l]);
-  return s;
-}
 
 template <typename T>
 static inline bool any_lane(const Vectorized<T>& mask) {
@@ -293,18 +233,9 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
 
 template <typename T>
 static void forward_impl(const Problem<T>& P, const FwdOut& o) {
-  const int64_t bm = block_rows<T>(P.Npad);
-  const int64_t nblk = (P.M + bm - 1) / bm;
-  at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
-    SequentialBlas seq;
-    std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
-    std::vector<T> ebuf(P.focal ? static_cast<size_t>(P.Npad) : 0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * bm, rows = std::min(bm, P.M - r0);
-      gemm_strip(P, r0, rows, strip.data());
-      for (int64_t ii = 0; ii < rows; ++ii) forward_row(P, r0 + ii, strip.data() + ii * P.Npad, ebuf.data(), o);
-    }
-  });
+  strip::forward_strips<T>(
+      P, [&] { return std::vector<T>(P.focal ? static_cast<size_t>(P.Npad) : 0); },
+      [&](std::vector<T>& ebuf, int64_t i, T* x) { forward_row(P, i, x, ebuf.data(), o); });
 }
 
 // ---------------------------------------------------------------- backward
@@ -375,41 +306,9 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
 
 template <typename T>
 static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
-  const int64_t M = P.M, N = P.N, D = P.D;
-  const int64_t bm = block_rows<T>(P.Npad);
-  // super-block rows: G of one super-block takes about 32 MB (fewer barriers between the two phases);
-  // a function of N and the dtype only, never of the thread count (the dC sums depend on it)
-  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
-  const int64_t R = std::max(bm, (sb_budget / (P.Npad * static_cast<int64_t>(sizeof(T))) / bm) * bm);
-  const int64_t bn = 256;
-  std::vector<T> gsb(static_cast<size_t>(std::min(R, M) * P.Npad));
-  const int64_t ncb = (N + bn - 1) / bn;
-  for (int64_t sb0 = 0; sb0 < M; sb0 += R) {
-    const int64_t rows_sb = std::min(R, M - sb0);
-    const int64_t nblk = (rows_sb + bm - 1) / bm;
-    at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
-      SequentialBlas seq;
-      std::vector<T> posg(static_cast<size_t>(N));
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
-        T* g = gsb.data() + (b * bm) * P.Npad;
-        gemm_strip(P, r0, rows, g);
-        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, in, posg.data());
-        at::Tensor out = view2d(dA + r0 * D, rows, D, D, 1);
-        at::addmm_out(out, out, view2d<T>(g, rows, N, P.Npad, 1), view2d(P.C, N, D, D, 1), /*beta=*/0,
-                      /*alpha=*/P.inv_tau);
-      }
-    });
-    at::parallel_for(0, ncb, 0, [&](int64_t c0b, int64_t c1b) {
-      SequentialBlas seq;
-      for (int64_t cb = c0b; cb < c1b; ++cb) {
-        const int64_t c0 = cb * bn, cols = std::min(bn, N - c0);
-        at::Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
-        at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
-                      view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
-      }
-    });
-  }
+  strip::backward_strips<T>(
+      P, dA, dC, [&] { return std::vector<T>(static_cast<size_t>(P.N)); },
+      [&](std::vector<T>& posg, int64_t i, T* x) { backward_row(P, i, x, in, posg.data()); });
 }
 
 // ---------------------------------------------------------------- ops

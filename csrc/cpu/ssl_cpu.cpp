@@ -33,8 +33,8 @@
 #include <vector>
 
 #include "../common/ssl_math.h"
+#include "strip_common.h"
 
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace ltcl {
 namespace cpu {
@@ -46,27 +46,9 @@ namespace cm = ltcl::common;
 
 constexpr int kMaxScales = 8;
 
-// MKL single-threaded inside a worker (see rowstats_cpu.cpp): a GEMM gives the same bits from any thread.
-struct SeqBlas {
-  int prev = 0;
-  bool set = false;
-  SeqBlas() {
-    if (&MKL_Set_Num_Threads_Local != nullptr) {
-      prev = MKL_Set_Num_Threads_Local(1);
-      set = true;
-    }
-  }
-  ~SeqBlas() {
-    if (set) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == 0) return dflt;
-  const long long x = std::atoll(v);
-  return x > 0 ? static_cast<int64_t>(x) : dflt;
-}
+using strip::hmax;
+using strip::hmin;
+using strip::hsum;
 
 template <typename T>
 struct Problem {
@@ -81,58 +63,6 @@ struct Problem {
   T scales[kMaxScales];
   cm::BayesOmega<T> omega;
 };
-
-// Rows per block: the strip (bm x Npad) within about 2 MB (L2), between 16 and 64 rows.
-template <typename T>
-int64_t block_rows(int64_t Npad) {
-  const int64_t forced = env_int("LTCL_CPU_BLOCK_ROWS", 0);
-  if (forced > 0) return forced;
-  int64_t bm = 64;
-  while (bm > 16 && bm * Npad * static_cast<int64_t>(sizeof(T)) > (int64_t(2) << 20)) bm /= 2;
-  return bm;
-}
-
-template <typename T>
-Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// out[rows x N] (leading dimension Npad) = A[r0 : r0 + rows] C^T
-template <typename T>
-void gemm_strip(const Problem<T>& P, int64_t r0, int64_t rows, T* out) {
-  if (P.D == 0) {
-    for (int64_t r = 0; r < rows; ++r) std::fill(out + r * P.Npad, out + r * P.Npad + P.N, T(0));
-    return;
-  }
-  Tensor o = view2d(out, rows, P.N, P.Npad, 1);
-  at::mm_out(o, view2d(P.A + r0 * P.D, rows, P.D, P.D, 1), view2d(P.C, P.N, P.D, P.D, 1).t());
-}
-
-template <typename T>
-T hsum(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = T(0);
-  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += buf[l];
-  return s;
-}
-template <typename T>
-T hmax(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = buf[0];
-  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::max(s, buf[l]);
-  return s;
-}
-template <typename T>
-T hmin(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = buf[0];
-  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) s = std::min(s, buf[l]);
-  return s;
-}
 
 // ---------------------------------------------------------------- exact ranks
 
@@ -329,19 +259,9 @@ void forward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* ls
 
 template <typename T>
 void forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
-  const int64_t bm = block_rows<T>(P.Npad);
-  const int64_t nblk = (P.M + bm - 1) / bm;
-  at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
-    SeqBlas seq;
-    std::vector<T> strip(static_cast<size_t>(bm * P.Npad));
-    RankScratch<T> rs(P.bayes ? P.N : 0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * bm, rows = std::min(bm, P.M - r0);
-      gemm_strip(P, r0, rows, strip.data());
-      for (int64_t ii = 0; ii < rows; ++ii)
-        forward_row(P, r0 + ii, strip.data() + ii * P.Npad, &rs, lse, pos, pos_in);
-    }
-  });
+  strip::forward_strips<T>(
+      P, [&] { return RankScratch<T>(P.bayes ? P.N : 0); },
+      [&](RankScratch<T>& rs, int64_t i, T* x) { forward_row(P, i, x, &rs, lse, pos, pos_in); });
 }
 
 // ---------------------------------------------------------------- backward
@@ -388,42 +308,18 @@ void backward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* v
 }
 
 template <typename T>
+struct BwdScratch {
+  RankScratch<T> rs;
+  std::vector<T> vbuf;  // G accumulated over the scales
+};
+
+template <typename T>
 void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
-  const int64_t M = P.M, N = P.N, D = P.D;
-  const int64_t bm = block_rows<T>(P.Npad);
-  // super-block rows: G of one super-block takes about 32 MB; a function of N and the dtype only
-  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
-  const int64_t R = std::max(bm, (sb_budget / (P.Npad * static_cast<int64_t>(sizeof(T))) / bm) * bm);
-  const int64_t bn = 256;
-  std::vector<T> gsb(static_cast<size_t>(std::min(R, M) * P.Npad));
-  const int64_t ncb = (N + bn - 1) / bn;
-  for (int64_t sb0 = 0; sb0 < M; sb0 += R) {
-    const int64_t rows_sb = std::min(R, M - sb0);
-    const int64_t nblk = (rows_sb + bm - 1) / bm;
-    at::parallel_for(0, nblk, 0, [&](int64_t b0, int64_t b1) {
-      SeqBlas seq;
-      RankScratch<T> rs(P.bayes ? N : 0);
-      std::vector<T> vbuf(P.K > 1 ? static_cast<size_t>(P.Npad) : 0);  // G accumulated over the scales
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = sb0 + b * bm, rows = std::min(bm, M - r0);
-        T* g = gsb.data() + (b * bm) * P.Npad;
-        gemm_strip(P, r0, rows, g);
-        for (int64_t ii = 0; ii < rows; ++ii) backward_row(P, r0 + ii, g + ii * P.Npad, &rs, vbuf.data(), in);
-        Tensor out = view2d(dA + r0 * D, rows, D, D, 1);
-        at::addmm_out(out, out, view2d<T>(g, rows, N, P.Npad, 1), view2d(P.C, N, D, D, 1), /*beta=*/0,
-                      /*alpha=*/P.inv_tau);
-      }
-    });
-    at::parallel_for(0, ncb, 0, [&](int64_t c0b, int64_t c1b) {
-      SeqBlas seq;
-      for (int64_t cb = c0b; cb < c1b; ++cb) {
-        const int64_t c0 = cb * bn, cols = std::min(bn, N - c0);
-        Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
-        at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
-                      view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
-      }
-    });
-  }
+  strip::backward_strips<T>(
+      P, dA, dC,
+      [&] { return BwdScratch<T>{RankScratch<T>(P.bayes ? P.N : 0),
+                                 std::vector<T>(P.K > 1 ? static_cast<size_t>(P.Npad) : 0)}; },
+      [&](BwdScratch<T>& s, int64_t i, T* x) { backward_row(P, i, x, &s.rs, s.vbuf.data(), in); });
 }
 
 // ---------------------------------------------------------------- ops
