@@ -81,7 +81,8 @@ def test_every_backend_name_resolves_or_explains():
         assert reason is None or (isinstance(reason, str) and "\n" not in reason and reason)
     # CUDA tensors cannot exist here, but the cuda backend must explain itself for CPU tensors
     r = backends.get_engine("cuda").unavailable_reason(torch.device("cpu"))
-    assert r is None or "cuda" in r.lower() or "gpu" in r.lower()
+    assert r is not None and "cuda" in r.lower() and "\n" not in r
+    assert backends.get_engine("torch").unavailable_reason(torch.device("cpu")) is None
 
 
 def test_backend_choice_is_a_constant_under_torch_compile():
