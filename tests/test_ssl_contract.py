@@ -166,3 +166,15 @@ def test_bad_config_is_rejected():
         SSLConfig(scales=())
     with pytest.raises(ValueError, match="one scale"):
         SSLConfig(scales=(1.0, 2.0), bayes=(0.5, 1.0, 0.1))
+
+
+def test_bayes_omega_is_stable_in_fp32_at_the_defaults():
+    # α = 0.5, β = 1 make a = 1e-3: the textbook root (−b + sqrt(b² + 4au))/(2a) loses ~40 % at u = 1e-4 in
+    # fp32; the equal 2u/(b + sqrt(b² + 4au)) keeps fp32 rounding. Truth: the formula in Python floats (fp64).
+    from ltcl_fused import reference as R
+    u = torch.tensor([1e-4, 1e-3, 3e-2, 0.25, 0.5, 1.0])
+    for ab in [(0.5, 1.0), (0.5, 0.5), (0.75, 0.9)]:
+        want = torch.tensor([_omega_py(float(x), *ab, 0.1) for x in u.double()], dtype=torch.float64)
+        for got in (bayes_omega(u, *ab, 0.1), R.bayesian_weights(u, alpha=ab[0], beta=ab[1], tau_plus=0.1)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)

@@ -63,7 +63,7 @@ def _params(inv_tau, c0, c1, lower, upper, bayes, acc, device):
         tau_minus = 1.0 - tau_plus
         a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
         b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
-        p += [b * b, 4.0 * a, 2.0 * a, b, alpha, 1.0 - alpha, alpha * (1.0 - beta), (1.0 - alpha) * beta,
+        p += [b * b, 4.0 * a, b, alpha, 1.0 - alpha, alpha * (1.0 - beta), (1.0 - alpha) * beta,
               alpha * (1.0 - beta) + (1.0 - alpha) * beta + 1e-3, tau_minus, tau_plus]
     return torch.tensor(p, dtype=acc, device=device)
 

@@ -92,21 +92,20 @@ def _ssl_grad(s, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2: tl.constexpr):
 def _bayes_logw(cnt, nset, P):
     """log ω(u), u = cnt / nset (SPEC.md section 5, the operations in the order of ``bayes_omega``); −inf where ω = 0.
 
-    P: PARAMS pointer: [inv_tau, c, c1, lower, upper, b·b, 4a, 2a, b, α, 1−α, α(1−β), (1−α)β, den_htn, τ⁻, τ⁺].
+    P: PARAMS pointer: [inv_tau, c, c1, lower, upper, b·b, 4a, b, α, 1−α, α(1−β), (1−α)β, den_htn, τ⁻, τ⁺].
     """
     bb = tl.load(P + 5)
     a4 = tl.load(P + 6)
-    a2 = tl.load(P + 7)
-    b = tl.load(P + 8)
-    al = tl.load(P + 9)
-    al1 = tl.load(P + 10)
-    h1 = tl.load(P + 11)
-    h2 = tl.load(P + 12)
-    hden = tl.load(P + 13)
-    tm = tl.load(P + 14)
-    tp = tl.load(P + 15)
+    b = tl.load(P + 7)
+    al = tl.load(P + 8)
+    al1 = tl.load(P + 9)
+    h1 = tl.load(P + 10)
+    h2 = tl.load(P + 11)
+    hden = tl.load(P + 12)
+    tm = tl.load(P + 13)
+    tp = tl.load(P + 14)
     u = cnt / nset
-    x = (-b + tl.sqrt(bb + a4 * u)) / a2
+    x = 2.0 * u / (b + tl.sqrt(bb + a4 * u))  # = (−b + sqrt(b² + 4au))/(2a) without the cancellation
     phi1 = 2.0 * (1.0 - x)
     phi2 = 2.0 * x
     psi_tn = al * phi1 + al1 * phi2

@@ -27,16 +27,15 @@ LTCL_HD bool ssl_filter_keep(T g, int filter, T lower, T upper) {
 // Constants of the Bayesian importance weight ω(u) (SPEC.md section 5), computed once per call.
 template <typename T>
 struct BayesOmega {
-  T inv2a, b, b2, four_a;  // x = (-b + sqrt(b^2 + 4 a u)) / (2a)
+  T b, b2, four_a;  // x = 2u / (b + sqrt(b^2 + 4 a u)), the root (-b + sqrt(b^2 + 4 a u)) / (2a) without cancellation
   T alpha, tau_minus, tau_plus, htn1, htn2, htn_den;
 
-  LTCL_HD BayesOmega() : inv2a(0), b(0), b2(0), four_a(0), alpha(0), tau_minus(0), tau_plus(0), htn1(0), htn2(0), htn_den(1) {}
+  LTCL_HD BayesOmega() : b(0), b2(0), four_a(0), alpha(0), tau_minus(0), tau_plus(0), htn1(0), htn2(0), htn_den(1) {}
   LTCL_HD BayesOmega(double al, double be, double tp) {
     const double tm = 1.0 - tp;
     const double a = (1.0 - 2.0 * al) * (tm - tp) + 1e-3;
     const double bb = 2.0 * (al * tm + (1.0 - al) * tp);
     // the same operations in T as the torch formula (a, b, the ψ_HTN coefficients are Python floats there)
-    inv2a = T(2.0 * a);
     b = T(bb);
     b2 = T(bb * bb);
     four_a = T(4.0 * a);
@@ -50,7 +49,7 @@ struct BayesOmega {
 
   // ω(u) for u in [0, 1]; same order of operations as ltcl_fused.engine.ssl_contract.bayes_omega.
   LTCL_HD T operator()(T u) const {
-    const T x = (-b + f_sqrt(b2 + four_a * u)) / inv2a;
+    const T x = (u + u) / (b + f_sqrt(b2 + four_a * u));
     const T phi1 = T(2) * (T(1) - x);
     const T phi2 = T(2) * x;
     const T psi_tn = alpha * phi1 + (T(1) - alpha) * phi2;

@@ -89,7 +89,7 @@ def bayes_omega(u: torch.Tensor, alpha: float, beta: float, tau_plus: float) -> 
     tau_minus = 1.0 - tau_plus
     a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
     b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
-    x = (-b + torch.sqrt(b * b + 4.0 * a * u)) / (2.0 * a)
+    x = 2.0 * u / (b + torch.sqrt(b * b + 4.0 * a * u))  # = (−b + sqrt(b² + 4au))/(2a), no cancellation
     phi1 = 2.0 * (1.0 - x)
     phi2 = 2.0 * x
     psi_tn = alpha * phi1 + (1.0 - alpha) * phi2

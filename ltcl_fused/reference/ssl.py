@@ -73,7 +73,8 @@ def bayesian_weights(u, *, alpha, beta, tau_plus):
     tau_minus = 1.0 - tau_plus
     a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
     b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
-    x = (-b + torch.sqrt(b * b + 4.0 * a * u)) / (2.0 * a)
+    # the root (−b + sqrt(b² + 4au)) / (2a) written without the cancellation (a = 1e-3 at α = 0.5)
+    x = 2.0 * u / (b + torch.sqrt(b * b + 4.0 * a * u))
     phi1, phi2 = 2.0 * (1.0 - x), 2.0 * x
     psi_tn = alpha * phi1 + (1.0 - alpha) * phi2
     psi_fn = (1.0 - alpha) * phi1 + alpha * phi2
