@@ -7,7 +7,8 @@ from .backends import BACKENDS, BackendUnavailable  # noqa: F401
 from .losses import acl, afcl, bcl, fcl, supcon  # noqa: F401
 from .losses.ssl import bayesian_cl, dcl, hcl, mttv  # noqa: F401
 from .losses.rescom import hard_pair_mining, rescom  # noqa: F401
-from .reference import ClassBalancedQueue, effective_number_weights, siamese_balanced_softmax  # noqa: F401
+from .losses.balanced_softmax import siamese_balanced_softmax  # noqa: F401
+from .reference import ClassBalancedQueue, effective_number_weights  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -28,15 +28,94 @@ def check_features(fn: str, name: str, x, *, ranks: Sequence[int] = (2, 3)) -> N
         raise ValueError(f"{fn}: `{name}` is empty (shape {_shape(x)}); need at least one sample and D >= 1")
 
 
-def check_finite(fn: str, name: str, x: Optional[torch.Tensor], enabled: bool, chunk_elems: int = 1 << 22) -> None:
-    """NaN/Inf check in chunks of rows, so its temporaries stay small whatever the size of ``x``."""
-    if not enabled or x is None:
-        return
-    flat = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
-    rows = max(1, chunk_elems // max(1, flat.shape[1]))
-    for r0 in range(0, flat.shape[0], rows):
-        if not bool(torch.isfinite(flat[r0:r0 + rows]).all()):
-            raise ValueError(f"{fn}: `{name}` contains NaN or Inf (pass check_finite=False to skip this O(N·D) check)")
+def _finite_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``x``'s device: every entry of ``x`` is finite. One reduction, no N·D temporary
+    (``aminmax`` propagates NaN, and an Inf shows up as the min or the max)."""
+    lo, hi = torch.aminmax(x.detach().reshape(-1))
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+class ValueChecks:
+    """The checks of one call that depend on tensor values, folded into at most one host read.
+
+    Usage: register every value-dependent condition (``finite``, ``require``), then ``run()`` once before the
+    kernels, and pass the loss through ``poison()`` at the end.
+
+    ``check_finite=True``: eager, ``run()`` stacks the registered 0-dim flags and reads them back ONCE
+    (``bool(flags.all())``; a failure may read more to word its message), then raises the error of the first
+    failing check (``ValueError``/``TypeError``, naming the argument). Under ``torch.compile`` each check becomes
+    a ``torch._assert_async`` with the same message (no graph break, no host read).
+    ``check_finite=False``: nothing is read back and finiteness is not computed (a NaN input gives a NaN loss
+    on every backend); the other conditions (label ranges, weights, mining candidates) cost an O(M)
+    reduction on the device and, when one fails, ``poison`` turns the loss into NaN instead of raising.
+    """
+
+    def __init__(self, fn: str, check_finite: bool):
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"{fn}: `check_finite` must be True or False, got {check_finite!r}")
+        self.fn, self.enabled = fn, check_finite
+        self._flags, self._errors, self._bad = [], [], None
+
+    def finite(self, name: str, x: Optional[torch.Tensor]) -> None:
+        """``x`` has no NaN/Inf (only with check_finite=True; an empty or absent tensor passes)."""
+        if self.enabled and x is not None and x.numel():
+            self._flags.append(_finite_flag(x))
+            self._errors.append((ValueError, f"{self.fn}: `{name}` contains NaN or Inf (pass check_finite=False "
+                                             f"to skip this O(N·D) check)", None))
+
+    def require(self, ok: torch.Tensor, message: str, detail=None, exc=ValueError) -> None:
+        """``ok`` (0-dim bool tensor) must be True, else ``exc(fn: message + detail())``; ``detail`` (optional,
+        called only on failure, may read tensors) adds the offending values to the message."""
+        self._flags.append(ok)
+        self._errors.append((exc, f"{self.fn}: {message}", detail))
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        if not self.enabled:  # no read: remembered for poison()
+            ok = self._flags[0] if len(self._flags) == 1 else torch.stack(self._flags).all()
+            self._bad = ~ok
+            return
+        if torch.compiler.is_compiling():
+            for ok, (_, msg, _) in zip(self._flags, self._errors):
+                torch._assert_async(ok, msg)
+            return
+        flags = torch.stack(self._flags)
+        if bool(flags.all()):  # the one host read of the call
+            return
+        first = flags.tolist().index(False)
+        exc, msg, detail = self._errors[first]
+        raise exc(msg + (detail() if detail is not None else ""))
+
+    def poison(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, or NaN everywhere when a check failed with check_finite=False (no host read)."""
+        if self._bad is None:
+            return loss
+        return torch.where(self._bad, torch.full_like(loss, math.nan), loss)
+
+
+def check_finite(fn: str, name: str, x: Optional[torch.Tensor], enabled: bool) -> None:
+    """NaN/Inf check of one tensor (one host read; the losses fold theirs into one ``ValueChecks`` instead)."""
+    chk = ValueChecks(fn, bool(enabled))
+    chk.finite(name, x)
+    chk.run()
+
+
+def check_bool(fn: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{fn}: `{name}` must be True or False, got {v!r}")
+    return v
+
+
+def label_range(chk: ValueChecks, name: str, labels: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """Register ``0 <= labels < n`` on ``chk`` and return the labels clamped into range (int64), so that no
+    kernel ever indexes out of bounds even when the check only poisons the loss (check_finite=False)."""
+    lab = labels.to(torch.int64)
+    if lab.numel():
+        lo, hi = torch.aminmax(lab)
+        chk.require((lo >= 0) & (hi < n), f"`{name}` must lie in [0, {n}) ({what})",
+                    lambda: f", got values in [{int(lab.min())}, {int(lab.max())}]")
+    return lab.clamp(0, max(n - 1, 0))
 
 
 def check_labels(fn: str, name: str, labels, n: int, device: torch.device, what: str) -> None:

@@ -43,10 +43,7 @@ class _RunningTopK:
         """Merge tile values ``v [M, t]`` (only where ``cand``) of keys ``q0 .. q0+t-1`` into the state."""
         if self.k == 0:
             return
-        v = v.masked_fill(~cand, -math.inf)
-        # the state's k-th value is a threshold: a tile where no candidate beats it changes nothing
-        if not bool((v > self.val[:, -1:]).any()):
-            return
+        v = v.masked_fill(~cand, -math.inf)  # (no early exit on "nothing beats the k-th value": a host sync)
         cols = torch.arange(q0, q0 + v.shape[1], device=v.device, dtype=torch.int64)
         idx = torch.where(cand, cols[None, :], torch.full_like(cols, -1)[None, :])
         allv = torch.cat([self.val, v], dim=1)

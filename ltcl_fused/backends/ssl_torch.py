@@ -117,9 +117,7 @@ class SSLTorchMixin:
                 G = torch.zeros_like(s)
                 for k, c in enumerate(cfg.scales):
                     L, ck = lse[k, r0:r1], coef[k, r0:r1]
-                    live = (ck != 0) & torch.isfinite(L)
-                    if not bool(live.any()):
-                        continue
+                    live = (ck != 0) & torch.isfinite(L)  # no early exit on `live.any()`: that is a host sync
                     Ls = torch.where(live, L, 0.0)
                     # exp(−inf) = 0 outside the set; dead rows get coefficient 0 and a finite exponent
                     t = torch.exp(torch.where(live[:, None], logw + c * s - Ls[:, None], -math.inf))

@@ -47,10 +47,9 @@ def _self_index(r0, bm, N, self_offset, device):
     """(rows within the block, their self columns) for the rows whose self column exists."""
     if self_offset < 0:
         return None
-    rows = torch.arange(bm, device=device)
-    cols = rows + r0 + self_offset
-    keep = cols < N
-    return rows[keep], cols[keep]
+    n = max(0, min(bm, N - r0 - self_offset))  # rows r < n have their self column r0 + r + self_offset < N
+    rows = torch.arange(n, device=device)  # sliced from shapes, not a boolean mask: no host sync
+    return rows, rows + (r0 + self_offset)
 
 
 def _lean_block(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_same, bias_other):
@@ -132,9 +131,10 @@ class TorchChunkedEngine(SSLTorchMixin, Engine):
                 # top may be -1 for a non-empty row whose dominant column lies outside these columns
                 # (the distributed ring): the row's lse still applies, only the override is skipped
                 p = torch.exp(x.sub_(torch.where(torch.isfinite(l_blk), l_blk, torch.zeros_like(l_blk))[:, None]))
-                ok = t_blk >= 0
-                rows = torch.arange(r1 - r0, device=A.device)[ok]
-                p[rows, t_blk[ok]] = torch.exp(-torch.nn.functional.softplus(lrest[r0:r1][ok]))
+                ok = (t_blk >= 0)[:, None]
+                t_idx = t_blk.clamp(min=0)[:, None]  # a where + scatter instead of a boolean mask: no host sync
+                p_top = torch.exp(-torch.nn.functional.softplus(lrest[r0:r1]))[:, None]
+                p.scatter_(1, t_idx, torch.where(ok, p_top, p.gather(1, t_idx)))
                 g = p.mul_(-r[r0:r1, None]).addcmul_(pos, cpos[r0:r1, None])
                 dA[r0:r1] = (g @ Cacc) * inv_tau
                 dC.addmm_(g.T, A_blk, alpha=inv_tau)

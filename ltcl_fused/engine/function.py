@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .first_order import first_order
+
 
 class RowStats(NamedTuple):
     lse: torch.Tensor      # log Σ_{A(i)} exp(s_ij + b_ij)
@@ -35,11 +37,12 @@ def backward_coefficients(grads, lse, upos, uneg, lrest, top_neg, focal: bool):
 
 class _RowStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine):
+    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine, fn):
         lse, pos_sum, fpos, fneg, upos, uneg, top, lrest = engine.rowstats_forward(
             A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal)
         ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest)
         ctx.cfg = (self_offset, inv_tau, gamma, focal, engine)
+        ctx.fn = fn
         return lse, pos_sum, fpos, fneg
 
     @staticmethod
@@ -48,17 +51,25 @@ class _RowStatsFn(torch.autograd.Function):
         self_offset, inv_tau, gamma, focal, engine = ctx.cfg
         cpos, cposf, cneg, r, rt = backward_coefficients(
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
-        dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
-                                          gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
-        return (dA if ctx.needs_input_grad[0] else None, dC if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, None, None)
+        with torch.no_grad():  # first-order only (see first_order.py)
+            dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
+                                              gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
+        dA, dC = first_order(ctx.fn, engine.name, dA if ctx.needs_input_grad[0] else None,
+                             dC if ctx.needs_input_grad[1] else None)
+        return (dA, dC, None, None, None, None, None, None, None, None, None, None)
 
 
 def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, *,
               self_offset: int, inv_tau: float, bias_same: Optional[torch.Tensor] = None,
-              bias_other: Optional[torch.Tensor] = None, gamma: float = 0.0, focal: bool = False) -> RowStats:
-    """Differentiable per-anchor statistics of S = A Cᵀ·inv_tau computed by ``engine`` (never N×N)."""
-    out = _RowStatsFn.apply(A.contiguous(), C.contiguous(), a_lab.contiguous(), c_lab.contiguous(),
-                            bias_same, bias_other, int(self_offset), float(inv_tau), float(gamma), bool(focal),
-                            engine)
+              bias_other: Optional[torch.Tensor] = None, gamma: float = 0.0, focal: bool = False,
+              fn: str = "ltcl_fused") -> RowStats:
+    """Differentiable per-anchor statistics of S = A Cᵀ·inv_tau computed by ``engine`` (never N×N).
+
+    ``fn`` names the calling loss in the error raised on double backward. ``C is A`` (and ``c_lab is a_lab``)
+    is allowed: the second is passed as an alias, since torch.compile refuses one tensor twice in ``apply``."""
+    A, C, a_lab, c_lab = A.contiguous(), C.contiguous(), a_lab.contiguous(), c_lab.contiguous()
+    C = C.view_as(C) if C is A else C
+    c_lab = c_lab.view_as(c_lab) if c_lab is a_lab else c_lab
+    out = _RowStatsFn.apply(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset), float(inv_tau),
+                            float(gamma), bool(focal), engine, fn)
     return RowStats(*out)

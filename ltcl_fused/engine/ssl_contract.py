@@ -54,6 +54,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .contract import acc_dtype
+from .first_order import first_order
 
 __all__ = ["SSLConfig", "SSLStats", "bayes_omega", "dense_forward", "dense_backward", "ssl_row_stats",
            "DenseSSLEngine"]
@@ -194,10 +195,11 @@ class DenseSSLEngine:
 
 class _SSLRowStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A, C, partner, self_offset, inv_tau, cfg, engine):
+    def forward(ctx, A, C, partner, self_offset, inv_tau, cfg, engine, fn):
         lse, pos, pos_in = engine.ssl_forward(A, C, partner, self_offset, inv_tau, cfg)
         ctx.save_for_backward(A, C, partner, lse)
         ctx.cfg = (self_offset, inv_tau, cfg, engine)
+        ctx.fn = fn
         ctx.mark_non_differentiable(pos_in)
         return lse, pos, pos_in
 
@@ -207,14 +209,20 @@ class _SSLRowStatsFn(torch.autograd.Function):
         self_offset, inv_tau, cfg, engine = ctx.cfg
         coef = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype).contiguous()
         cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
-        dA, dC = engine.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos)
-        return (dA if ctx.needs_input_grad[0] else None, dC if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None)
+        with torch.no_grad():  # first-order only (see first_order.py)
+            dA, dC = engine.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos)
+        dA, dC = first_order(ctx.fn, engine.name, dA if ctx.needs_input_grad[0] else None,
+                             dC if ctx.needs_input_grad[1] else None)
+        return (dA, dC, None, None, None, None, None, None)
 
 
 def ssl_row_stats(engine, A: torch.Tensor, C: torch.Tensor, partner: torch.Tensor, *, self_offset: int,
-                  inv_tau: float, cfg: SSLConfig) -> SSLStats:
-    """Differentiable SSL row statistics of S = A Cᵀ·inv_tau computed by ``engine`` (see the module doc)."""
+                  inv_tau: float, cfg: SSLConfig, fn: str = "ltcl_fused") -> SSLStats:
+    """Differentiable SSL row statistics of S = A Cᵀ·inv_tau computed by ``engine`` (see the module doc).
+
+    ``fn`` names the calling loss in the error raised on double backward; ``C is A`` is passed as an alias
+    (torch.compile refuses one tensor twice in ``apply``)."""
     A, C, partner = A.contiguous(), C.contiguous(), partner.to(torch.int64).contiguous()
+    C = C.view_as(C) if C is A else C
     check_inputs(A, C, partner, self_offset, cfg)
-    return SSLStats(*_SSLRowStatsFn.apply(A, C, partner, int(self_offset), float(inv_tau), cfg, engine))
+    return SSLStats(*_SSLRowStatsFn.apply(A, C, partner, int(self_offset), float(inv_tau), cfg, engine, fn))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
+from ..engine.contract import acc_dtype
 
 
 @dataclass
@@ -38,8 +39,13 @@ def flatten_views(features: torch.Tensor):
 
 
 def build_contrast(fn: str, features, labels, *, ref_features=None, ref_labels=None, contrast_mode="all",
-                   normalize=False, check_finite=True) -> Contrast:
-    """Validate the common arguments and lay out anchors and columns as SPEC.md's notation section does."""
+                   normalize=False, check_finite=True, checks: Optional[V.ValueChecks] = None) -> Contrast:
+    """Validate the common arguments and lay out anchors and columns as SPEC.md's notation section does.
+
+    The finiteness checks are registered on ``checks`` (the caller runs them, folded with its own into one
+    host read); without ``checks`` they are run here."""
+    own = checks is None
+    chk = V.ValueChecks(fn, check_finite) if own else checks
     V.check_features(fn, "features", features)
     V.check_choice(fn, "contrast_mode", contrast_mode, ("all", "one"))
     X, B, Vw = flatten_views(features)
@@ -50,11 +56,11 @@ def build_contrast(fn: str, features, labels, *, ref_features=None, ref_labels=N
     else:
         base = torch.arange(B, device=dev, dtype=torch.int64)  # SimCLR: positives are the other views
     lab = base.repeat(Vw)
-    V.check_finite(fn, "features", features, check_finite)
+    chk.finite("features", features)
     if ref_features is not None:
         V.check_features(fn, "ref_features", ref_features, ranks=(2,))
         V.check_same(fn, "ref_features", ref_features, features)
-        V.check_finite(fn, "ref_features", ref_features, check_finite)
+        chk.finite("ref_features", ref_features)
         R = ref_features.shape[0]
         if labels is not None:
             if ref_labels is None:
@@ -74,6 +80,8 @@ def build_contrast(fn: str, features, labels, *, ref_features=None, ref_labels=N
     C = X if ref_features is None else torch.cat([X, ref_features], 0)
     c_lab = lab if ref_features is None else torch.cat([lab, rlab])
     M = B if contrast_mode == "one" else Vw * B
+    if own:
+        chk.run()
     return Contrast(X=X, A=X[:M], C=C, a_lab=lab[:M], c_lab=c_lab, B=B, V=Vw)
 
 
@@ -81,6 +89,12 @@ def match_counts(a_lab: torch.Tensor, c_lab: torch.Tensor) -> torch.Tensor:
     """For every anchor, the number of columns sharing its label (self included), in O((M+N) log N)."""
     srt = torch.sort(c_lab).values
     return (torch.searchsorted(srt, a_lab, right=True) - torch.searchsorted(srt, a_lab)).to(torch.int64)
+
+
+def reference_output(loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The output-dtype rule of every backend applied to the dense reference's result: float32 for
+    fp16/bf16/fp32 inputs, float64 for float64 (the reference itself computes in the input dtype)."""
+    return loss.to(acc_dtype(like.dtype))
 
 
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

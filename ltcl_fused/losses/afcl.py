@@ -6,7 +6,7 @@ import torch
 from .. import _validation as V
 from .. import backends
 from ..engine import row_stats
-from ._common import build_contrast, match_counts, reduce
+from ._common import build_contrast, match_counts, reduce, reference_output
 
 
 def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normalize_by="batch",
@@ -19,24 +19,33 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     1/|N(i)| (``normalize_by="pairs"``). γ = η = 0 is CL, η = 0 FCL, γ = 0 ACL. Computed stably: a
     finite input never gives NaN. Returned in float32 (float64 for float64 features).
     """
-    fn = "ltcl_fused.afcl"
+    return _afcl("ltcl_fused.afcl", features, labels, gamma, eta, temperature, normalize_by, contrast_mode, normalize,
+                 ref_features, ref_labels, reduction, backend, check_finite)
+
+
+def _afcl(fn, features, labels, gamma, eta, temperature, normalize_by, contrast_mode, normalize, ref_features,
+          ref_labels, reduction, backend, check_finite):
+    """afcl / fcl / acl under the name ``fn`` (their errors name the function the user called)."""
     tau = V.check_positive(fn, "temperature", temperature)
     gamma = V.check_nonnegative(fn, "gamma", gamma)
     eta = V.check_nonnegative(fn, "eta", eta)
     V.check_choice(fn, "normalize_by", normalize_by, ("batch", "pairs"))
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
     backends.check_backend_name(backend, fn)
+    chk = V.ValueChecks(fn, check_finite)
+    P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
+                       contrast_mode=contrast_mode, normalize=normalize, checks=chk)
+    chk.run()
     if backend == "reference":
         from .. import reference as R
-        V.check_features(fn, "features", features)
-        return R.afcl(features, labels, gamma=gamma, eta=eta, temperature=tau, normalize_by=normalize_by,
-                      contrast_mode=contrast_mode, normalize=normalize, ref_features=ref_features,
-                      ref_labels=ref_labels, reduction=reduction)
-    P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
-                       contrast_mode=contrast_mode, normalize=normalize, check_finite=check_finite)
+        return reference_output(R.afcl(features, labels, gamma=gamma, eta=eta, temperature=tau,
+                                       normalize_by=normalize_by, contrast_mode=contrast_mode, normalize=normalize,
+                                       ref_features=ref_features, ref_labels=ref_labels, reduction=reduction),
+                                features)
     eng = backends.resolve(backend, features.device, "rowstats", fn)
     focal = gamma > 0 or eta > 0
-    st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal)
+    st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal,
+                   fn=fn)
     return reduce(afcl_from_stats(st, match_counts(P.a_lab, P.c_lab) - 1, P.N, eta, normalize_by, focal),
                   reduction)
 
@@ -66,11 +75,23 @@ def fcl(features, labels=None, *, gamma=1.0, **kw):
     """Focal contrastive loss: ``afcl`` with η = 0 (Core-tuning's FCL is γ = 1)."""
     if "eta" in kw:
         raise TypeError("ltcl_fused.fcl: `eta` is fixed to 0 (use ltcl_fused.afcl for both)")
-    return afcl(features, labels, gamma=gamma, eta=0.0, **kw)
+    return _afcl("ltcl_fused.fcl", features, labels, gamma=gamma, eta=0.0, **_afcl_kw("ltcl_fused.fcl", kw))
 
 
 def acl(features, labels=None, *, eta=1.0, **kw):
     """Asymmetric contrastive loss: ``afcl`` with γ = 0."""
     if "gamma" in kw:
         raise TypeError("ltcl_fused.acl: `gamma` is fixed to 0 (use ltcl_fused.afcl for both)")
-    return afcl(features, labels, gamma=0.0, eta=eta, **kw)
+    return _afcl("ltcl_fused.acl", features, labels, gamma=0.0, eta=eta, **_afcl_kw("ltcl_fused.acl", kw))
+
+
+_AFCL_DEFAULTS = dict(temperature=0.07, normalize_by="batch", contrast_mode="all", normalize=False, ref_features=None,
+                      ref_labels=None, reduction="mean", backend="auto", check_finite=True)
+
+
+def _afcl_kw(fn, kw):
+    """afcl's keyword arguments for fcl / acl, with afcl's defaults (an unknown name is a TypeError)."""
+    unknown = set(kw) - set(_AFCL_DEFAULTS)
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {', '.join(sorted(map(repr, unknown)))}")
+    return {**_AFCL_DEFAULTS, **kw}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .. import backends
 from ..engine import row_stats
-from ._common import flatten_views, reduce
+from ._common import flatten_views, reduce, reference_output
 
 
 def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, reduction="mean", backend="auto",
@@ -27,26 +27,29 @@ def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, redu
     X, B, Vw = flatten_views(features)
     V.check_labels(fn, "labels", labels, B, features.device, f"one label per sample of `features` {V._shape(features)}")
     n_cls = prototypes.shape[0]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
-        raise ValueError(f"{fn}: `labels` must lie in [0, {n_cls}) (one prototype per class), "
-                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    chk = V.ValueChecks(fn, check_finite)
+    base = V.label_range(chk, "labels", labels, n_cls, "one prototype per class")  # clamped: safe to index
+    chk.finite("features", features)
+    chk.finite("prototypes", prototypes)
+    chk.run()  # the one host read (none with check_finite=False: a bad label then makes the loss NaN)
     if backend == "reference":
         from .. import reference as R
-        return R.bcl(features, labels, prototypes, temperature=tau, normalize=normalize, reduction=reduction)
-    V.check_finite(fn, "features", features, check_finite)
-    V.check_finite(fn, "prototypes", prototypes, check_finite)
+        return chk.poison(reference_output(R.bcl(features, base, prototypes, temperature=tau, normalize=normalize,
+                                                 reduction=reduction), features))
     if normalize:
         X, prototypes = F.normalize(X, dim=-1), F.normalize(prototypes, dim=-1)
     dev = features.device
-    lab = labels.to(torch.int64).repeat(Vw)
+    lab = base.repeat(Vw)
     c_lab = torch.cat([lab, torch.arange(n_cls, device=dev)])
     C = torch.cat([X, prototypes], 0)
-    cnt = torch.bincount(c_lab, minlength=n_cls).to(torch.float64)  # V·n_c + 1
+    # V·n_c + 1 per class (index_add, not bincount: a fixed output size, no host sync)
+    cnt = torch.zeros(n_cls, dtype=torch.float64, device=dev).index_add_(
+        0, c_lab, torch.ones(c_lab.shape, dtype=torch.float64, device=dev))
     bias_other = (-torch.log(cnt))[c_lab]
     bias_same = (-torch.log((cnt - 1).clamp(min=1)))[c_lab]  # own class: anchor i itself is not counted
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     eng = backends.resolve(backend, dev, "rowstats", fn)
     st = row_stats(eng, X, C, lab, c_lab, self_offset=0, inv_tau=1.0 / tau,
-                   bias_same=bias_same.to(acc), bias_other=bias_other.to(acc))
+                   bias_same=bias_same.to(acc), bias_other=bias_other.to(acc), fn=fn)
     npos = (cnt[lab] - 1).to(acc)  # every other column of the class, prototype included (>= 1)
-    return reduce(st.lse - st.pos_sum / npos, reduction)
+    return chk.poison(reduce(st.lse - st.pos_sum / npos, reduction))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .. import backends
 from ..engine import acc_dtype, row_stats
-from ._common import flatten_views, match_counts, reduce
+from ._common import flatten_views, match_counts, reduce, reference_output
 
 # ---------------------------------------------------------------------------------------------------------------
 # mining backends (contract: ltcl_fused/backends/mining_torch.py)
@@ -156,35 +157,50 @@ def rescom_from_stats(st, n_batch_pos, n_batch_cols, X, lab, keys, pos_idx, neg_
     npos = n_batch_pos.to(acc) + pos_valid.sum(dim=1).to(acc)
     pos_sum = st.pos_sum + torch.where(pos_valid, s_pos, torch.zeros_like(s_pos)).sum(dim=1)
     loss = torch.where(npos > 0, lse - pos_sum / npos.clamp(min=1), zero)
-    return loss if w is None else w.to(acc)[lab] * loss
+    return loss if w is None else w.to(acc)[lab.clamp(0, w.shape[0] - 1)] * loss  # (range checked by the caller)
 
 
-def check_class_weights(fn, class_weights, lab, dev):
-    """``class_weights`` as a 1-D float tensor covering every label, or None."""
+def check_class_weights(fn, class_weights, lab, dev, checks: Optional[V.ValueChecks] = None):
+    """``class_weights`` as a 1-D float tensor [C] on ``dev`` covering every label, finite and >= 0, or None.
+
+    The value conditions are registered on ``checks`` (run by the caller); without it they are run here."""
     if class_weights is None:
         return None
     w = torch.as_tensor(class_weights, device=dev)
-    if w.dim() != 1 or not w.dtype.is_floating_point:
-        raise ValueError(f"{fn}: `class_weights` must be a 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= w.shape[0]):
-        raise ValueError(f"{fn}: `class_weights` has {w.shape[0]} entries but `labels` go up to "
-                         f"{int(lab.max())} (and must be >= 0)")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{fn}: `class_weights` contains NaN or Inf")
+    if w.dim() != 1 or not w.dtype.is_floating_point or w.numel() == 0:
+        raise ValueError(f"{fn}: `class_weights` must be a non-empty 1-D float tensor [C], got {w.dtype} {V._shape(w)}")
+    chk = V.ValueChecks(fn, True) if checks is None else checks
+    n = w.shape[0]
+    w_lo, w_hi = torch.aminmax(w.detach())
+    chk.require(torch.isfinite(w_lo) & torch.isfinite(w_hi), "`class_weights` contains NaN or Inf")
+    chk.require(w_lo >= 0, "`class_weights` must be >= 0 (a negative weight flips the sign of a class's loss)",
+                lambda: f", got a minimum of {float(w.min())}")
+    if lab.numel():
+        lo, hi = torch.aminmax(lab)
+        chk.require((lo >= 0) & (hi < n), f"`class_weights` has {n} entries, so `labels` must lie in [0, {n})",
+                    lambda: f", got values in [{int(lab.min())}, {int(lab.max())}]")
+    if checks is None:
+        chk.run()
     return w
 
 
-def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, what="anchor"):
-    """Raise (naming k_pos / k_neg) unless every row has enough candidates or ``allow_fewer``."""
+def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, checks: V.ValueChecks, what="anchor", note=""):
+    """Register on ``checks``: every row has at least ``k_pos`` same-class and ``k_neg`` other-class keys
+    (skipped with ``allow_fewer``). Fails naming k_pos / k_neg."""
     if allow_fewer or a_lab.numel() == 0 or (k_pos == 0 and k_neg == 0):
         return
     same = match_counts(a_lab, k_lab)
     for name, k, cnt, kind in (("k_pos", k_pos, same, "same-class"),
                                ("k_neg", k_neg, k_lab.numel() - same, "other-class")):
-        if k and k > int(cnt.min()):
+        if not k:
+            continue
+
+        def detail(cnt=cnt, kind=kind):
             i = int(cnt.argmin())
-            raise ValueError(f"{fn}: `{name}`={k} but {what} {i} (class {int(a_lab[i])}) has only {int(cnt[i])} "
-                             f"{kind} keys; lower `{name}` or pass allow_fewer=True (missing slots become -1)")
+            return f": {what} {i} (class {int(a_lab[i])}) has only {int(cnt[i])} {kind} keys"
+        chk_msg = (f"`{name}`={k} is more than some {what} has {kind} keys; lower `{name}` or pass "
+                   f"allow_fewer=True (missing slots become -1){note}")
+        checks.require(cnt.min() >= k, chk_msg, detail)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,15 +228,19 @@ def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, 
     V.check_labels(fn, "key_labels", key_labels, keys.shape[0], anchors.device, "one per key")
     k_pos = V.check_int(fn, "k_pos", k_pos, 0)
     k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    V.check_finite(fn, "anchors", anchors, check_finite)
-    V.check_finite(fn, "keys", keys, check_finite)
+    V.check_bool(fn, "allow_fewer", allow_fewer)
+    backends.check_backend_name(backend, fn)
+    chk = V.ValueChecks(fn, check_finite)
+    chk.finite("anchors", anchors)
+    chk.finite("keys", keys)
     a_lab, k_lab = anchor_labels.to(torch.int64), key_labels.to(torch.int64)
-    _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer)
+    reference = backend == "reference"
+    _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer and not reference, chk,
+                note=" (backend='reference' cannot pad)" if reference and allow_fewer else "")
+    chk.run()
     impl = resolve_mining(backend, anchors.device, fn)
     if impl is None:
         from .. import reference as R
-        if allow_fewer:
-            _candidates(fn, a_lab, k_lab, k_pos, k_neg, False)  # the reference cannot pad
         return R.hard_pair_mining(anchors, a_lab, keys, k_lab, k_pos=k_pos, k_neg=k_neg)
     return impl(anchors.detach(), a_lab, keys.detach(), k_lab, k_pos, k_neg)
 
@@ -294,18 +314,23 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], dev, "one per queue row")
     k_pos = V.check_int(fn, "k_pos", k_pos, 0)
     k_neg = V.check_int(fn, "k_neg", k_neg, 0)
-    V.check_finite(fn, "features", features, check_finite)
-    V.check_finite(fn, "queue", queue, check_finite)
+    V.check_bool(fn, "allow_fewer", allow_fewer)
+    chk = V.ValueChecks(fn, check_finite)
+    chk.finite("features", features)
+    chk.finite("queue", queue)
     lab = labels.to(torch.int64).repeat(Vw)
     q_lab = queue_labels.to(torch.int64)
-    w = check_class_weights(fn, class_weights, lab, dev)
-    _candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer, what="anchor (flattened row)")
-    if backend == "reference":
-        if allow_fewer:
-            _candidates(fn, lab, q_lab, k_pos, k_neg, False, what="anchor (flattened row)")
+    w = check_class_weights(fn, class_weights, lab, dev, chk)
+    reference = backend == "reference"
+    _candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer and not reference, chk, what="anchor (flattened row)",
+                note=" (backend='reference' cannot pad)" if reference and allow_fewer else "")
+    chk.run()  # the one host read (none with check_finite=False: a failed condition then makes the loss NaN)
+    if reference:
         from .. import reference as R
-        return R.rescom(features, labels, queue, queue_labels, k_pos=k_pos, k_neg=k_neg, temperature=tau,
-                        class_weights=class_weights, reduction=reduction)
+        y = labels if w is None else labels.clamp(0, w.shape[0] - 1)  # in range unless the loss is poisoned
+        return chk.poison(reference_output(R.rescom(features, y, queue, queue_labels, k_pos=k_pos, k_neg=k_neg,
+                                                    temperature=tau, class_weights=w, reduction=reduction),
+                                           features))
 
     miner = resolve_mining(backend, dev, fn)
     eng = backends.resolve(backend, dev, "rowstats", fn)
@@ -314,7 +339,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
 
     inv_tau = 1.0 / tau
     # batch block: every other batch column, positives = same class (self excluded), through the engine
-    st = row_stats(eng, X, X, lab, lab, self_offset=0, inv_tau=inv_tau)
+    st = row_stats(eng, X, X, lab, lab, self_offset=0, inv_tau=inv_tau, fn=fn)
     loss = rescom_from_stats(st, match_counts(lab, lab) - 1, X.shape[0] - 1, X, lab, keys, pos_idx, neg_idx,
                              inv_tau, w)
-    return reduce(loss, reduction)
+    return chk.poison(reduce(loss, reduction))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .. import backends
 from ..engine.ssl_contract import SSLConfig, ssl_row_stats
-from ._common import reduce
+from ._common import reduce, reference_output
 
 def _engine(backend, device, fn):
     """The engine for the "ssl" operation; None means the dense reference."""
@@ -24,26 +24,27 @@ def _engine(backend, device, fn):
 
 
 def _two_views(fn, z1, z2, check_finite):
+    """Validate the two views; their finiteness is checked with one host read (none with check_finite=False)."""
     V.check_features(fn, "z1", z1, ranks=(2,))
     V.check_features(fn, "z2", z2, ranks=(2,))
     V.check_same(fn, "z2", z2, z1, "z1")
     if z1.shape != z2.shape:
         raise ValueError(f"{fn}: `z1` and `z2` must have the same shape [B, D], got {V._shape(z1)} and {V._shape(z2)}")
-    V.check_finite(fn, "z1", z1, check_finite)
-    V.check_finite(fn, "z2", z2, check_finite)
+    chk = V.ValueChecks(fn, check_finite)
+    chk.finite("z1", z1)
+    chk.finite("z2", z2)
+    chk.run()
 
 
-def _check_bool(fn, name, v):
-    if not isinstance(v, bool):
-        raise TypeError(f"{fn}: `{name}` must be True or False, got {v!r}")
+_check_bool = V.check_bool
 
 
-def _two_view_stats(eng, z1, z2, temperature, cfg):
+def _two_view_stats(eng, z1, z2, temperature, cfg, fn):
     """SSL row statistics of the 2B anchors [z1; z2]; the positive of i is (i + B) mod 2B."""
     B = z1.shape[0]
     X = torch.cat([z1, z2], 0)
     rows = torch.arange(2 * B, device=X.device)
-    return ssl_row_stats(eng, X, X, (rows + B) % (2 * B), self_offset=0, inv_tau=1.0 / temperature, cfg=cfg)
+    return ssl_row_stats(eng, X, X, (rows + B) % (2 * B), self_offset=0, inv_tau=1.0 / temperature, cfg=cfg, fn=fn)
 
 
 def _log1mexp(x):
@@ -93,8 +94,9 @@ def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean
     eng = _engine(backend, z1.device, fn)
     if eng is None:
         from .. import reference as R
-        return R.dcl(z1, z2, temperature=t, tau_plus=tau_plus, debiased=debiased, reduction=reduction)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,)))
+        return reference_output(R.dcl(z1, z2, temperature=t, tau_plus=tau_plus, debiased=debiased,
+                                      reduction=reduction), z1)
+    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,)), fn)
     M = 2 * z1.shape[0] - 2
     if M == 0:  # no negatives: Ng = 0, ℓ = 0
         return reduce(0.0 * st.pos, reduction)
@@ -119,8 +121,9 @@ def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", ba
     eng = _engine(backend, z1.device, fn)
     if eng is None:
         from .. import reference as R
-        return R.hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, reduction=reduction)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(beta, 1.0 + beta)))
+        return reference_output(R.hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, reduction=reduction),
+                                z1)
+    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(beta, 1.0 + beta)), fn)
     M = 2 * z1.shape[0] - 2
     if M == 0:
         return reduce(0.0 * st.pos, reduction)
@@ -151,8 +154,9 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
         eng = backends.get_engine("torch")  # the CUDA extension has no Bayesian-rank kernel (Triton has)
     if eng is None:
         from .. import reference as R
-        return R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t, reduction=reduction)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,), bayes=(alpha, beta, tau_plus)))
+        return reference_output(R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t,
+                                              reduction=reduction), z1)
+    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,), bayes=(alpha, beta, tau_plus)), fn)
     return _finish(st.lse[0], st.pos, reduction)  # lse = log Σ ω e; −inf (Ng = 0) gives ℓ = 0
 
 
@@ -175,7 +179,7 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     if embeddings.shape[0] % 2:
         raise ValueError(f"{fn}: `embeddings` must have an even number of rows (interleaved pairs), "
                          f"got {embeddings.shape[0]}")
-    V.check_finite(fn, "embeddings", embeddings, check_finite)
+    V.check_finite(fn, "embeddings", embeddings, V.check_bool(fn, "check_finite", check_finite))
     lower = V.check_range(fn, "lower", lower, 0.0, 1.0)
     upper = V.check_range(fn, "upper", upper, 0.0, 1.0)
     if lower > upper:
@@ -187,14 +191,14 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     eng = _engine(backend, embeddings.device, fn)
     if eng is None:
         from .. import reference as R
-        return R.mttv(embeddings, lower=lower, upper=upper, temperature=t, filter=filter,
-                      official_self_term=official_self_term, reduction=reduction)
+        return reference_output(R.mttv(embeddings, lower=lower, upper=upper, temperature=t, filter=filter,
+                                       official_self_term=official_self_term, reduction=reduction), embeddings)
     Z = F.normalize(embeddings, dim=1)
     n = Z.shape[0]
     partner = torch.arange(n, device=Z.device) ^ 1
     cfg = SSLConfig(scales=(1.0,), exclude_partner=False, include_self=official_self_term, filter=filter,
                     lower=lower, upper=upper)
-    st = ssl_row_stats(eng, Z, Z, partner, self_offset=0, inv_tau=1.0 / t, cfg=cfg)
+    st = ssl_row_stats(eng, Z, Z, partner, self_offset=0, inv_tau=1.0 / t, cfg=cfg, fn=fn)
     lse, kept = st.lse[0], st.pos_in > 0
     if official_self_term:
         # e^{s⁺} / (e^{lse} − e^{1/t}), scaled by e^{−1/t} (cos <= 1, so nothing overflows)

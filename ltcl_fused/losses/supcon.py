@@ -6,7 +6,7 @@ import torch
 from .. import _validation as V
 from .. import backends
 from ..engine import row_stats
-from ._common import build_contrast, match_counts, reduce
+from ._common import build_contrast, match_counts, reduce, reference_output
 
 
 def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, contrast_mode="all",
@@ -24,16 +24,17 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, co
     tau_b = tau if base_temperature is None else V.check_positive(fn, "base_temperature", base_temperature)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
     backends.check_backend_name(backend, fn)
+    chk = V.ValueChecks(fn, check_finite)
+    P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
+                       contrast_mode=contrast_mode, normalize=normalize, checks=chk)
+    chk.run()
     if backend == "reference":
         from .. import reference as R
-        V.check_features(fn, "features", features)
-        return R.supcon(features, labels, temperature=tau, base_temperature=base_temperature,
-                        contrast_mode=contrast_mode, normalize=normalize, ref_features=ref_features,
-                        ref_labels=ref_labels, reduction=reduction)
-    P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
-                       contrast_mode=contrast_mode, normalize=normalize, check_finite=check_finite)
+        return reference_output(R.supcon(features, labels, temperature=tau, base_temperature=base_temperature,
+                                         contrast_mode=contrast_mode, normalize=normalize, ref_features=ref_features,
+                                         ref_labels=ref_labels, reduction=reduction), features)
     eng = backends.resolve(backend, features.device, "rowstats", fn)
-    st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau)
+    st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, fn=fn)
     return reduce(supcon_from_stats(st.lse, st.pos_sum, match_counts(P.a_lab, P.c_lab) - 1, tau / tau_b), reduction)
 
 

@@ -4,6 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._common import masked_logsumexp
+
 
 def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", official_self_term=False,
          reduction="mean"):
@@ -38,17 +40,23 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
         kept = ~dropped
     rows = torch.arange(n, device=z.device)
     partner = rows ^ 1                               # 2k <-> 2k+1
-    e = torch.exp(cos / temperature)
-    zero = torch.zeros_like(e)
-    if official_self_term:
-        denom = torch.where(kept, e, zero).sum(dim=1) - math.exp(1.0 / temperature)
-    else:
-        not_self = rows[:, None] != rows[None, :]
-        denom = torch.where(kept & not_self, e, zero).sum(dim=1)
+    # log domain throughout: s = cos/t reaches 1/t (1e4 at t = 1e-4), so exp(s) itself would overflow
+    s = cos / temperature
     pos_kept = kept[rows, partner]
-    num = e[rows, partner]
-    safe_denom = torch.where(pos_kept, denom, torch.ones_like(denom))
-    r = torch.where(pos_kept, num / safe_denom, torch.zeros_like(num))
+    s_pos = s[rows, partner]
+    if official_self_term:
+        # r = e^{s⁺} / (Σ_kept e^s − e^{1/t}), numerator and denominator scaled by e^{−1/t} (cos <= 1: no overflow)
+        lse = masked_logsumexp(s, kept)
+        den = torch.expm1(torch.where(pos_kept, lse, torch.zeros_like(lse)) - 1.0 / temperature)
+        r = torch.where(pos_kept, torch.exp(s_pos - 1.0 / temperature) / torch.where(pos_kept, den, -1.0),
+                        torch.zeros_like(s_pos))
+        if reduction == "none":
+            return r
+        return -torch.log(r.mean())
+    not_self = rows[:, None] != rows[None, :]
+    lse = masked_logsumexp(s, kept & not_self)       # finite wherever the positive is kept (it is in the set)
+    log_r = torch.where(pos_kept, s_pos - torch.where(pos_kept, lse, s_pos), torch.full_like(s_pos, -math.inf))
     if reduction == "none":
-        return r
-    return -torch.log(r.mean())
+        return torch.exp(log_r)
+    # L = −log((1/2B) Σ_i r_i) = log 2B − log Σ_i r_i; +inf when no positive is kept
+    return math.log(n) - masked_logsumexp(log_r[None, :], pos_kept[None, :])[0]

@@ -4,6 +4,7 @@ Hard pair mining, the mined supervised contrastive loss L_con, effective-number 
 Balanced Softmax L_cls and the class-balanced queue.
 """
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +91,20 @@ def effective_number_weights(class_counts, beta):
     Conventions: β = 0 gives all ones; β = 1 uses the limit ``E_c = n_c``. A class with ``n_c = 0`` has
     ``E_c = 0``: it gets weight 0 (it has no sample to weight) and is left out of ``mean(E)``, so the
     weights of the other classes are those of the same counts without the empty class (β = 0 still gives
-    ones for every present class). β must lie in [0, 1] and counts must be >= 0.
+    ones for every present class). β must lie in [0, 1] and counts must be finite and >= 0 (a NaN count is
+    an error, not an empty class).
     """
-    n = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    fn = "ltcl_fused.effective_number_weights"
+    n = torch.as_tensor(class_counts)
+    if n.dtype == torch.bool or n.dtype.is_complex or n.dim() != 1 or n.numel() == 0:
+        raise ValueError(f"{fn}: `class_counts` must be a non-empty 1-D sequence or tensor of numbers [C], "
+                         f"got {n.dtype} of shape {list(n.shape)}")
+    n = n.to(torch.float64)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"{fn}: `beta` must be a number in [0, 1], got {beta!r}")
     beta = float(beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if (n < 0).any():
-        raise ValueError("class_counts must be non-negative")
+    if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
+        raise ValueError(f"{fn}: `class_counts` must be finite and >= 0, got {n.tolist()}")
     present = n > 0
     if beta == 0.0:
         E = present.to(torch.float64)                   # 1 − 0^{n}: 1 for n >= 1
@@ -117,7 +124,7 @@ def siamese_balanced_softmax(logits, labels, class_counts, *, reduction="mean"):
     ``logits`` is ``[N, C]`` or a list/tuple of per-view ``[N_v, C]`` logits (concatenated, so "mean" is the
     mean over all rows of all views, as ResCom's CE over the concatenated 2b rows). ``labels`` is a tensor
     with one label per row, a list/tuple matching the views, or (for a list of views) one tensor shared by
-    every view.
+    every view. The loss is float32 (float64 for float64 logits); the log-prior is computed in that dtype.
     """
     if isinstance(logits, (list, tuple)):
         n_views = len(logits)
@@ -129,10 +136,18 @@ def siamese_balanced_softmax(logits, labels, class_counts, *, reduction="mean"):
             if labels.numel() != total:
                 labels = labels.repeat(n_views)      # the same labels for every view
         logits = torch.cat(list(logits), dim=0)
-    labels = torch.as_tensor(labels, device=logits.device).reshape(-1)
-    counts = torch.as_tensor(class_counts, device=logits.device).to(logits.dtype).reshape(-1)
-    prior = counts / counts.sum()
-    return F.cross_entropy(logits + torch.log(prior + 1e-9), labels, reduction=reduction)
+    labels = torch.as_tensor(labels, device=logits.device).reshape(-1).to(torch.int64)
+    # the log-prior in float32 (float64 for float64 logits): in fp16 Σn overflows past 65504 and 1e-9 underflows
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    counts = torch.as_tensor(class_counts, device=logits.device).to(acc).reshape(-1)
+    log_prior = torch.log(counts / counts.sum() + 1e-9)
+    return F.cross_entropy(logits.to(acc) + log_prior, labels, reduction=reduction)
+
+
+def _positive_int(fn, name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
+        raise ValueError(f"{fn}: `{name}` must be an integer >= 1, got {v!r}")
+    return int(v)
 
 
 class ClassBalancedQueue(torch.nn.Module):
@@ -145,11 +160,12 @@ class ClassBalancedQueue(torch.nn.Module):
 
     def __init__(self, num_classes, size_per_class, dim, dtype=torch.float32):
         super().__init__()
-        self.num_classes = int(num_classes)
-        self.size_per_class = int(size_per_class)
-        self.dim = int(dim)
-        if self.num_classes < 1 or self.size_per_class < 1:
-            raise ValueError("num_classes and size_per_class must be >= 1")
+        fn = "ltcl_fused.ClassBalancedQueue"
+        self.num_classes = _positive_int(fn, "num_classes", num_classes)
+        self.size_per_class = _positive_int(fn, "size_per_class", size_per_class)
+        self.dim = _positive_int(fn, "dim", dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{fn}: `dtype` must be a floating torch.dtype, got {dtype!r}")
         C, K = self.num_classes, self.size_per_class
         self.register_buffer("features", torch.zeros(C * K, self.dim, dtype=dtype))
         self.register_buffer("labels", torch.arange(C, dtype=torch.int64).repeat_interleave(K))
@@ -160,28 +176,53 @@ class ClassBalancedQueue(torch.nn.Module):
         """Hook for a distributed variant (all-gather across ranks); identity here."""
         return features, labels
 
+    def _check(self, fn, features, labels):
+        if not isinstance(features, torch.Tensor) or not features.dtype.is_floating_point:
+            raise TypeError(f"{fn}: `features` must be a floating torch.Tensor [n, {self.dim}], got "
+                            f"{features.dtype if isinstance(features, torch.Tensor) else type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"{fn}: `features` must be [n, {self.dim}] (the queue's `dim`), got shape "
+                             f"{list(features.shape)}")
+        labels = torch.as_tensor(labels)
+        if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+            raise TypeError(f"{fn}: `labels` must be integer class ids, got {labels.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"{fn}: `labels` must have shape [{features.shape[0]}] (one per row of `features`), "
+                             f"got {list(labels.shape)}")
+        return labels
+
     @torch.no_grad()
     def enqueue(self, features, labels):
         """Write detached ``features [n, D]`` into their classes' ring buffers, in input order.
 
-        If more than K rows of one class arrive, the last K of them remain.
+        If more than K rows of one class arrive, the last K of them remain. One host read (the label-range
+        check); the update itself is vectorised (no per-class loop, no further sync).
         """
-        features, labels = self._gather(features.detach(), torch.as_tensor(labels).reshape(-1))
-        labels = labels.to(self.labels.device)
+        fn = f"ltcl_fused.{type(self).__name__}.enqueue"
+        labels = self._check(fn, features, labels)
+        features, labels = self._gather(features.detach(), labels)
+        labels = labels.to(device=self.labels.device, dtype=torch.int64)
         features = features.to(device=self.features.device, dtype=self.features.dtype)
-        K = self.size_per_class
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes})")
-        for c in torch.unique(labels).tolist():
-            rows = features[labels == c]                       # this class's rows, input order
-            n = rows.shape[0]
-            start = int(self.ptr[c])
-            offsets = torch.arange(n, device=rows.device)
-            keep = offsets >= n - K                            # earlier rows would be overwritten anyway
-            slots = c * K + (start + offsets[keep]) % K        # distinct slots
-            self.features[slots] = rows[keep]
-            self.ptr[c] = (start + n) % K
-            self.filled[c] = min(int(self.filled[c]) + n, K)
+        C, K, n = self.num_classes, self.size_per_class, labels.numel()
+        if n == 0:
+            return
+        lo, hi = torch.aminmax(labels)
+        if not bool((lo >= 0) & (hi < C)):
+            raise ValueError(f"{fn}: `labels` must lie in [0, {C}) (the queue's `num_classes`), got values in "
+                             f"[{int(lo)}, {int(hi)}]")
+        order = torch.sort(labels, stable=True).indices       # rows grouped by class, input order within a class
+        lab = labels[order]
+        cnt = torch.zeros(C, dtype=torch.int64, device=lab.device).index_add_(0, lab, torch.ones_like(lab))
+        first = torch.cumsum(cnt, 0) - cnt                    # sorted position of each class's first row
+        rank = torch.arange(n, device=lab.device) - first[lab]  # rank of the row within its class
+        # the row of rank r goes to slot (ptr + r) mod K; of the rows sharing a slot the last one (rank
+        # r + K·m, m the smallest with r + K·m >= n_c − K) remains: every row writes that one's features, so
+        # the duplicate slots of index_put_ all carry the same value
+        m = torch.div(cnt[lab] - K - rank + (K - 1), K, rounding_mode="floor").clamp(min=0)
+        winner = order[first[lab] + rank + K * m]
+        self.features[lab * K + (self.ptr[lab] + rank) % K] = features[winner]
+        self.ptr.copy_((self.ptr + cnt) % K)
+        self.filled.copy_((self.filled + cnt).clamp(max=K))
 
     def keys(self):
         """``(features, labels)`` of the filled slots only, in slot order."""
