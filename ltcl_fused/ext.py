@@ -173,9 +173,12 @@ def _register_python_side() -> None:
         from .engine.function import backward_coefficients, dominant_is_negative
         cpos, cposf, cneg, r, rt = backward_coefficients(
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
-        dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
-                                                   inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,
-                                                   r, rt)
+        with torch.no_grad():  # first-order only: a second differentiation raises (engine/first_order.py)
+            dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
+                                                       inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,
+                                                       r, rt)
+        from .engine.first_order import first_order
+        dA, dC = first_order("torch.ops.ltcl_fused.rowstats_fwd", A.device.type, (dA, dC), (A, C))
         return dA, dC, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltcl_fused::rowstats_fwd", _backward, setup_context=_setup)
@@ -210,7 +213,10 @@ def _register_ssl_python_side() -> None:
         A, C, partner, lse = ctx.saved_tensors
         coef = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype).contiguous()
         cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
-        dA, dC = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *ctx.cfg, lse, coef, cpos)
+        with torch.no_grad():  # first-order only: a second differentiation raises (engine/first_order.py)
+            dA, dC = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *ctx.cfg, lse, coef, cpos)
+        from .engine.first_order import first_order
+        dA, dC = first_order("torch.ops.ltcl_fused.ssl_fwd", A.device.type, (dA, dC), (A, C))
         return (dA, dC) + (None,) * 10
 
     torch.library.register_autograd("ltcl_fused::ssl_fwd", _ssl_backward, setup_context=_ssl_setup)

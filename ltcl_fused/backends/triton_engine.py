@@ -68,6 +68,8 @@ class TritonEngine(Engine):
                 return None
             try:
                 self._ops = _load_kernels()
+                # imported now, not on the first ssl call: torch.compile cannot trace an import
+                self._ssl_ops = importlib.import_module(_KERNELS + ".ssl_ops")
             except Exception as e:
                 self._reason = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
         return self._ops

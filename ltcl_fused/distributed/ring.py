@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..engine.contract import acc_dtype, focal_terms, logp_given_stats
+from ..engine.first_order import first_order
 from ..engine.function import RowStats, backward_coefficients, dominant_is_negative
 from .gather import global_rank, world
 
@@ -176,6 +177,14 @@ class _RingRowStatsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
+        with torch.no_grad():  # first-order only (ltcl_fused/engine/first_order.py)
+            dA, dX, *rest = _RingRowStatsFn._backward(ctx, g_lse, g_pos, g_fpos, g_fneg)
+        A, X = ctx.saved_tensors[:2]
+        dA, dX = first_order("ltcl_fused.distributed (mode='ring')", ctx.cfg[5].name, (dA, dX), (A, X))
+        return (dA, dX, *rest)
+
+    @staticmethod
+    def _backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
         A, X, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, best, top, lrest = ctx.saved_tensors
         sizes, anchor_offset, inv_tau, gamma, focal, engine, group = ctx.cfg
         offs = torch.tensor(_Ring(group, sizes).offsets[:-1], dtype=torch.int64, device=lse.device)

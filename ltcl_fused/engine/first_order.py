@@ -18,16 +18,22 @@ def message(fn: str, backend: str) -> str:
             f"penalties) is not supported. Use backend='reference' (dense, differentiable twice) for that.")
 
 
-def first_order(fn: str, backend: str, *grads):
+def first_order(fn: str, backend: str, grads, inputs):
     """``grads`` (computed under ``no_grad``), marked so that a second differentiation raises; unchanged when
-    no graph is being recorded (the ordinary ``create_graph=False`` backward)."""
+    no graph is being recorded (the ordinary ``create_graph=False`` backward).
+
+    The marking node takes the forward's differentiable ``inputs`` (the saved A, C) as extra inputs, so a
+    second ``autograd.grad``/``backward`` towards the features always passes through it and raises; without
+    them the graph of the gradients would end at detached leaves and the features would look unused (or,
+    with other paths to them such as ``normalize=True``, give a silently wrong Hessian-vector product)."""
     if not torch.is_grad_enabled():
-        return grads
+        return tuple(grads)
     live = [i for i, g in enumerate(grads) if g is not None]
-    if not live:
-        return grads
-    err = torch._C._functions.DelayedError(message(fn, backend), len(live))
-    marked = err(*[grads[i].detach().requires_grad_() for i in live])
+    anchors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not live or not anchors:
+        return tuple(grads)
+    err = torch._C._functions.DelayedError(message(fn, backend), len(live) + len(anchors))
+    marked = err(*[grads[i].detach().requires_grad_() for i in live], *anchors)
     if not isinstance(marked, (tuple, list)):
         marked = (marked,)
     out = list(grads)

@@ -54,8 +54,8 @@ class _RowStatsFn(torch.autograd.Function):
         with torch.no_grad():  # first-order only (see first_order.py)
             dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
                                               gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
-        dA, dC = first_order(ctx.fn, engine.name, dA if ctx.needs_input_grad[0] else None,
-                             dC if ctx.needs_input_grad[1] else None)
+        dA, dC = first_order(ctx.fn, engine.name, (dA if ctx.needs_input_grad[0] else None,
+                                                   dC if ctx.needs_input_grad[1] else None), (A, C))
         return (dA, dC, None, None, None, None, None, None, None, None, None, None)
 
 

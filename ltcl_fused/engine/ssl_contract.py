@@ -211,8 +211,8 @@ class _SSLRowStatsFn(torch.autograd.Function):
         cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
         with torch.no_grad():  # first-order only (see first_order.py)
             dA, dC = engine.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos)
-        dA, dC = first_order(ctx.fn, engine.name, dA if ctx.needs_input_grad[0] else None,
-                             dC if ctx.needs_input_grad[1] else None)
+        dA, dC = first_order(ctx.fn, engine.name, (dA if ctx.needs_input_grad[0] else None,
+                                                   dC if ctx.needs_input_grad[1] else None), (A, C))
         return (dA, dC, None, None, None, None, None, None)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +86,35 @@ _MINERS = {"torch": (_torch_mine, lambda device: None), "triton": (_triton_mine,
 _warned = set()
 
 
+def _impl(name: str):
+    """The mining function of backend ``name`` (an engine's own ``mine`` first, then the built-in table)."""
+    eng = backends.get_engine(name)
+    if "mining" in eng.ops and hasattr(eng, "mine"):
+        return eng.mine
+    return _MINERS[name][0]
+
+
 def resolve_mining(backend: str, device: torch.device, fn: str):
     """The mining function for ``backend`` on ``device``; None means the dense reference.
 
     An engine that lists ``"mining"`` in its ``ops`` and has a ``mine`` method (same contract) takes
     precedence over the built-in table, so the engines can take the op over without changes here.
     """
+    name = _resolve_mining_name(backend, device, fn)
+    return None if name is None else _impl(name)
+
+
+def _mining_name(backend: str, device_type: str, device_index, fn: str):
+    # Runs eagerly even under torch.compile (the choice is a constant of the compiled graph), like
+    # backends._resolve_name; the C++ extension is built or loaded here, never while tracing.
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    return _resolve_mining_name(backend, device, fn)
+
+
+_mining_name._dynamo_marked_constant = True
+
+
+def _resolve_mining_name(backend: str, device: torch.device, fn: str):
     backends.check_backend_name(backend, fn)
     if backend == "reference":
         return None
@@ -99,24 +122,44 @@ def resolve_mining(backend: str, device: torch.device, fn: str):
     for name in names:
         eng = backends.get_engine(name)
         if "mining" in eng.ops and hasattr(eng, "mine"):
-            impl, reason = eng.mine, eng.unavailable_reason(device)
+            reason = eng.unavailable_reason(device)
         elif name in _MINERS:
-            impl, why = _MINERS[name]
-            reason = eng.unavailable_reason(device) or why(device)
+            reason = eng.unavailable_reason(device) or _MINERS[name][1](device)
         else:
             if backend != "auto":
                 raise NotImplementedError(f"{fn}: backend {name!r} does not implement hard-pair mining yet; "
                                           f"use backend='torch', 'triton', 'cpu' or 'auto'")
             continue
         if reason is None:
-            return impl
+            return name
         if backend != "auto":
             raise backends.BackendUnavailable(f"{fn}: backend {name!r} is unavailable: {reason}")
         if (name, reason) not in _warned:
             _warned.add((name, reason))
             warnings.warn(f"ltcl_fused: backend {name!r} unavailable for mining ({reason}); falling back",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
     raise backends.BackendUnavailable(f"{fn}: no backend can run hard-pair mining on device {device}")
+
+
+@torch.library.custom_op("ltcl_fused::mine", mutates_args=())
+def _mine_op(A: torch.Tensor, a_lab: torch.Tensor, K: torch.Tensor, k_lab: torch.Tensor, k_pos: int, k_neg: int,
+             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mining on backend ``backend`` as one opaque op: torch.compile never traces the miners' host code
+    (the C++ op, the Triton launcher, the streaming PyTorch loop); the indices carry no gradient."""
+    pos_idx, neg_idx = _impl(backend)(A, a_lab, K, k_lab, k_pos, k_neg)
+    return pos_idx.to(torch.int64).contiguous(), neg_idx.to(torch.int64).contiguous()
+
+
+@_mine_op.register_fake
+def _mine_fake(A, a_lab, K, k_lab, k_pos, k_neg, backend):
+    M = A.shape[0]
+    return A.new_empty((M, k_pos), dtype=torch.int64), A.new_empty((M, k_neg), dtype=torch.int64)
+
+
+def _mine(backend_name, A, a_lab, K, k_lab, k_pos, k_neg):
+    if backend_name == "torch":  # plain PyTorch without host syncs: torch.compile traces it as it is
+        return _torch_mine(A.detach(), a_lab, K.detach(), k_lab, int(k_pos), int(k_neg))
+    return _mine_op(A.detach(), a_lab, K.detach(), k_lab, int(k_pos), int(k_neg), backend_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,11 +281,11 @@ def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, 
     _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer and not reference, chk,
                 note=" (backend='reference' cannot pad)" if reference and allow_fewer else "")
     chk.run()
-    impl = resolve_mining(backend, anchors.device, fn)
-    if impl is None:
+    name = _mining_name(backend, anchors.device.type, anchors.device.index, fn)
+    if name is None:
         from .. import reference as R
         return R.hard_pair_mining(anchors, a_lab, keys, k_lab, k_pos=k_pos, k_neg=k_neg)
-    return impl(anchors.detach(), a_lab, keys.detach(), k_lab, k_pos, k_neg)
+    return _mine(name, anchors, a_lab, keys, k_lab, k_pos, k_neg)
 
 
 class _GatheredSim(torch.autograd.Function):
@@ -332,10 +375,10 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
                                                     temperature=tau, class_weights=w, reduction=reduction),
                                            features))
 
-    miner = resolve_mining(backend, dev, fn)
+    miner = _mining_name(backend, dev.type, dev.index, fn)
     eng = backends.resolve(backend, dev, "rowstats", fn)
     keys = queue.detach()
-    pos_idx, neg_idx = miner(X.detach(), lab, keys, q_lab, k_pos, k_neg)
+    pos_idx, neg_idx = _mine(miner, X, lab, keys, q_lab, k_pos, k_neg)
 
     inv_tau = 1.0 / tau
     # batch block: every other batch column, positives = same class (self excluded), through the engine
