@@ -4,12 +4,11 @@ backward, for every loss on the torch, cpu and (interpreted) triton backends. Th
 host code behind a torch.library op are opaque here (one op each)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ltcl_fused as lf
-from ltcl_fused import backends
+from loss_cases import FUSED, LOSSES, cases, problem, require
 
 aten = torch.ops.aten
 #: aten ops whose result (a Python scalar or a data-dependent shape) needs the tensor's values on the host
@@ -85,55 +84,24 @@ def test_the_recorder_sees_every_kind_of_read():
     assert host_reads(lambda: (x @ x.T).logsumexp(1).sum()) == []
 
 
-def _available(name):
-    reason = backends.get_engine(name).unavailable_reason(torch.device("cpu"))
-    if reason is not None:
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
-
-
-def _cases():
-    g = torch.Generator().manual_seed(0)
-    B, D, C = 6, 8, 3
-    x = F.normalize(torch.randn(B, 2, D, generator=g), dim=-1)
-    y = torch.arange(B) % C
-    P = torch.randn(C, D, generator=g)
-    R = torch.randn(4, D, generator=g)
-    Q = F.normalize(torch.randn(12, D, generator=g), dim=-1)
-    ql = torch.arange(12) % C
-    w = torch.tensor([1.0, 2.0, 0.5])
-    return {
-        "supcon": lambda f, kw: lf.supcon(f, y, ref_features=R, ref_labels=torch.arange(4) % C, **kw),
-        "afcl": lambda f, kw: lf.afcl(f, y, gamma=1.0, eta=1.0, **kw),
-        "fcl": lambda f, kw: lf.fcl(f, y, **kw),
-        "acl": lambda f, kw: lf.acl(f, y, **kw),
-        "bcl": lambda f, kw: lf.bcl(f, y, P, **kw),
-        "rescom": lambda f, kw: lf.rescom(f, y, Q, ql, k_pos=2, k_neg=3, class_weights=w, **kw),
-        "dcl": lambda f, kw: lf.dcl(f[:, 0], f[:, 1], **kw),
-        "hcl": lambda f, kw: lf.hcl(f[:, 0], f[:, 1], **kw),
-        "bayesian_cl": lambda f, kw: lf.bayesian_cl(f[:, 0], f[:, 1], **kw),
-        "mttv": lambda f, kw: lf.mttv(f.reshape(2 * B, D), **kw),
-    }, x
-
-
-CASES, X = _cases()
-
-
 @pytest.mark.parametrize("check_finite", [True, False], ids=["checked", "unchecked"])
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-@pytest.mark.parametrize("loss", sorted(CASES))
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_one_training_step_reads_the_host_at_most_once(loss, backend, check_finite):
-    _available(backend)
-    CASES[loss](X, dict(backend=backend))  # warm-up: builds/loads the backend outside the recording
-    f = X.clone().requires_grad_()
-    reads = host_reads(lambda: CASES[loss](f, dict(backend=backend, check_finite=check_finite)).backward())
+    require(backend)
+    x, extra = problem(torch.float32)
+    call = cases(extra)[loss]
+    call(x, backend=backend)  # warm-up: builds/loads the backend outside the recording
+    f = x.clone().requires_grad_()
+    reads = host_reads(lambda: call(f, backend=backend, check_finite=check_finite).backward())
     assert len(reads) <= (1 if check_finite else 0), reads
     assert f.grad is not None and bool(torch.isfinite(f.grad).all())
 
 
 @pytest.mark.parametrize("check_finite", [True, False], ids=["checked", "unchecked"])
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_hard_pair_mining_reads_the_host_at_most_once(backend, check_finite):
-    _available(backend)
+    require(backend)
     g = torch.Generator().manual_seed(1)
     A, K = torch.randn(7, 5, generator=g), torch.randn(20, 5, generator=g)
     al, kl = torch.arange(7) % 3, torch.arange(20) % 3
