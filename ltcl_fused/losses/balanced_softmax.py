@@ -21,9 +21,9 @@ def _check_logits(name, x, C=None, like=None):
         V.check_same(_FN, name, x, like, "logits[0]")
 
 
-def _labels(labels, rows):
-    """One int64 label per row of the concatenated logits (``rows`` = rows per view)."""
-    if isinstance(labels, (list, tuple)):
+def _labels(labels, rows, per_view):
+    """(name, labels, expected rows) of each labels tensor (``rows`` = rows per view of the logits)."""
+    if per_view and isinstance(labels, (list, tuple)):
         if len(labels) != len(rows):
             raise ValueError(f"{_FN}: `labels` is a list of {len(labels)} tensors but `logits` has {len(rows)} views")
         return [(f"labels[{v}]", y, n) for v, (y, n) in enumerate(zip(labels, rows))]
@@ -57,7 +57,7 @@ def siamese_balanced_softmax(logits, labels, class_counts, *, reduction="mean", 
     X = views[0] if len(views) == 1 else torch.cat(views, 0)
     C, dev = X.shape[1], X.device
     parts = []
-    for name, y, n in _labels(labels, [x.shape[0] for x in views]):
+    for name, y, n in _labels(labels, [x.shape[0] for x in views], isinstance(logits, (list, tuple))):
         V.check_labels(_FN, name, y, n, dev, "one class id per row of `logits`")
         parts.append(y.to(torch.int64))
     y = parts[0] if len(parts) == 1 else torch.cat(parts)
