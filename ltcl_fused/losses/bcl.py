@@ -15,7 +15,9 @@ def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, redu
     """BCL loss of Zhu et al. 2022 (``BalSCL``): columns are the V·B views then the C prototypes.
 
     ``D_i = Σ_c (1/|G_c \\ {i}|) Σ_{j∈G_c\\{i}} exp(s_ij)``, ``ℓ_i = −(1/|P(i)|) Σ_P (s_ip − log D_i)``,
-    mean over the V·B anchors. Gradients reach ``features`` and ``prototypes``.
+    mean over the V·B anchors. Gradients reach ``features`` and ``prototypes``. ``labels`` must lie in
+    [0, C): checked with the finiteness in one host read, or (``check_finite=False``) a label out of range
+    makes the loss NaN without any read.
     """
     fn = "ltcl_fused.bcl"
     tau = V.check_positive(fn, "temperature", temperature)

@@ -262,7 +262,8 @@ def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, 
 
     If some anchor has fewer than ``k_pos`` same-class (``k_neg`` other-class) keys, a ValueError names the
     argument; with ``allow_fewer=True`` every candidate is returned and the missing trailing slots are -1.
-    The selection is not differentiable.
+    The selection is not differentiable. The candidate-count and finiteness checks cost one host read;
+    with ``check_finite=False`` none, and a row short of candidates gets -1 slots as with ``allow_fewer``.
     """
     fn = "ltcl_fused.hard_pair_mining"
     V.check_features(fn, "anchors", anchors, ranks=(2,))
@@ -343,7 +344,9 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     ``allow_fewer=True``: an anchor whose class has fewer than ``k_pos`` keys (or fewer than ``k_neg``
     other-class keys) uses all it has (e.g. while the queue fills up); otherwise that raises ValueError.
     Gradients flow to ``features`` (anchors and batch columns); the queue gets none. The loss is float32
-    (float64 for float64 features).
+    (float64 for float64 features). ``class_weights`` must be finite and >= 0 and cover every label. All
+    value checks (finiteness, weights, candidates) cost one host read; with ``check_finite=False`` none, and
+    a failed weight or candidate condition makes the loss NaN (docs/bad_inputs.md).
     """
     fn = "ltcl_fused.rescom"
     tau = V.check_positive(fn, "temperature", temperature)
