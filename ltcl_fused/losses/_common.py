@@ -97,6 +97,14 @@ def reference_output(loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return loss.to(acc_dtype(like.dtype))
 
 
+def class_counts(lab: torch.Tensor, n_cls: int) -> torch.Tensor:
+    """``#{j: lab_j = c}`` for c in [0, n_cls) (int64), by sorting: a fixed output size (no host sync, unlike
+    ``bincount``) and deterministic on every device (unlike the atomics of ``index_add_``)."""
+    srt = torch.sort(lab).values
+    c = torch.arange(n_cls, device=lab.device, dtype=lab.dtype)
+    return torch.searchsorted(srt, c, right=True) - torch.searchsorted(srt, c)
+
+
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .. import backends
 from ..engine import row_stats
-from ._common import flatten_views, reduce, reference_output
+from ._common import class_counts, flatten_views, reduce, reference_output
 
 
 def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, reduction="mean", backend="auto",
@@ -44,9 +44,7 @@ def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, redu
     lab = base.repeat(Vw)
     c_lab = torch.cat([lab, torch.arange(n_cls, device=dev)])
     C = torch.cat([X, prototypes], 0)
-    # V·n_c + 1 per class (index_add, not bincount: a fixed output size, no host sync)
-    cnt = torch.zeros(n_cls, dtype=torch.float64, device=dev).index_add_(
-        0, c_lab, torch.ones(c_lab.shape, dtype=torch.float64, device=dev))
+    cnt = class_counts(c_lab, n_cls).to(torch.float64)  # V·n_c + 1 per class
     bias_other = (-torch.log(cnt))[c_lab]
     bias_same = (-torch.log((cnt - 1).clamp(min=1)))[c_lab]  # own class: anchor i itself is not counted
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32

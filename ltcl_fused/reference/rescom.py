@@ -212,7 +212,8 @@ class ClassBalancedQueue(torch.nn.Module):
                              f"[{int(lo)}, {int(hi)}]")
         order = torch.sort(labels, stable=True).indices       # rows grouped by class, input order within a class
         lab = labels[order]
-        cnt = torch.zeros(C, dtype=torch.int64, device=lab.device).index_add_(0, lab, torch.ones_like(lab))
+        classes = torch.arange(C, device=lab.device)  # rows per class, from the sorted labels (deterministic)
+        cnt = torch.searchsorted(lab, classes, right=True) - torch.searchsorted(lab, classes)
         first = torch.cumsum(cnt, 0) - cnt                    # sorted position of each class's first row
         rank = torch.arange(n, device=lab.device) - first[lab]  # rank of the row within its class
         # the row of rank r goes to slot (ptr + r) mod K; of the rows sharing a slot the last one (rank
