@@ -103,7 +103,7 @@ def effective_number_weights(class_counts, beta):
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"{fn}: `beta` must be a number in [0, 1], got {beta!r}")
     beta = float(beta)
-    if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
+    if not bool((torch.isfinite(n) & (n >= 0)).all()):
         raise ValueError(f"{fn}: `class_counts` must be finite and >= 0, got {n.tolist()}")
     present = n > 0
     if beta == 0.0:
