@@ -231,7 +231,7 @@ def test_empty_rows_and_n1():
         loss = fn("cpu")
         (gx,) = torch.autograd.grad(loss, [x])
         assert torch.isfinite(loss) and torch.equal(gx, torch.zeros_like(gx))
-        assert torch.allclose(loss, fn("reference"))
+        assert torch.allclose(loss, fn("reference"), rtol=1e-10, atol=1e-12)  # fp64
     st = op().rowstats_fwd(x.detach(), x.detach(), torch.tensor([0]), torch.tensor([0]), None, None, 0, 1.0, 0.0, True)
     assert st[0].item() == -math.inf and st[6].item() == -1
 
