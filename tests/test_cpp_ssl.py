@@ -13,6 +13,8 @@ from ltcl_fused import reference as R
 from ltcl_fused.backends import get_engine
 from ltcl_fused.engine.ssl_contract import SSLConfig, dense_backward, dense_forward
 
+from _truth import assert_within, check
+
 F64, F32 = torch.float64, torch.float32
 
 
@@ -61,12 +63,18 @@ def _problem(M, N, D, self_offset, dtype, seed=0, ties=False):
 
 
 def _check_engine(cfg, M, N, D, so, dtype, tol, seed=0, ties=False, inv_tau=2.0):
+    """fp64: the oracle to ``tol``; fp32 (``tol`` None): the fp64 truth rule of tests/_truth.py."""
     A, C, partner = _problem(M, N, D, so, dtype, seed=seed, ties=ties)
     st = eng().ssl_forward(A, C, partner, so, inv_tau, cfg)
     ref = dense_forward(A, C, partner, so, inv_tau, cfg)
     for name, a, b in zip(("lse", "pos", "pos_in"), st, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        if dtype == F64:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    if dtype != F64:
+        check(lambda A, C: eng().ssl_forward(A, C, partner, so, inv_tau, cfg),
+              lambda A, C: dense_forward(A, C, partner, so, inv_tau, cfg), [A, C], grad=False,
+              names=("lse", "pos", "pos_in"))
     g = torch.Generator().manual_seed(seed + 1)
     acc = ref.lse.dtype
     coef = torch.randn(ref.lse.shape, generator=g, dtype=F64).to(acc)
@@ -76,8 +84,13 @@ def _check_engine(cfg, M, N, D, so, dtype, tol, seed=0, ties=False, inv_tau=2.0)
     rA, rC = dense_backward(A, C, partner, so, inv_tau, cfg, ref.lse, coef, cpos)
     assert dA.dtype == A.dtype and dC.dtype == C.dtype
     assert torch.isfinite(dA).all() and torch.isfinite(dC).all()
-    torch.testing.assert_close(dA, rA, rtol=tol, atol=tol)
-    torch.testing.assert_close(dC, rC, rtol=tol, atol=tol)
+    if dtype == F64:
+        torch.testing.assert_close(dA, rA, rtol=tol, atol=tol)
+        torch.testing.assert_close(dC, rC, rtol=tol, atol=tol)
+    else:
+        check(lambda A, C, L, co, cp: eng().ssl_backward(A, C, partner, so, inv_tau, cfg, L, co, cp),
+              lambda A, C, L, co, cp: dense_backward(A, C, partner, so, inv_tau, cfg, L, co, cp),
+              [A, C, ref.lse, coef, cpos], grad=False, names=("dA", "dC"), value_floor=0)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -91,11 +104,11 @@ def test_engine_matches_oracle_fp64(name, M, N, D, so, monkeypatch):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_engine_matches_oracle_fp32(name):
     for M, N, D, so in SHAPES[2:]:
-        _check_engine(CONFIGS[name], M, N, D, so, F32, 2e-5)
+        _check_engine(CONFIGS[name], M, N, D, so, F32, None)
 
 
 @pytest.mark.parametrize("name", ["bayes", "bayes-a8b6", "bayes-scale2", "mttv-both", "neg"])
-@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (F32, 2e-5)])
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (F32, None)])
 def test_engine_exact_ties(name, dtype, tol):
     """Integer-valued features: many exactly tied similarities per row (ties count as <=) and filter
     values exactly on the thresholds (|g| = 0.5 etc.)."""
@@ -113,7 +126,11 @@ def test_hand_worked_bayes_ranks():
     want = torch.log((bayes_omega(u, *ab) * torch.exp(torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=F64))).sum())
     for dt in (F64, F32):
         st = eng().ssl_forward(A.to(dt), C.to(dt), torch.tensor([4]), -1, 1.0, SSLConfig(bayes=ab))
-        assert abs(float(st.lse[0, 0]) - float(want)) < (1e-12 if dt == F64 else 1e-6)
+        if dt == F64:
+            assert abs(float(st.lse[0, 0]) - float(want)) < 1e-12
+        else:  # the hand-worked value is the truth; the fp32 oracle's own error sets the bound
+            ref = dense_forward(A.to(dt), C.to(dt), torch.tensor([4]), -1, 1.0, SSLConfig(bayes=ab))
+            assert_within(st.lse[0, 0], ref.lse[0, 0], want, what="lse")
         assert float(st.pos[0]) == 5.0 and float(st.pos_in[0]) == 0.0
 
 
@@ -123,26 +140,28 @@ def test_signed_zeros_tie():
     C = torch.tensor([[-0.0], [0.0], [1.0], [-1.0], [-0.0], [0.5]], dtype=F64)
     partner = torch.tensor([5, -1])
     cfg = SSLConfig(bayes=(0.7, 0.6, 0.2))
-    for dt in (F64, F32):
-        st = eng().ssl_forward(A.to(dt), C.to(dt), partner, -1, 1.0, cfg)
-        ref = dense_forward(A.to(dt), C.to(dt), partner, -1, 1.0, cfg)
-        torch.testing.assert_close(st.lse, ref.lse, rtol=1e-6, atol=1e-12)
+    st = eng().ssl_forward(A, C, partner, -1, 1.0, cfg)
+    ref = dense_forward(A, C, partner, -1, 1.0, cfg)
+    torch.testing.assert_close(st.lse, ref.lse, rtol=1e-12, atol=1e-12)
+    check(lambda A, C: eng().ssl_forward(A, C, partner, -1, 1.0, cfg).lse,
+          lambda A, C: dense_forward(A, C, partner, -1, 1.0, cfg).lse, [A.float(), C.float()], grad=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_fp32(dtype):
     A, C, partner = _problem(40, 40, 16, 0, dtype, seed=5)
     for cfg in (CONFIGS["hcl"], CONFIGS["bayes"], CONFIGS["mttv-both"]):
-        st = eng().ssl_forward(A, C, partner, 0, 2.0, cfg)
-        ref = dense_forward(A.float(), C.float(), partner, 0, 2.0, cfg)
-        assert st.lse.dtype == F32
-        torch.testing.assert_close(st.lse, ref.lse, rtol=2e-5, atol=2e-5)
+        # the oracle on 16-bit inputs accumulates in fp32 too: its error is the bound's yardstick
+        st, _ = check(lambda A, C: eng().ssl_forward(A, C, partner, 0, 2.0, cfg),
+                      lambda A, C: dense_forward(A, C, partner, 0, 2.0, cfg), [A, C], grad=False,
+                      names=("lse", "pos", "pos_in"))
+        assert st[0].dtype == F32
+        ref = dense_forward(A, C, partner, 0, 2.0, cfg)
         coef, cpos = torch.ones_like(ref.lse), torch.ones_like(ref.pos)
-        dA, dC = eng().ssl_backward(A, C, partner, 0, 2.0, cfg, ref.lse, coef, cpos)
-        rA, rC = dense_backward(A.float(), C.float(), partner, 0, 2.0, cfg, ref.lse, coef, cpos)
+        (dA, dC), _ = check(lambda A, C, L, co, cp: eng().ssl_backward(A, C, partner, 0, 2.0, cfg, L, co, cp),
+                            lambda A, C, L, co, cp: dense_backward(A, C, partner, 0, 2.0, cfg, L, co, cp),
+                            [A, C, ref.lse, coef, cpos], grad=False, names=("dA", "dC"), value_floor=0)
         assert dA.dtype == dtype
-        torch.testing.assert_close(dA.float(), rA, rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(dC.float(), rC, rtol=1e-2, atol=1e-2)
 
 
 # ------------------------------------------------------------------ the losses vs ltcl_fused.reference
@@ -164,12 +183,19 @@ def _value_and_grads(fn, inputs, **kw):
     return out.detach(), [x.grad for x in xs]
 
 
-def _compare(name, inputs, tol, reduction="mean", **kw):
+def _compare(name, inputs, tol, reduction="mean", grad_floor=0.0, **kw):
+    """fp64: the reference to ``tol``; fp32 (``tol`` None): the fp64 truth rule of tests/_truth.py.
+    NaN only where the released MTTV code's denominator allows it (official_self_term, filter "both")."""
+    if inputs[0].dtype != F64:
+        (v,), _ = check(lambda *x: getattr(lf, name)(*x, reduction=reduction, backend="cpu", **kw),
+                        lambda *x: getattr(R, name)(*x, reduction=reduction, **kw), inputs, what=name, grad_floor=grad_floor)
+        return v
+    nan_ok = name == "mttv" and kw.get("official_self_term", False) and kw.get("filter", "both") == "both"
     v, g = _value_and_grads(getattr(lf, name), inputs, reduction=reduction, backend="cpu", **kw)
     rv, rg = _value_and_grads(getattr(R, name), inputs, reduction=reduction, **kw)
-    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=nan_ok)
     for a, b in zip(g, rg):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=nan_ok)
     return v
 
 
@@ -198,7 +224,7 @@ def test_two_view_losses_match_reference_fp64(name, kw, B):
                                        ("bayesian_cl", dict(alpha=1.0, beta=0.5), 150)])
 def test_two_view_losses_match_reference_fp32_few_hundred(name, kw, B):
     z = _views(B, 32, F32, seed=7)
-    _compare(name, z, 2e-5, reduction="sum", **kw)
+    _compare(name, z, None, reduction="sum", **kw)
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.5, 1.0), (0.8, 0.5), (1.0, 0.7)])
@@ -207,7 +233,7 @@ def test_bayesian_ties_match_reference(alpha, beta):
     base = torch.randint(-2, 3, (6, 5), generator=g).double() / 2  # exact dots: exact ties in fp32 too
     z1 = base[torch.randint(0, 6, (25,), generator=g)]
     z2 = base[torch.randint(0, 6, (25,), generator=g)]
-    for dt, tol in ((F64, 1e-10), (F32, 1e-5)):
+    for dt, tol in ((F64, 1e-10), (F32, None)):
         _compare("bayesian_cl", [z1.to(dt), z2.to(dt)], tol, reduction="none", alpha=alpha, beta=beta)
 
 
@@ -221,7 +247,8 @@ def test_mttv_matches_reference(filt, official, B):
     for reduction in ("mean", "none"):
         _compare("mttv", [E], 1e-10, reduction=reduction, filter=filt, official_self_term=official)
     kw = dict(lower=0.05, upper=0.95, temperature=0.5, filter=filt, official_self_term=official)
-    _compare("mttv", [E.float()], 3e-5, **kw)
+    # B = 1: r ≡ 1 (or 0), so the gradient is 0 in exact arithmetic and fp32 returns rounding noise
+    _compare("mttv", [E.float()], None, grad_floor=1.0 if B == 1 else 0.0, **kw)
 
 
 @pytest.mark.parametrize("name", ["dcl", "hcl", "bayesian_cl"])

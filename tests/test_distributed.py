@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 import ltcl_fused as lf
 
+from _hang import HANG_GUARD_S
+
 D = 5
 V = 2
 WORLDS = (2, 3)
@@ -171,7 +173,7 @@ def _init(rank, W, port):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=30))
+                            timeout=datetime.timedelta(seconds=HANG_GUARD_S))  # a hang guard only
 
 
 def _run_case(name, mode, W, rank, group):

@@ -14,6 +14,8 @@ from ltcl_fused import reference as R
 from ltcl_fused.backends import mining_torch
 from ltcl_fused.losses.rescom import resolve_mining
 
+from _truth import K as TRUTH_K, assert_within, slack
+
 
 def _available(backend):
     try:
@@ -68,18 +70,32 @@ def _check_valid(idx, a_lab, k_lab, same):
 
 
 def _compare(A, a_lab, K, k_lab, pos, neg, k_pos, k_neg, atol):
+    """fp64: the selected similarities to ``atol``. fp32/bf16 (``atol`` None): the rule of tests/_truth.py on
+    the sorted selected similarities: error vs the fp64 selection's <= K x that of the fp32 reference's
+    selection + slack (the engines accumulate the similarities of 16-bit inputs in fp32); the order within
+    a row up to K x the fp32 rounding of the similarities (measured) + slack."""
     rp, rn = R.hard_pair_mining(A.double(), a_lab, K.double(), k_lab, k_pos=k_pos, k_neg=k_neg)
     assert pos.shape == (A.shape[0], k_pos) and neg.shape == (A.shape[0], k_neg)
     _check_valid(pos, a_lab, k_lab, True)
     _check_valid(neg, a_lab, k_lab, False)
     sp, sn = _sims(A, K, pos), _sims(A, K, neg)
-    torch.testing.assert_close(sp.sort(dim=1).values, _sims(A, K, rp).sort(dim=1).values, atol=atol, rtol=0)
-    torch.testing.assert_close(sn.sort(dim=1).values, _sims(A, K, rn).sort(dim=1).values, atol=atol, rtol=0)
+    if atol is None:
+        lp, ln = R.hard_pair_mining(A.float(), a_lab, K.float(), k_lab, k_pos=k_pos, k_neg=k_neg)
+        for what, got, low, tru in (("positives", sp, lp, rp), ("negatives", sn, ln, rn)):
+            assert_within(got.sort(dim=1).values, _sims(A, K, low).sort(dim=1).values,
+                          _sims(A, K, tru).sort(dim=1).values, what=f"similarities of the mined {what}",
+                          dtype=torch.float32)
+        s64 = A.double() @ K.double().T
+        atol = TRUTH_K * float((A.float() @ K.float().T - s64).abs().max()) + \
+            slack(torch.float32) * float(s64.abs().max())
+    else:
+        torch.testing.assert_close(sp.sort(dim=1).values, _sims(A, K, rp).sort(dim=1).values, atol=atol, rtol=0)
+        torch.testing.assert_close(sn.sort(dim=1).values, _sims(A, K, rn).sort(dim=1).values, atol=atol, rtol=0)
     # the documented order: positives ascending, negatives descending in similarity (up to rounding)
     assert bool((sp.diff(dim=1) >= -atol).all()) and bool((sn.diff(dim=1) <= atol).all())
 
 
-ATOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+ATOL = {torch.float64: 1e-12, torch.float32: None}  # fp32: tests/_truth.py
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -123,7 +139,7 @@ def test_torch_low_precision_inputs():
     """bf16 inputs: similarities accumulated in fp32; the selection matches fp32 mining of the same values."""
     A, a_lab, K, k_lab = _problem(16, 200, 32, 4, torch.bfloat16, seed=3)
     pos, neg = lf.hard_pair_mining(A, a_lab, K, k_lab, k_pos=3, k_neg=30, backend="torch")
-    _compare(A.float(), a_lab, K.float(), k_lab, pos, neg, 3, 30, 1e-5)
+    _compare(A, a_lab, K, k_lab, pos, neg, 3, 30, None)
 
 
 @pytest.mark.parametrize("backend", _backend_params() + ["reference"])

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from _hang import HANG_GUARD_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
@@ -52,7 +54,7 @@ def test_compiles_for_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, json.dumps(_cases())], capture_output=True, text=True,
-                       env=env, timeout=900)
+                       env=env, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     results, spill_free = got["results"], got["spill_free"]

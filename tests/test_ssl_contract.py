@@ -9,6 +9,8 @@ from ltcl_fused.backends import ssl_torch
 from ltcl_fused.engine.ssl_contract import (DenseSSLEngine, SSLConfig, bayes_omega, dense_backward, dense_forward,
                                             ssl_row_stats)
 
+from _truth import check
+
 
 def _omega_py(u, alpha, beta, tau_plus):
     """ω(u) straight from SPEC.md section 5 in Python floats (independent of the torch code)."""
@@ -140,8 +142,9 @@ def test_chunked_engine_exact_ties(name, monkeypatch):
     got = ssl_torch.get_engine().ssl_forward(X, X, partner, 0, 2.0, cfg)
     torch.testing.assert_close(got.lse, want.lse, rtol=1e-13, atol=1e-13)
     # fp32: the dots of half-integers are exact there too, so the ranks (and ties) are the same
-    got = ssl_torch.get_engine().ssl_forward(X.float(), X.float(), partner, 0, 2.0, cfg)
-    torch.testing.assert_close(got.lse.double(), want.lse, rtol=2e-6, atol=2e-5)
+    check(lambda A, C: ssl_torch.get_engine().ssl_forward(A, C, partner, 0, 2.0, cfg),
+          lambda A, C: dense_forward(A, C, partner, 0, 2.0, cfg), [X.float(), X.float()], grad=False,
+          names=("lse", "pos", "pos_in"))
 
 
 def test_empty_sets_and_zero_weights_give_no_nan():

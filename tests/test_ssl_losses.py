@@ -11,6 +11,8 @@ from ltcl_fused import reference as R
 from ltcl_fused import backends
 from ltcl_fused.backends import ssl_torch
 
+from _truth import check
+
 F64, F32 = torch.float64, torch.float32
 
 
@@ -32,14 +34,21 @@ def _value_and_grads(fn, inputs, **kw):
     return out.detach(), [x.grad for x in xs]
 
 
-def _compare(name, inputs, tol, reduction="mean", **kw):
+def _compare(name, inputs, tol, reduction="mean", grad_floor=0.0, **kw):
+    """fp64: the reference to ``tol``; fp32 (``tol`` None): the fp64 truth rule of tests/_truth.py.
+    NaN only where the released MTTV code's denominator allows it (official_self_term, filter "both")."""
     ours = getattr(lf, name)
     ref = getattr(R, name)
+    if inputs[0].dtype != F64:
+        (v,), _ = check(lambda *x: ours(*x, reduction=reduction, backend="torch", **kw),
+                        lambda *x: ref(*x, reduction=reduction, **kw), inputs, what=name, grad_floor=grad_floor)
+        return v
+    nan_ok = name == "mttv" and kw.get("official_self_term", False) and kw.get("filter", "both") == "both"
     v, g = _value_and_grads(ours, inputs, reduction=reduction, backend="torch", **kw)
     rv, rg = _value_and_grads(ref, inputs, reduction=reduction, **kw)
-    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=nan_ok)
     for a, b in zip(g, rg):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=nan_ok)
     return v
 
 
@@ -73,7 +82,7 @@ def test_two_view_losses_match_reference_fp64(name, kw, B):
 def test_two_view_losses_match_reference_fp32_few_hundred(name, kw, B, monkeypatch):  # reference is O(B³))
     monkeypatch.setattr(ssl_torch, "BLOCK_ELEMENTS", 50_000)  # several row blocks
     z = _views(B, 32, F32, seed=7)
-    _compare(name, z, 2e-5, reduction="sum", **kw)
+    _compare(name, z, None, reduction="sum", **kw)
 
 
 @pytest.mark.parametrize("name", ["dcl", "hcl", "bayesian_cl"])
@@ -96,7 +105,8 @@ def test_mttv_matches_reference(filt, official, B, monkeypatch):
     for reduction in ("mean", "none"):
         _compare("mttv", [E], 1e-10, reduction=reduction, filter=filt, official_self_term=official)
     kw = dict(lower=0.05, upper=0.95, temperature=0.5, filter=filt, official_self_term=official)
-    _compare("mttv", [E.float()], 3e-5, **kw)
+    # B = 1: r ≡ 1 (or 0), so the gradient is 0 in exact arithmetic and fp32 returns rounding noise
+    _compare("mttv", [E.float()], None, grad_floor=1.0 if B == 1 else 0.0, **kw)
 
 
 def test_mttv_sum_is_the_loss_and_none_the_ratios():
@@ -163,7 +173,7 @@ def test_bayesian_ties_match_reference(alpha, beta, monkeypatch):
     base = torch.randint(-2, 3, (6, 5), generator=g).double() / 2  # exact dots: exact ties in fp32 too
     z1 = base[torch.randint(0, 6, (25,), generator=g)]
     z2 = base[torch.randint(0, 6, (25,), generator=g)]
-    for dt, tol in ((F64, 1e-10), (F32, 1e-5)):
+    for dt, tol in ((F64, 1e-10), (F32, None)):
         _compare("bayesian_cl", [z1.to(dt), z2.to(dt)], tol, reduction="none", alpha=alpha, beta=beta)
 
 
@@ -216,12 +226,9 @@ def test_low_precision_error_no_worse_than_dense(dtype):
     z = _views(64, 16, F64, seed=9)
     E = torch.cat(z)[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
     for name, inp, kw in [("dcl", z, {}), ("hcl", z, {}), ("bayesian_cl", z, {}), ("mttv", [E], {})]:
-        truth = getattr(R, name)(*inp, **kw)
-        ours = getattr(lf, name)(*[x.to(dtype) for x in inp], backend="torch", **kw)
+        (ours,), _ = check(lambda *x: getattr(lf, name)(*x, backend="torch", **kw),
+                           lambda *x: getattr(R, name)(*x, **kw), [x.to(dtype) for x in inp], what=name)
         assert ours.dtype == torch.float32
-        dense = getattr(R, name)(*[x.to(dtype) for x in inp], **kw)
-        err, derr = abs(float(ours) - float(truth)), abs(float(dense) - float(truth))
-        assert err <= derr + 1e-2 * abs(float(truth)) + 1e-3, (name, err, derr)
 
 
 def test_backend_routing():

@@ -24,6 +24,8 @@ from ltcl_fused import reference as R  # noqa: E402
 from ltcl_fused.backends import get_engine  # noqa: E402
 from ltcl_fused.engine.ssl_contract import SSLConfig, dense_backward, dense_forward, ssl_row_stats  # noqa: E402
 
+from _truth import assert_within, check  # noqa: E402
+
 ENG = get_engine("triton")
 DEVICE = torch.device("cpu") if ENG.unavailable_reason(torch.device("cpu")) is None else torch.device("cuda")
 if ENG.unavailable_reason(DEVICE) is not None:  # pragma: no cover
@@ -91,13 +93,21 @@ CONFIGS = {
 
 
 def _check(A, C, partner, self_offset, inv_tau, cfg, tol, seed=0):
+    """fp64: the oracle to ``tol``; fp32 (``tol`` None): the fp64 truth rule of tests/_truth.py."""
     A, C, partner = _to(A), _to(C), _to(partner)
     Ad, Cd = A.double(), C.double()
     ref = dense_forward(Ad, Cd, partner, self_offset, inv_tau, cfg)
-    got = ENG.ssl_forward(A, C, partner, self_offset, inv_tau, cfg)
+    if tol is None:
+        got, _ = check(lambda A, C: ENG.ssl_forward(A, C, partner, self_offset, inv_tau, cfg),
+                       lambda A, C: dense_forward(A, C, partner, self_offset, inv_tau, cfg), [A, C], grad=False,
+                       names=("lse", "pos", "pos_in"))
+        got = type(ref)(*got)
+    else:
+        got = ENG.ssl_forward(A, C, partner, self_offset, inv_tau, cfg)
     assert got.lse.shape == ref.lse.shape and got.lse.dtype == (F64 if A.dtype == F64 else F32)
     for r, x in zip(ref, got):
-        torch.testing.assert_close(x.double(), r, rtol=tol, atol=tol)
+        if tol is not None:
+            torch.testing.assert_close(x.double(), r, rtol=tol, atol=tol)
     g = torch.Generator().manual_seed(seed)
     K, M = ref.lse.shape
     coef = torch.randn(K, M, generator=g, dtype=F64).to(DEVICE)
@@ -105,11 +115,19 @@ def _check(A, C, partner, self_offset, inv_tau, cfg, tol, seed=0):
     cpos = torch.randn(M, generator=g, dtype=F64).to(DEVICE)
     rA, rC = dense_backward(Ad, Cd, partner, self_offset, inv_tau, cfg, ref.lse, coef, cpos)
     acc = got.lse.dtype
-    gA, gC = ENG.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, ref.lse.to(acc), coef.to(acc), cpos.to(acc))
+    bw = (ref.lse.to(acc), coef.to(acc), cpos.to(acc))
+    if tol is None:
+        args = (partner, self_offset, inv_tau, cfg)
+        (gA, gC), _ = check(lambda A, C, *x: ENG.ssl_backward(A, C, *args, *x),
+                            lambda A, C, *x: dense_backward(A, C, *args, *x),
+                            [A, C, *bw], grad=False, names=("dA", "dC"), value_floor=0)
+    else:
+        gA, gC = ENG.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, *bw)
     assert gA.dtype == A.dtype and gC.dtype == C.dtype
     assert torch.isfinite(gA).all() and torch.isfinite(gC).all()
-    torch.testing.assert_close(gA.double(), rA, rtol=tol, atol=tol)
-    torch.testing.assert_close(gC.double(), rC, rtol=tol, atol=tol)
+    if tol is not None:
+        torch.testing.assert_close(gA.double(), rA, rtol=tol, atol=tol)
+        torch.testing.assert_close(gC.double(), rC, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -134,7 +152,7 @@ def test_engine_vs_oracle_single_d_and_default_config(name, small_blocks):
 def test_engine_vs_oracle_fp32(name, small_blocks):
     small_blocks(SMALL, bayes_rows=16)
     A, C, partner = _problem(33, 50, 20, -1, F32, seed=11, normalize=True)
-    _check(A, C, partner, -1, 2.0, CONFIGS[name], 2e-5)
+    _check(A, C, partner, -1, 2.0, CONFIGS[name], None)
 
 
 @pytest.mark.parametrize("name", ["bayes", "bayes_mid", "bayes_hi", "bayes_filter_self"])
@@ -199,11 +217,18 @@ def _value_and_grads(fn, inputs, **kw):
 
 
 def _compare(name, inputs, tol, reduction="mean", **kw):
+    """fp64: the reference to ``tol``; fp32 (``tol`` None): the fp64 truth rule of tests/_truth.py.
+    NaN only where the released MTTV code's denominator allows it (official_self_term, filter "both")."""
+    if tol is None:
+        check(lambda *x: getattr(lf, name)(*[_to(t) for t in x], reduction=reduction, backend="triton", **kw),
+              lambda *x: getattr(R, name)(*x, reduction=reduction, **kw), [x.cpu() for x in inputs], what=name)
+        return
+    nan_ok = name == "mttv" and kw.get("official_self_term", False) and kw.get("filter", "both") == "both"
     v, g = _value_and_grads(getattr(lf, name), inputs, reduction=reduction, backend="triton", **kw)
     rv, rg = _value_and_grads(getattr(R, name), [x.cpu() for x in inputs], reduction=reduction, **kw)
-    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(v, rv.to(v.dtype), rtol=tol, atol=tol, equal_nan=nan_ok)
     for a, b in zip(g, rg):
-        torch.testing.assert_close(a, b.to(a.dtype), rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=tol, atol=tol, equal_nan=nan_ok)
 
 
 TWO_VIEW_CASES = [
@@ -248,7 +273,7 @@ def test_losses_fp32(name, kw, small_blocks):
     small_blocks(SMALL, bayes_rows=16)
     z = _views(36, 24, F32, seed=7)
     inputs = [torch.cat(z)] if name == "mttv" else list(z)
-    _compare(name, inputs, 2e-5, reduction="sum", **kw)
+    _compare(name, inputs, None, reduction="sum", **kw)
 
 
 @pytest.mark.parametrize("name,kw", [("dcl", {}), ("hcl", dict(beta=0.5)), ("bayesian_cl", dict(alpha=0.7, beta=0.6)),
@@ -308,8 +333,8 @@ def test_host_code_never_allocates_m_by_n(name):
         ssl_ops.FORCE_BAYES_ROWS = old
     assert torch.isfinite(dA).all() and torch.isfinite(dC).all()
     assert Largest.largest <= 48 * N * 8, Largest.largest  # one strip of int64 sort indices; M×N fp32: 4x that
-    ref = dense_forward(A.double(), C.double(), partner, 0, 2.0, cfg)
-    torch.testing.assert_close(lse.double(), ref.lse, rtol=2e-5, atol=2e-5)
+    truth = dense_forward(A.double(), C.double(), partner, 0, 2.0, cfg)  # tests/_truth.py
+    assert_within(lse, dense_forward(A, C, partner, 0, 2.0, cfg).lse, truth.lse, what="lse", floor=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -319,12 +344,9 @@ def test_low_precision_error_vs_fp64_truth(dtype):
     E = torch.cat(z)[torch.randperm(96, generator=torch.Generator().manual_seed(0))]
     for name, inp, kw in [("dcl", z, {}), ("hcl", z, {}), ("bayesian_cl", z, dict(alpha=0.7, beta=0.8)),
                           ("mttv", [E], {})]:
-        truth = getattr(R, name)(*inp, **kw)
-        ours = getattr(lf, name)(*[_to(x.to(dtype)) for x in inp], backend="triton", **kw)
+        (ours,), _ = check(lambda *x: getattr(lf, name)(*[_to(t) for t in x], backend="triton", **kw),
+                           lambda *x: getattr(R, name)(*x, **kw), [x.to(dtype) for x in inp], what=name)
         assert ours.dtype == torch.float32
-        dense = getattr(R, name)(*[x.to(dtype) for x in inp], **kw)
-        err, derr = abs(float(ours) - float(truth)), abs(float(dense) - float(truth))
-        assert err <= derr + 1e-2 * abs(float(truth)) + 1e-3, (name, err, derr)
 
 
 @pytest.mark.parametrize("bayes", [[], [0.6, 0.8, 0.1]], ids=["unit", "bayes"])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from _hang import HANG_GUARD_S
+
 pytest.importorskip("triton")
 
 from ltcl_fused.backends import get_engine  # noqa: E402
@@ -51,7 +53,7 @@ def compiled():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=1800)
+                       timeout=HANG_GUARD_S)
     assert p.returncode == 0, p.stderr[-4000:]
     out = json.loads(p.stdout.split("@@JSON@@", 1)[1])
     return {(r["kernel"], r["config"], r["dtype"], r["cc"], r["variant"]): r for r in out["results"]}, out
