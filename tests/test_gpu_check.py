@@ -120,7 +120,8 @@ def test_rel_err_and_bounds():
 
 
 def test_compare_and_bitwise():
-    truth = K.Outcome(torch.tensor([1.0, 2.0], dtype=torch.float64), {"x": torch.tensor([0.5, -1.0], dtype=torch.float64)})
+    f64 = dict(dtype=torch.float64)
+    truth = K.Outcome(torch.tensor([1.0, 2.0], **f64), {"x": torch.tensor([0.5, -1.0], **f64)})
     ref = K.Outcome(torch.tensor([1.0, 2.0 + 1e-6]), {"x": torch.tensor([0.5, -1.0 + 1e-6])})
     good = K.Outcome(torch.tensor([1.0, 2.0 - 1e-6]), {"x": torch.tensor([0.5, -1.0])})
     bad = K.Outcome(torch.tensor([1.0, 2.002]), {"x": torch.tensor([0.5, -1.0])})
@@ -206,7 +207,8 @@ def test_report_exit_code_and_multiples(tmp_path):
             dict(id="correctness/torch/supcon/fp32/D8/N8", section="correctness", kind="loss", backend="torch",
                  loss="supcon", dtype="fp32", status="pass", e_loss=1e-7, bound_loss=1e-6)]
     prof = C.dry_profile()
-    assert report.write_all(str(tmp_path), meta, [dict(r) for r in rows], prof) == 0  # OOM of the large case: no failure
+    # an OOM of the large case is no failure
+    assert report.write_all(str(tmp_path), meta, [dict(r) for r in rows], prof) == 0
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     step = next(r for r in data["cases"] if r["id"] == "timing/triton/afcl/bf16/N8")
     assert step["x_gemm"] == pytest.approx(3.5) and step["gemm_ms"] == 2.0
@@ -302,8 +304,8 @@ def test_cuda_groups_wait_for_the_build(tmp_path):
     assert run.results["bad/c"] == dict(status="unavailable", reason="x.cu(3): error: no such thing", wall_s=0.0)
     # a missing toolchain is "unavailable", not a failure of the build
     nin = R.Build(str(tmp_path / "n_build.json"), str(tmp_path / "n_build.log"))
-    nin.start(env, 60, cmd=[sys.executable, "-c", "import sys; print('ltcl_fused.ext: ninja not found (pip install ninja)');"
-                                                  " sys.exit(1)"])
+    nin.start(env, 60, cmd=[sys.executable, "-c",
+                            "import sys; print('ltcl_fused.ext: ninja not found (pip install ninja)'); sys.exit(1)"])
     while nin.running:
         nin.poll()
         time.sleep(0.1)

@@ -1,9 +1,10 @@
 """How a training step behaves on the device: a side stream, a CUDA graph, torch.compile, host syncs.
 
 - stream: the step on a side stream whose inputs are written late (``rt.delayed_copy``): a kernel launched
-  on another stream than the current one reads NaN. Must equal the default-stream result bit for bit.
+  on another stream than the current one reads them before they exist. Must equal the default-stream result
+  bit for bit (the torch backend: to ``CUBLAS_TOL``).
 - graph: warm-up, capture of forward+backward (``check_finite=False``) into a CUDA graph, new inputs copied
-  into the static leaves, replay: must equal an eager step on the new inputs bit for bit.
+  into the static leaves, replay: must equal an eager step on the new inputs bit for bit (torch: ``CUBLAS_TOL``).
 - compile: ``torch.compile`` of a step with a Linear layer in front of the loss: loss and weight gradient
   equal the eager step's to ``COMPILE_TOL`` (the compiler may reorder the PyTorch epilogue's float ops).
 - syncs: host syncs of one forward+backward after a warm-up, counted by ``rt.count_syncs``. Triton and CUDA
@@ -18,6 +19,9 @@ from . import cases as C
 from .correctness import Outcome, evaluate, rel_err, same_bits
 
 COMPILE_TOL = 1e-4
+# the torch backend's matrix products are cuBLAS calls, whose algorithm may depend on the stream's workspace:
+# its stream and graph results must agree to this, the fused kernels' bit for bit
+CUBLAS_TOL = 1e-5
 SYNC_LIMIT = {True: 1, False: 0}
 JUDGED_SYNC_BACKENDS = ("triton", "cuda")
 
@@ -33,6 +37,16 @@ def _result(ok: bool, why: str, **extra) -> dict:
     return dict(status="pass" if ok else "fail", reason="" if ok else why, **extra)
 
 
+def _agree(a: Outcome, b: Outcome, backend: str):
+    """(equal enough, max relative difference, note): bitwise for the fused backends, CUBLAS_TOL for torch."""
+    diff = max([rel_err(a.value, b.value)] + [rel_err(a.grads[k], b.grads[k]) for k in a.grads])
+    if same_bits(a, b):
+        return True, diff, ""
+    if backend == "torch" and diff <= CUBLAS_TOL:
+        return True, diff, f"not bit-identical (cuBLAS), max relative difference {diff:.2g}"
+    return False, diff, ""
+
+
 def run_stream(case: dict, rt, ctx: dict) -> dict:
     sp, x = _inputs(case, rt)
     base = evaluate(sp, x, case["backend"])
@@ -40,9 +54,9 @@ def run_stream(case: dict, rt, ctx: dict) -> dict:
         late = {k: (rt.delayed_copy(v) if v.is_floating_point() else v) for k, v in x.items()}
         side = evaluate(sp, late, case["backend"])
     rt.synchronize()
-    ok = same_bits(base, side)
-    return _result(ok, "the side-stream result differs from the default-stream result "
-                       f"(max relative difference {rel_err(side.value, base.value):.3g})", note=rt.streams_note)
+    ok, diff, note = _agree(base, side, case["backend"])
+    return _result(ok, f"the side-stream result differs from the default-stream result (max relative difference "
+                       f"{diff:.3g})", e_loss=diff, note=note or rt.streams_note)
 
 
 def run_graph(case: dict, rt, ctx: dict) -> dict:
@@ -69,10 +83,9 @@ def run_graph(case: dict, rt, ctx: dict) -> dict:
     rt.synchronize()
     got = Outcome(out.detach().clone(), {k: leaves[k].grad.detach().clone() for k in sp.grads})
     want = evaluate(sp, x2, case["backend"], check_finite=False)
-    ok = same_bits(got, want)
-    diff = max([rel_err(got.value, want.value)] + [rel_err(got.grads[k], want.grads[k]) for k in sp.grads])
+    ok, diff, note = _agree(got, want, case["backend"])
     return _result(ok, f"the graph replay differs from an eager step on the same inputs (max relative difference "
-                       f"{diff:.3g})", e_loss=diff, note=rt.graph_note)
+                       f"{diff:.3g})", e_loss=diff, note=note or rt.graph_note)
 
 
 def run_compile(case: dict, rt, ctx: dict) -> dict:

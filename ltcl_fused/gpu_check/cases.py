@@ -8,7 +8,6 @@ kinds of cases through the same functions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -99,7 +98,8 @@ def make_inputs(loss: str, B: int, D: int, seed: int = 0) -> Dict[str, torch.Ten
 
 
 def cast(tensors: Dict[str, torch.Tensor], dtype: torch.dtype, device) -> Dict[str, torch.Tensor]:
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in tensors.items()}
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+            for k, v in tensors.items()}
 
 
 def long_tailed_labels(n: int, gen: torch.Generator, n_classes: int = TIMING_CLASSES, ratio: float = 100.0):
@@ -185,6 +185,9 @@ class Profile:
         "correctness": ("backend", "dtype"), "configs": ("backend", "dtype", "config"), "behaviour": ("backend",),
         "large": (), "timing": (), "largest": ()})
     group_prefix: Dict[str, str] = field(default_factory=dict)  # e.g. {"large": "parallel"}: one group name
+    phase_of: Dict[str, str] = field(default_factory=lambda: {"correctness": "parallel", "large": "parallel",
+                                                              "behaviour": "parallel", "timing": "timing",
+                                                              "largest": "largest"})
 
     def replace(self, **kw) -> "Profile":
         return dataclasses.replace(self, **kw)
@@ -212,7 +215,9 @@ def dry_profile() -> Profile:
         # few worker processes (each one's imports cost seconds here): one per backend for the parallel phase
         group_by={"correctness": ("backend",), "configs": ("backend",), "behaviour": ("backend",),
                   "large": ("backend",), "timing": (), "largest": ()},
-        group_prefix={"correctness": "parallel", "large": "parallel", "behaviour": "parallel"})
+        group_prefix={"correctness": "parallel", "large": "parallel", "behaviour": "parallel", "largest": "timing"},
+        phase_of={"correctness": "parallel", "large": "parallel", "behaviour": "parallel", "timing": "timing",
+                  "largest": "timing"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,8 +237,9 @@ def plan(p: Profile, *, backends=None, sections=None, inject_failure: bool = Fal
     sections = tuple(s for s in SECTIONS if sections is None or s in sections)
     groups: Dict[str, dict] = {}
 
-    def add(section, phase, case, what=None):
+    def add(section, case, what=None):
         case["section"] = section
+        phase = p.phase_of[section]
         name = _group_name(p.group_prefix.get(section, section), case, _keys(p, what or section, case.get("backend")))
         g = groups.setdefault(name, dict(name=name, section=section, phase=phase, cases=[]))
         g["cases"].append(case)
@@ -242,22 +248,20 @@ def plan(p: Profile, *, backends=None, sections=None, inject_failure: bool = Fal
         L = p.large
         for b in backends:
             for kind in ("large_supcon", "large_mining"):
-                add("large", "parallel", dict(id=f"large/{b}/{kind[6:]}", kind=kind, backend=b, **L))
+                add("large", dict(id=f"large/{b}/{kind[6:]}", kind=kind, backend=b, **L))
     if "behaviour" in sections:
         bh = p.behaviour
         for b in backends:
             common = dict(backend=b, B=bh["B"], D=bh["D"], dtype=bh["dtype"])
             for what in ("stream", "graph"):
                 for loss in bh["losses"]:
-                    add("behaviour", "parallel", dict(id=f"behaviour/{what}/{b}/{loss}", kind=what, loss=loss,
-                                                      **common))
+                    add("behaviour", dict(id=f"behaviour/{what}/{b}/{loss}", kind=what, loss=loss, **common))
             for loss in (bh["compile_losses"] if b in bh.get("compile_backends", BACKENDS) else ()):
-                add("behaviour", "parallel", dict(id=f"behaviour/compile/{b}/{loss}", kind="compile", loss=loss,
-                                                  **common))
+                add("behaviour", dict(id=f"behaviour/compile/{b}/{loss}", kind="compile", loss=loss, **common))
             for loss in bh["sync_losses"]:
                 for cf in (True, False):
-                    add("behaviour", "parallel", dict(id=f"behaviour/syncs/{b}/{loss}/check_finite={cf}", kind="syncs",
-                                                      loss=loss, check_finite=cf, **common))
+                    add("behaviour", dict(id=f"behaviour/syncs/{b}/{loss}/check_finite={cf}", kind="syncs",
+                                          loss=loss, check_finite=cf, **common))
     if "correctness" in sections:
         # the largest D first: its chunked kernels are the most numerous compiles
         for b in backends:
@@ -265,16 +269,15 @@ def plan(p: Profile, *, backends=None, sections=None, inject_failure: bool = Fal
                 for dt in p.dtypes:
                     for loss in p.losses:
                         for B in p.batches:
-                            add("correctness", "parallel",
-                                dict(id=f"correctness/{b}/{loss}/{dt}/D{D}/N{2 * B}", kind="loss", backend=b,
-                                     loss=loss, dtype=dt, D=D, B=B, N=2 * B))
+                            add("correctness", dict(id=f"correctness/{b}/{loss}/{dt}/D{D}/N{2 * B}", kind="loss",
+                                                    backend=b, loss=loss, dtype=dt, D=D, B=B, N=2 * B))
             if b == "triton":
                 for dt in p.config_dtypes:
                     for loss in p.config_losses:
-                        add("correctness", "parallel",
-                            dict(id=f"correctness/triton/{loss}/{dt}/D{p.config_dim}/N{2 * p.config_batch}/configs",
-                                 kind="configs", backend=b, loss=loss, dtype=dt, D=p.config_dim, B=p.config_batch,
-                                 N=2 * p.config_batch, chunked=list(p.chunked), single=list(p.single), config="configs"),
+                        add("correctness", dict(
+                            id=f"correctness/triton/{loss}/{dt}/D{p.config_dim}/N{2 * p.config_batch}/configs",
+                            kind="configs", backend=b, loss=loss, dtype=dt, D=p.config_dim, B=p.config_batch,
+                            N=2 * p.config_batch, chunked=list(p.chunked), single=list(p.single), config="configs"),
                             "configs")
         if inject_failure:
             _inject(p, add, backends)
@@ -283,20 +286,20 @@ def plan(p: Profile, *, backends=None, sections=None, inject_failure: bool = Fal
             for N in p.timing_N:
                 rep = dict(min_repeats=p.min_repeats, max_repeats=p.max_repeats, target_s=p.target_s,
                            case_limit_s=p.case_limit_s, dtype=dt, D=p.timing_D, N=N)
-                add("timing", "timing", dict(id=f"timing/torch.mm/{dt}/N{N}", kind="gemm", provider="torch.mm",
-                                             loss="-", block_elems=p.gemm_block_elems, **rep))
+                add("timing", dict(id=f"timing/torch.mm/{dt}/N{N}", kind="gemm", provider="torch.mm", loss="-",
+                                   block_elems=p.gemm_block_elems, **rep))
                 for loss in p.timing_losses:
                     for prov in p.timing_providers:
                         if prov in BACKENDS and prov not in backends:
                             continue
-                        add("timing", "timing", dict(id=f"timing/{prov}/{loss}/{dt}/N{N}", kind="step", provider=prov,
-                                                     loss=loss, cap=p.timing_caps.get(prov), **rep))
+                        add("timing", dict(id=f"timing/{prov}/{loss}/{dt}/N{N}", kind="step", provider=prov,
+                                           loss=loss, cap=p.timing_caps.get(prov), **rep))
     if "largest" in sections:
         prefer = [b for b in BACKENDS if b in backends]  # auto's order on CUDA tensors
         N = p.largest_start
         while N <= p.largest_max:
-            add("largest", "largest", dict(id=f"largest/afcl/bf16/N{N}", kind="largest", loss="afcl", dtype="bf16",
-                                           D=p.largest_D, N=N, prefer=prefer, step_limit_s=p.largest_step_s))
+            add("largest", dict(id=f"largest/afcl/bf16/N{N}", kind="largest", loss="afcl", dtype="bf16",
+                                D=p.largest_D, N=N, prefer=prefer, step_limit_s=p.largest_step_s))
             N *= 2
     order = {"large": 0, "behaviour": 1, "correctness": 2, "timing": 3, "largest": 4}
     # CUDA-backend cases wait for the extension build: they go last in their group, and a group that starts
@@ -318,10 +321,10 @@ def _inject(p: Profile, add, backends) -> None:
         return
     D, B = p.dims[0], p.batches[0]
     base = dict(backend="torch", loss="supcon", dtype="fp32", D=D, B=B, N=2 * B)
-    add("correctness", "parallel", dict(id="correctness/torch/supcon/fp32/injected-perturbation", kind="loss",
-                                        perturb=1e-3, **base))
-    add("correctness", "parallel", dict(id="correctness/torch/injected-crash", kind="crash", **base))
-    add("correctness", "parallel", dict(id="correctness/torch/supcon/fp32/after-crash", kind="loss", **base))
+    add("correctness", dict(id="correctness/torch/supcon/fp32/injected-perturbation", kind="loss", perturb=1e-3,
+                            **base))
+    add("correctness", dict(id="correctness/torch/injected-crash", kind="crash", **base))
+    add("correctness", dict(id="correctness/torch/supcon/fp32/after-crash", kind="loss", **base))
 
 
 def n_dot_d(case: dict) -> int:
@@ -335,12 +338,3 @@ def exceeds_int32(case: dict) -> bool:
 def predicted_s(prev_N: int, prev_ms: float, N: int) -> float:
     """Seconds of one forward+backward at N from one at prev_N (quadratic in N)."""
     return prev_ms / 1e3 * (N / prev_N) ** 2
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def dtype_of(name: str) -> torch.dtype:
-    return DTYPES[name]
-

@@ -250,10 +250,15 @@ class CudaRuntime(CpuRuntime):
         with torch.cuda.stream(s):
             for _ in range(warmup):
                 step()
-        torch.cuda.current_stream().wait_stream(s)
+        main = torch.cuda.current_stream()
+        main.wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        try:
+            with torch.cuda.graph(graph):
+                out = step()
+        except BaseException:
+            torch.cuda.set_stream(main)  # a failed capture can leave its side stream current
+            raise
 
         def replay():
             graph.replay()

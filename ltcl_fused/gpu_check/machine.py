@@ -58,7 +58,8 @@ def find_cuda_home(torch_cuda: Optional[str], candidates: Optional[Iterable[str]
             if ver:
                 found.append((home, ver))
     if not found:
-        return None, None, "no CUDA toolkit (nvcc) found: looked at CUDA_HOME, PATH, /usr/local/cuda*, pip's nvidia packages"
+        return None, None, ("no CUDA toolkit (nvcc) found: looked at CUDA_HOME, PATH, /usr/local/cuda*, "
+                            "pip's nvidia packages")
     major = (torch_cuda or "").split(".")[0]
     for home, ver in found:
         if ver.split(".")[0] == major:

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 from . import cases as C
 from . import machine, report
+from .summary import header_text
 from .worker import PROGRESS, RESULT
 
 GRACE_S = 15.0
@@ -115,8 +116,8 @@ class GroupRun:
             return True
         if not self._new_markers:  # the worker died inside a case: that case is the crash
             tail = _tail(self.log_path, self.log_start)
-            self.results[left[0]["id"]] = dict(status="crash", wall_s="", reason=(
-                f"worker {_how_it_ended(rc)} while running this case" + (f"; last output: {tail}" if tail else ""))[:300])
+            why = f"worker {_how_it_ended(rc)} while running this case" + (f"; last output: {tail}" if tail else "")
+            self.results[left[0]["id"]] = dict(status="crash", wall_s="", reason=why[:300])
             left = left[1:]
             if not left:
                 return True
@@ -163,7 +164,7 @@ class Build:
         self._write("unavailable", reason)
 
     def start(self, env: dict, timeout: float, cmd=None) -> None:
-        self.t0, self.timeout = time.time(), timeout
+        self.t0, self.timeout, self.need_cuda = time.time(), timeout, cmd is None
         self._log = open(self.log_path, "w")
         self._write("running")
         self.proc = subprocess.Popen(cmd or [sys.executable, "-m", "ltcl_fused.ext", "build", "-v"], stdout=self._log,
@@ -186,7 +187,9 @@ class Build:
             return
         self._log.close()
         line = _tail(self.log_path)
-        if rc == 0:
+        if rc == 0 and "CPU+CUDA" not in line and self.need_cuda:
+            self._write("error", f"the extension built without its CUDA sources: {line}")
+        elif rc == 0:
             self._write("ok", line)
         elif "no C++ compiler" in line or "ninja not found" in line:
             self._write("unavailable", line)
@@ -259,7 +262,7 @@ def run(args, argv=()) -> int:
     meta.update(mode=prof.name, budget_s=prof.budget_s, argv=" ".join(["python -m ltcl_fused.gpu_check"] + list(argv)),
                 jobs=prof.jobs,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)))
-    print(report.header_text(meta), flush=True)
+    print(header_text(meta), flush=True)
 
     # 2. the CUDA extension build (GPU only)
     backends = tuple(args.backends.split(",")) if args.backends else None
@@ -271,8 +274,8 @@ def run(args, argv=()) -> int:
         env.update(benv)
         meta["build_env"] = {k: v for k, v in benv.items() if k != "PATH"}
         build.start(env, prof.budget_s * prof.build_timeout_frac)
-        print(f"  building the CUDA extension in the background ({', '.join(f'{k}={v}' for k, v in meta['build_env'].items())})",
-              flush=True)
+        setting = ", ".join(f"{k}={v}" for k, v in meta["build_env"].items())
+        print(f"  building the CUDA extension in the background ({setting})", flush=True)
     else:
         build.skip(cuda_reason or "backend 'cuda' not selected (--backends)")
 
