@@ -282,6 +282,11 @@ def run(args, argv=()) -> int:
     # 3-4. the phases
     groups = C.plan(prof, backends=backends, sections=sections, inject_failure=args.inject_failure)
     runs = [GroupRun(g, work, prof.device, build.status_file) for g in groups]
+    for r in runs:  # a group of one backend the probe ruled out needs no worker (cuda: the build decides)
+        used = {c.get("backend") or c.get("provider") for c in r.group["cases"]}
+        b = used.pop() if len(used) == 1 else None
+        if b in C.BACKENDS and b != "cuda" and meta["backends"].get(b):
+            r.set_all("unavailable", meta["backends"][b])
     phase_used = {}
     for phase in ("parallel", "timing", "largest"):
         todo = [r for r in runs if r.group["phase"] == phase]
@@ -308,7 +313,10 @@ def run(args, argv=()) -> int:
 
 
 def _run_phase(todo: List[GroupRun], jobs: int, deadline: float, env: dict, build: Build) -> None:
-    pending, running = list(todo), []
+    pending, running = [r for r in todo if r.remaining()], []
+    for r in todo:
+        if not r.remaining():
+            print(_summary_line(r), flush=True)
     while pending or running:
         build.poll()
         for r in list(running):
