@@ -259,6 +259,14 @@ def test_dry_run_writes_the_three_files(tmp_path):
     assert "| supcon | 4/4 | unavailable | 4/4 |" in md
 
 
+def test_gpu_run_without_a_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("a GPU is present")
+    p = subprocess.run([sys.executable, "-m", "ltcl_fused.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--dry-run" in p.stderr and "CUDA" in p.stderr
+
+
 def test_injected_failure_makes_the_exit_code_non_zero(tmp_path):
     p = _dry_run(tmp_path, "--backends", "torch", "--sections", "correctness", "--inject-failure")
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]

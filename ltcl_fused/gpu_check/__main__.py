@@ -31,6 +31,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    else:
+        import torch
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch sees no CUDA device"
+            print(f"ltcl_fused.gpu_check: {why}; run it on a GPU machine, or use --dry-run (CPU tensors, Triton "
+                  "interpreter)", file=sys.stderr)
+            return 2
     from .runner import run
     return run(args, argv)
 
