@@ -176,8 +176,8 @@ class Profile:
     largest_step_s: float = 30.0
     # budget (seconds from the start) and its split: each phase ends at this fraction of the budget
     budget_s: float = 480.0
-    phase_end: Dict[str, float] = field(default_factory=lambda: {"parallel": 0.60, "timing": 0.87, "largest": 0.95})
-    build_timeout_frac: float = 0.55
+    phase_end: Dict[str, float] = field(default_factory=lambda: {"parallel": 0.58, "timing": 0.86, "largest": 0.94})
+    build_timeout_frac: float = 0.52
     jobs: int = 8
     # which case fields name a case's worker group ("<section>/<backend>" before "<section>")
     group_by: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: {

@@ -26,7 +26,7 @@ from . import machine, report
 from .summary import header_text
 from .worker import PROGRESS, RESULT
 
-GRACE_S = 15.0
+GRACE_S = 10.0
 MAX_RESTARTS = 4
 POLL_S = 0.2
 
