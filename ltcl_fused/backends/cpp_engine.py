@@ -76,8 +76,9 @@ class CPUEngine(Engine):
 class CUDAEngine(CPUEngine):
     name = "cuda"
     device_type = "cuda"
-    # mining: csrc/cuda/mining_cuda.cu; ssl: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV; the Bayesian weights raise)
-    ops = frozenset({"rowstats", "mining", "ssl"})
+    # mining: csrc/cuda/mining_cuda.cu; ssl and ssl_ranked: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV and the Bayesian
+    # weights: a CUB segmented radix sort rank pass, then the tiled weighting pass)
+    ops = frozenset({"rowstats", "mining", "ssl", "ssl_ranked"})
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
         """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""

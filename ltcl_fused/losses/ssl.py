@@ -226,8 +226,6 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
     _two_views(fn, z1, z2, check_finite)
     alpha, beta, tau_plus, t = check_bayes_args(fn, alpha, beta, tau_plus, temperature, reduction)
     eng = _engine(backend, z1.device, fn)
-    if backend == "auto" and eng is not None and eng.name == "cuda":
-        eng = backends.get_engine("torch")  # the CUDA extension has no Bayesian-rank kernel (Triton has)
     if eng is None:
         from .. import reference as R
         return R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t, reduction=reduction)
