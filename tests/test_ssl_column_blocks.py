@@ -184,3 +184,17 @@ def test_cpu_ranked_ops_reject_bad_references():
     with pytest.raises(RuntimeError, match="bayes"):
         torch.ops.ltcl_fused.ssl_fwd_ranked(A, C, partner, so, 1.0, [1.0], True, False, 0, 0.0, 1.0, [], ok_ref,
                                             ok_n)
+
+
+def test_opcheck_column_block_ops():
+    """Schemas, fake kernels (ltcl_fused/ext.py) and dispatch of the CPU ranked ops."""
+    _engine("cpu")
+    A, C, partner, so = _problem(9, 14, 3, F64, seed=2, ties=False)
+    sv = (A, C, partner, so, 0.5, True, False, 0, 0.0, 1.0)
+    torch.library.opcheck(torch.ops.ltcl_fused.ssl_set_values.default, sv)
+    ref = merge_set_values([torch.ops.ltcl_fused.ssl_set_values(*sv)])
+    args = (A, C, partner, so, 0.5, [1.0], True, False, 0, 0.0, 1.0, [0.6, 0.9, 0.2], *ref)
+    torch.library.opcheck(torch.ops.ltcl_fused.ssl_fwd_ranked.default, args)
+    lse = torch.ops.ltcl_fused.ssl_fwd_ranked(*args)[0]
+    torch.library.opcheck(torch.ops.ltcl_fused.ssl_bwd_ranked.default,
+                          args + (lse, torch.randn(lse.shape, dtype=F64), torch.randn(9, dtype=F64)))
