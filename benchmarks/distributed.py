@@ -3,6 +3,10 @@
     python benchmarks/distributed.py [--rows 1024] [--dim 512] [--worlds 2 4] [--losses supcon afcl]
                                      [--backend torch] [--out benchmarks/results/distributed_cpu.csv]
 
+Losses: ``supcon``, ``afcl`` (labels from 10 classes) and the self-supervised ``dcl``, ``hcl``,
+``bayesian_cl`` (z1, z2 = the two views of the rank's rows/2 samples) and ``mttv`` (the same rows as
+interleaved pairs).
+
 Every (world size, mode, loss) runs in freshly spawned processes (one per rank, one thread each), so
 the peak resident memory of one configuration is not hidden by another's. Per rank: the median wall
 time of forward + backward over ``--reps`` calls after one warm-up, and the peak RSS growth during those
@@ -45,10 +49,17 @@ def _data(rank, rows, dim, n_cls=10):
     return x, lab
 
 
+SSL_LOSSES = ("dcl", "hcl", "bayesian_cl", "mttv")
+
+
 def _call(lfmod, loss, x, lab, kw):
     if loss == "supcon":
         return lfmod.supcon(x, lab, temperature=0.1, **kw)
-    return lfmod.afcl(x, lab, temperature=0.1, gamma=2.0, eta=1.0, **kw)
+    if loss == "afcl":
+        return lfmod.afcl(x, lab, temperature=0.1, gamma=2.0, eta=1.0, **kw)
+    if loss == "mttv":  # [B, 2, D] -> rows 2b, 2b+1 are the two views of sample b
+        return lfmod.mttv(x.reshape(-1, x.shape[-1]), temperature=0.3, **kw)
+    return getattr(lfmod, loss)(x[:, 0], x[:, 1], temperature=0.5, **kw)  # dcl, hcl, bayesian_cl defaults
 
 
 def _measure(fn, x, reps):
@@ -96,7 +107,7 @@ def main():
     ap.add_argument("--rows", type=int, default=1024, help="flattened rows per rank (B·V with V = 2)")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--losses", nargs="+", default=["supcon", "afcl"], choices=["supcon", "afcl"])
+    ap.add_argument("--losses", nargs="+", default=["supcon", "afcl"], choices=["supcon", "afcl", *SSL_LOSSES])
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "distributed_cpu.csv"))

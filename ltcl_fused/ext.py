@@ -221,6 +221,24 @@ def _register_ssl_python_side() -> None:
 
     torch.library.register_autograd("ltcl_fused::ssl_fwd", _ssl_backward, setup_context=_ssl_setup)
 
+    # column blocks (ltcl_fused.distributed's ring mode calls these inside its own autograd Function)
+    @torch.library.register_fake("ltcl_fused::ssl_fwd_ranked")
+    def _ssl_fwd_ranked_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
+                             lower, upper, bayes, rank_ref, rank_n):
+        return _ssl_fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
+                             lower, upper, bayes)
+
+    @torch.library.register_fake("ltcl_fused::ssl_bwd_ranked")
+    def _ssl_bwd_ranked_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
+                             lower, upper, bayes, rank_ref, rank_n, lse, coef, cpos):
+        return A.new_empty(A.shape), C.new_empty(C.shape)
+
+    @torch.library.register_fake("ltcl_fused::ssl_set_values")
+    def _ssl_set_values_fake(A, C, partner, self_offset, inv_tau, exclude_partner, include_self, filter, lower,
+                             upper):
+        acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+        return A.new_empty((A.shape[0], C.shape[0]), dtype=acc), A.new_empty((A.shape[0],), dtype=torch.int64)
+
 
 def load(verbose: Optional[bool] = None) -> dict:
     """Build (if needed) and load the extension once per process; raises ExtensionUnavailable."""

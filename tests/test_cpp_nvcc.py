@@ -15,7 +15,9 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 SOURCES = {
     "rowstats_cuda.cu": (6, False),  # forward, dA, dC
     "mining_cuda.cu": (2, True),     # one mining kernel
-    "ssl_cuda.cu": (10, True),       # forward for 1, 2 and 8 scales, dA, dC
+    # forward for 1, 2 and 8 scales and Bayesian, dA and dC plain and Bayesian, the rank pass (keys, keys to
+    # values, float and double; segment offsets) and CUB's segmented radix sort (2 kernels per key width + 1)
+    "ssl_cuda.cu": (26, True),
 }
 
 

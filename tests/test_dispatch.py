@@ -125,3 +125,46 @@ def test_import_does_not_pull_in_dynamo():
     code = "import sys, ltcl_fused; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_auto_on_cuda_tensors_routes_every_ssl_loss_to_the_cuda_kernels(fake_engines, monkeypatch):
+    """No CUDA device here, so the availability is faked: auto on a CUDA device takes triton for "ssl" when it
+    can run, else the cuda engine (which now has the Bayesian ranks); the ring's column blocks ("ssl_ranked")
+    skip triton (it has none) and use cuda."""
+    class _FakeCUDA(TorchChunkedEngine):
+        name = "cuda"
+        ops = backends.get_engine("cuda").ops
+
+        def unavailable_reason(self, device):
+            return None
+
+    fake_engines["cuda"] = _FakeCUDA()
+    dev = torch.device("cuda", 0)
+    assert {"ssl", "ssl_ranked"} <= fake_engines["cuda"].ops
+    fake_engines["triton"] = _Broken("triton", reason="no Triton here", ops=frozenset({"rowstats", "ssl"}))
+    with pytest.warns(RuntimeWarning, match="no Triton here"):
+        assert backends.resolve("auto", dev, "ssl", "t").name == "cuda"
+    assert backends.resolve("auto", dev, "ssl_ranked", "t").name == "cuda"
+    fake_engines["triton"] = _Broken("triton", ops=frozenset({"rowstats", "ssl"}))
+    assert backends.resolve("auto", dev, "ssl", "t").name == "triton"
+    assert backends.resolve("auto", dev, "ssl_ranked", "t").name == "cuda"
+
+
+def test_bayesian_cl_runs_on_the_engine_auto_resolves_even_when_it_is_cuda(monkeypatch):
+    """bayesian_cl no longer reroutes the cuda engine to torch: whatever auto resolves computes it."""
+    class _Spy(TorchChunkedEngine):
+        name = "cuda"
+        ops = frozenset({"ssl", "ssl_ranked"})
+        calls = 0
+
+        def ssl_forward(self, *a, **k):
+            type(self).calls += 1
+            return super().ssl_forward(*a, **k)
+
+    spy = _Spy()
+    monkeypatch.setattr(backends, "resolve", lambda backend, device, op, fn: spy)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    v = lf.bayesian_cl(z1, z2, alpha=0.7, beta=0.6)
+    assert _Spy.calls == 1
+    torch.testing.assert_close(v, lf.reference.bayesian_cl(z1, z2, alpha=0.7, beta=0.6), rtol=1e-10, atol=1e-12)

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "ltcl_math.h"
 
@@ -64,6 +66,100 @@ struct BayesOmega {
     return w > T(0) ? f_log(w) : neg_inf<T>();
   }
 };
+
+// log ω(count / n): the count -> weight step of the exact ranks (count = #{set values <= s} of the row,
+// n = the row's set size; u = count / n in T, as the contract's bayes_omega(u) does).
+template <typename T>
+LTCL_HD T bayes_count_log_weight(const BayesOmega<T>& omega, int64_t count, int64_t n) {
+  return omega.log_weight(static_cast<T>(count) / static_cast<T>(n));
+}
+
+// ---------------------------------------------------------------- exact ranks: keys and counts
+
+// Unsigned key with the order of the floating-point values (-0 and +0 get the same key: they compare
+// equal, so they tie). Radix sorts (CPU: LSD radix in ssl_cpu.cpp; CUDA: CUB segmented radix sort) sort
+// these keys; key_to_value inverts the map (a -0 comes back as +0).
+template <typename T>
+struct OrderedKey;
+
+template <>
+struct OrderedKey<float> {
+  using type = uint32_t;
+  static constexpr uint32_t kSign = 0x80000000u;
+};
+
+template <>
+struct OrderedKey<double> {
+  using type = uint64_t;
+  static constexpr uint64_t kSign = 0x8000000000000000ull;
+};
+
+LTCL_HD uint32_t value_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+#endif
+}
+LTCL_HD uint64_t value_bits(double v) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+#endif
+}
+
+template <typename T>
+LTCL_HD typename OrderedKey<T>::type ordered_key(T v) {
+  using K = typename OrderedKey<T>::type;
+  const K u = value_bits(v == T(0) ? T(0) : v);  // -0 -> +0
+  return (u & OrderedKey<T>::kSign) ? static_cast<K>(~u) : static_cast<K>(u | OrderedKey<T>::kSign);
+}
+
+LTCL_HD float value_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float v;
+  memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+LTCL_HD double value_from_bits(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double v;
+  memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+
+template <typename T>
+LTCL_HD T key_to_value(typename OrderedKey<T>::type k) {
+  using K = typename OrderedKey<T>::type;
+  return value_from_bits(static_cast<K>((k & OrderedKey<T>::kSign) ? (k & ~OrderedKey<T>::kSign) : ~k));
+}
+
+// #{q < n : sorted[q] <= v} for ascending sorted[0, n) (an upper bound by binary search). IEEE comparison:
+// -0 == +0, so signed zeros tie. The Bayesian count of an element against a row's sorted set values.
+template <typename T>
+LTCL_HD int64_t count_le(const T* sorted, int64_t n, T v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + ((hi - lo) >> 1);
+    if (sorted[mid] <= v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
 
 // The row's log-sum-exp from its running maximum m and sum of exp(t - m): -inf for an empty set.
 template <typename T>

@@ -12,6 +12,10 @@
 //      order-preserving integer keys, O(n) per row); every entry of a run of equal values has
 //      count = the run's end (exact ranks, ties count as <=), u = count / n, t = log ω(u) + c s
 //      in place (a table of log ω(c/n), c = 1..n, per thread, rebuilt when n changes), then the LSE of t.
+//      Column blocks (ssl_fwd_ranked / ssl_bwd_ranked, for ltcl_fused.distributed's ring): the row's
+//      ascending set values over all blocks come in as a rank reference and a run's count is
+//      #{reference values <= s} (cm::count_le) instead of the run's end; ssl_set_values returns one
+//      block's sorted set values (the same strip, masks and radix sort) to build that reference.
 // Backward: the same super-block scheme as rowstats_cpu.cpp. Rows go in super-blocks of R rows (R a
 // function of N and the dtype, never of the thread count). Phase 1, parallel over row blocks:
 // recompute the strip and the epilogue's masks/weights, form G in place, dA_blk = inv_tau G_blk C.
@@ -62,29 +66,21 @@ struct Problem {
   int K;
   T scales[kMaxScales];
   cm::BayesOmega<T> omega;
+  // rank reference (column blocks, ssl_fwd_ranked / ssl_bwd_ranked): row i's ascending set values over
+  // ALL blocks in ref[i * ref_ld, + ref_n[i]); the count of an element is then #{ref values <= s}
+  const T* ref = nullptr;
+  const int64_t* ref_n = nullptr;
+  int64_t ref_ld = 0;
 };
 
 // ---------------------------------------------------------------- exact ranks
 
-// Order-preserving unsigned key of a float / double (-0 and +0 map to the same key: they compare equal).
-inline uint32_t ordered_key(float v) {
-  uint32_t u;
-  v = v == 0.0f ? 0.0f : v;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-inline uint64_t ordered_key(double v) {
-  uint64_t u;
-  v = v == 0.0 ? 0.0 : v;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-}
-
-// Per-thread scratch of the rank pass: the set's keys and column indices, sorted by an LSD radix sort
-// (8-bit digits; a digit that every key shares is skipped). O(n) per row, stable.
+// Per-thread scratch of the rank pass: the set's keys (cm::ordered_key: -0 and +0 share a key) and column
+// indices, sorted by an LSD radix sort (8-bit digits; a digit that every key shares is skipped). O(n) per
+// row, stable.
 template <typename T>
 struct RankScratch {
-  using Key = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  using Key = typename cm::OrderedKey<T>::type;
   std::vector<Key> key, key2;
   std::vector<uint32_t> idx, idx2;
   std::vector<T> logw;  // log ω(c / n) for c = 1..n (every row of a plain two-view batch has the same n)
@@ -93,8 +89,8 @@ struct RankScratch {
 
   const T* log_weights(const cm::BayesOmega<T>& omega, int64_t n) {
     if (n != logw_n) {
-      const T tn = static_cast<T>(n);
-      for (int64_t c = 1; c <= n; ++c) logw[c - 1] = omega.log_weight(static_cast<T>(c) / tn);
+      if (static_cast<int64_t>(logw.size()) < n) logw.resize(static_cast<size_t>(n));  // a rank reference's n
+      for (int64_t c = 1; c <= n; ++c) logw[c - 1] = cm::bayes_count_log_weight(omega, c, n);
       logw_n = n;
     }
     return logw.data();
@@ -130,6 +126,21 @@ struct RankScratch {
     }
   }
 };
+
+// Collects row x's set values (x > -inf) with their columns into rs and sorts them by key; returns n.
+template <typename T>
+int64_t sort_set(const Problem<T>& P, const T* x, RankScratch<T>* rs) {
+  const T ninf = cm::neg_inf<T>();
+  int64_t n = 0;
+  for (int64_t j = 0; j < P.N; ++j) {
+    if (x[j] > ninf) {
+      rs->key[n] = cm::ordered_key(x[j]);
+      rs->idx[n++] = static_cast<uint32_t>(j);
+    }
+  }
+  if (n > 0) rs->sort(n);
+  return n;
+}
 
 struct RowInfo {
   double pos = 0;
@@ -185,18 +196,19 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T*
   // Bayesian: exact within-row ranks of the set values. Radix-sort the set's (key, column) pairs; every
   // entry of a run of equal values has count = the end of its run (ties count as <=), so ω is
   // evaluated once per distinct value and written to the run's columns as t = log ω(u) + c s.
-  int64_t n = 0;
-  for (int64_t j = 0; j < P.N; ++j) {
-    if (x[j] > ninf) {
-      rs->key[n] = ordered_key(x[j]);
-      rs->idx[n++] = static_cast<uint32_t>(j);
-    }
-  }
+  // With a rank reference (column blocks) the count is #{ref values <= s} over the whole row instead
+  // and n the row's whole set size.
+  const int64_t n = sort_set(P, x, rs);
   *smax = ninf;
   *smin = pinf;
   if (n == 0) return info;
-  rs->sort(n);
-  const T* lwt = rs->log_weights(P.omega, n);
+  const int64_t nw = P.ref != nullptr ? P.ref_n[i] : n;  // the denominator of u
+  if (nw <= 0) {  // an empty reference: no weights
+    for (int64_t q = 0; q < n; ++q) x[rs->idx[q]] = ninf;
+    return info;
+  }
+  const T* lwt = rs->log_weights(P.omega, nw);
+  const T* ref_row = P.ref != nullptr ? P.ref + i * P.ref_ld : nullptr;
   const T c = P.scales[0];
   T m = ninf;
   for (int64_t q = n; q > 0;) {  // runs from the largest value down
@@ -204,7 +216,8 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T*
     const auto k = rs->key[q - 1];
     int64_t q0 = q - 1;
     while (q0 > 0 && rs->key[q0 - 1] == k) --q0;
-    const T lw = lwt[end - 1];  // log ω(u), u = #{set values <= s} / n
+    const int64_t cnt = ref_row != nullptr ? cm::count_le(ref_row, nw, x[rs->idx[q0]]) : end;
+    const T lw = cnt > 0 ? lwt[cnt - 1] : cm::bayes_count_log_weight(P.omega, 0, nw);  // log ω(cnt / n)
     for (int64_t r = q0; r < end; ++r) {
       const int64_t j = rs->idx[r];
       const T t = lw + c * x[j];
@@ -384,11 +397,44 @@ Problem<T> make_problem(const Prepared& pp, int64_t self_offset, double inv_tau,
   return P;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+// The rank reference of the *_ranked ops, checked and converted to the accumulation dtype.
+struct RankRef {
+  Tensor ref, n;
+  bool on = false;
+};
+
+RankRef prepare_ref(const Prepared& pp, c10::ArrayRef<double> bayes, const Tensor& rank_ref, const Tensor& rank_n,
+                    const char* op) {
+  TORCH_CHECK(!bayes.empty(), op, ": a rank reference is only used with the Bayesian weights (`bayes` given)");
+  TORCH_CHECK(rank_ref.dim() == 2 && rank_ref.size(0) == pp.M, op, ": rank_ref must have shape [M, L], got ",
+              rank_ref.sizes());
+  TORCH_CHECK(rank_n.dim() == 1 && rank_n.size(0) == pp.M, op, ": rank_n must have shape [M]");
+  RankRef rr;
+  rr.ref = rank_ref.to(pp.acc).contiguous();
+  rr.n = rank_n.to(at::kLong).contiguous();
+  if (pp.M > 0) {
+    TORCH_CHECK(rr.n.min().item<int64_t>() >= 0 && rr.n.max().item<int64_t>() <= rank_ref.size(1), op,
+                ": rank_n must lie in [0, L]");
+  }
+  rr.on = true;
+  return rr;
+}
+
+template <typename T>
+void attach_ref(Problem<T>& P, const RankRef& rr) {
+  if (!rr.on) return;
+  P.ref = rr.ref.data_ptr<T>();
+  P.ref_n = rr.n.data_ptr<int64_t>();
+  P.ref_ld = rr.ref.size(1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C, const Tensor& partner,
                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
                                                bool exclude_partner, bool include_self, int64_t filter, double lower,
-                                               double upper, c10::ArrayRef<double> bayes) {
-  Prepared pp = prepare(A, C, partner, scales, filter, bayes, "ltcl_fused::ssl_fwd");
+                                               double upper, c10::ArrayRef<double> bayes, const Tensor* rank_ref,
+                                               const Tensor* rank_n, const char* op) {
+  Prepared pp = prepare(A, C, partner, scales, filter, bayes, op);
+  const RankRef rr = rank_ref != nullptr ? prepare_ref(pp, bayes, *rank_ref, *rank_n, op) : RankRef();
   const int64_t K = static_cast<int64_t>(scales.size());
   auto opts = A.options().dtype(pp.acc);
   Tensor lse = at::empty({K, pp.M}, opts), pos = at::empty({pp.M}, opts), pos_in = at::empty({pp.M}, opts);
@@ -396,18 +442,39 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cpu(const Tensor& A, const Tensor& C,
     AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_fwd_cpu", [&] {
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
                                       upper, bayes);
+      attach_ref(P, rr);
       forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
     });
   }
   return {lse, pos, pos_in};
 }
 
-std::tuple<Tensor, Tensor> ssl_bwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                               int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                               bool exclude_partner, bool include_self, int64_t filter, double lower,
+                                               double upper, c10::ArrayRef<double> bayes) {
+  return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd");
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_ranked_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                                      int64_t self_offset, double inv_tau,
+                                                      c10::ArrayRef<double> scales, bool exclude_partner,
+                                                      bool include_self, int64_t filter, double lower, double upper,
+                                                      c10::ArrayRef<double> bayes, const Tensor& rank_ref,
+                                                      const Tensor& rank_n) {
+  return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, &rank_ref, &rank_n, "ltcl_fused::ssl_fwd_ranked");
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
                                        bool include_self, int64_t filter, double lower, double upper,
-                                       c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
-                                       const Tensor& cpos) {
+                                       c10::ArrayRef<double> bayes, const Tensor* rank_ref, const Tensor* rank_n,
+                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos) {
   Prepared pp = prepare(A, C, partner, scales, filter, bayes, "ltcl_fused::ssl_bwd");
+  const RankRef rr =
+      rank_ref != nullptr ? prepare_ref(pp, bayes, *rank_ref, *rank_n, "ltcl_fused::ssl_bwd_ranked") : RankRef();
   const int64_t K = static_cast<int64_t>(scales.size());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == K && lse.size(1) == pp.M && coef.sizes() == lse.sizes(),
               "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
@@ -419,11 +486,68 @@ std::tuple<Tensor, Tensor> ssl_bwd_cpu(const Tensor& A, const Tensor& C, const T
     AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_bwd_cpu", [&] {
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
                                       upper, bayes);
+      attach_ref(P, rr);
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>()};
       backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
     });
   }
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+                                       double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
+                                       bool include_self, int64_t filter, double lower, double upper,
+                                       c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
+                                       const Tensor& cpos) {
+  return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, nullptr, nullptr, lse, coef, cpos);
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_ranked_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                              int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                              bool exclude_partner, bool include_self, int64_t filter, double lower,
+                                              double upper, c10::ArrayRef<double> bayes, const Tensor& rank_ref,
+                                              const Tensor& rank_n, const Tensor& lse, const Tensor& coef,
+                                              const Tensor& cpos) {
+  return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, &rank_ref, &rank_n, lse, coef, cpos);
+}
+
+// ---------------------------------------------------------------- set values (the rank sweep of column blocks)
+
+// Row i of vals = the ascending s values of set(i) in this block (+inf after the first cnt_i), through the
+// same strip GEMM and masks as the forward, so a ranked forward on the same block sees the same bits.
+template <typename T>
+void set_values_impl(const Problem<T>& P, T* vals, int64_t* cnt) {
+  strip::forward_strips<T>(
+      P, [&] { return RankScratch<T>(P.N); },
+      [&](RankScratch<T>& rs, int64_t i, T* x) {
+        T smax, smin;
+        prepare_row(P, i, x, &rs, &smax, &smin);  // P.bayes is false: x = s on the set, -inf elsewhere
+        const int64_t n = sort_set(P, x, &rs);
+        T* out = vals + i * P.N;
+        for (int64_t q = 0; q < n; ++q) out[q] = x[rs.idx[q]];
+        for (int64_t q = n; q < P.N; ++q) out[q] = -cm::neg_inf<T>();
+        cnt[i] = n;
+      });
+}
+
+std::tuple<Tensor, Tensor> ssl_set_values_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                              int64_t self_offset, double inv_tau, bool exclude_partner,
+                                              bool include_self, int64_t filter, double lower, double upper) {
+  const double one[1] = {1.0};
+  const c10::ArrayRef<double> scales(one, 1), no_bayes;
+  Prepared pp = prepare(A, C, partner, scales, filter, no_bayes, "ltcl_fused::ssl_set_values");
+  Tensor vals = at::empty({pp.M, pp.N}, A.options().dtype(pp.acc));
+  Tensor cnt = at::zeros({pp.M}, A.options().dtype(at::kLong));
+  if (pp.M > 0 && pp.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_set_values_cpu", [&] {
+      auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
+                                      upper, no_bayes);
+      set_values_impl<scalar_t>(P, vals.data_ptr<scalar_t>(), cnt.data_ptr<int64_t>());
+    });
+  }
+  return {vals, cnt};
 }
 
 }  // namespace
@@ -443,9 +567,27 @@ TORCH_LIBRARY_FRAGMENT(ltcl_fused, m) {
       "ssl_bwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
       "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
       "Tensor lse, Tensor coef, Tensor cpos) -> (Tensor, Tensor)");
+  // Column blocks (the contract's rank reference): (vals [M, N], cnt [M] int64), row i's ascending set values
+  // in this block, +inf after the first cnt_i.
+  m.def(
+      "ssl_set_values(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, bool exclude_partner, "
+      "bool include_self, int filter, float lower, float upper) -> (Tensor, Tensor)");
+  // ssl_fwd / ssl_bwd with the Bayesian counts taken against rank_ref [M, L] (row i's ascending set values over
+  // all blocks, the first rank_n[i] of them): u = #{rank_ref values <= s} / rank_n.
+  m.def(
+      "ssl_fwd_ranked(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
+      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
+      "Tensor rank_ref, Tensor rank_n) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ssl_bwd_ranked(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
+      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
+      "Tensor rank_ref, Tensor rank_n, Tensor lse, Tensor coef, Tensor cpos) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ltcl_fused, CPU, m) {
   m.impl("ssl_fwd", &ltcl::cpu::ssl_fwd_cpu);
   m.impl("ssl_bwd", &ltcl::cpu::ssl_bwd_cpu);
+  m.impl("ssl_set_values", &ltcl::cpu::ssl_set_values_cpu);
+  m.impl("ssl_fwd_ranked", &ltcl::cpu::ssl_fwd_ranked_cpu);
+  m.impl("ssl_bwd_ranked", &ltcl::cpu::ssl_bwd_ranked_cpu);
 }

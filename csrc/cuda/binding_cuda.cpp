@@ -168,8 +168,7 @@ SSLPrep ssl_prepare(const Tensor& A, const Tensor& C, const Tensor& partner, int
   TORCH_CHECK(filter >= 0 && filter <= 2, op, ": filter must be 0 (none), 1 (both) or 2 (low)");
   TORCH_CHECK(bayes.empty() || (bayes.size() == 3 && scales.size() == 1), op,
               ": `bayes` is [] or [alpha, beta, tau_plus] with one scale");
-  TORCH_CHECK(bayes.empty(), op, ": Bayesian ranks on CUDA: use backend='triton' (the CUDA kernels of the SSL "
-              "contract cover DCL, HCL and MTTV only)");
+  TORCH_CHECK(C.size(0) < (int64_t(1) << 31), op, ": fewer than 2^31 contrast columns required");
   SSLPrep pp;
   pp.in_dtype = A.scalar_type();
   pp.acc = pp.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -189,38 +188,99 @@ SSLPrep ssl_prepare(const Tensor& A, const Tensor& C, const Tensor& partner, int
   p.filter = static_cast<int>(filter);
   p.lower = lower;
   p.upper = upper;
+  p.bayes = !bayes.empty();
+  p.alpha = p.bayes ? bayes[0] : 0.0;
+  p.beta = p.bayes ? bayes[1] : 0.0;
+  p.tau_plus = p.bayes ? bayes[2] : 0.0;
   return pp;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
-                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
-                                                bool exclude_partner, bool include_self, int64_t filter,
-                                                double lower, double upper, c10::ArrayRef<double> bayes) {
+// The rank reference of the ranked ops (column blocks), checked and in the accumulation dtype.
+struct SSLRankPrep {
+  Tensor ref, n;
+};
+
+SSLRankPrep ssl_rank_prepare(const SSLPrep& pp, c10::ArrayRef<double> bayes, const Tensor& rank_ref,
+                             const Tensor& rank_n, const char* op) {
+  TORCH_CHECK(!bayes.empty(), op, ": a rank reference is only used with the Bayesian weights (`bayes` given)");
+  TORCH_CHECK(rank_ref.is_cuda() && rank_n.is_cuda(), op, ": rank_ref and rank_n must be on CUDA");
+  TORCH_CHECK(rank_ref.dim() == 2 && rank_ref.size(0) == pp.M, op, ": rank_ref must have shape [M, L], got ",
+              rank_ref.sizes());
+  TORCH_CHECK(rank_n.dim() == 1 && rank_n.size(0) == pp.M, op, ": rank_n must have shape [M]");
+  SSLRankPrep r;
+  r.ref = rank_ref.to(pp.acc).contiguous();
+  r.n = rank_n.to(at::kLong).contiguous();
+  if (pp.M > 0) {
+    TORCH_CHECK(r.n.min().item<int64_t>() >= 0 && r.n.max().item<int64_t>() <= rank_ref.size(1), op,
+                ": rank_n must lie in [0, L]");
+  }
+  return r;
+}
+
+// Device workspace of the Bayesian rank pass (empty when not needed).
+template <typename T>
+Tensor ssl_workspace(const SSLPrep& pp, bool has_ref) {
+  const size_t bytes = ssl_workspace_bytes<T>(pp.M, pp.N, pp.params, has_ref);
+  return at::empty({static_cast<int64_t>(bytes)}, pp.A.options().dtype(at::kByte));
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                               int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                               bool exclude_partner, bool include_self, int64_t filter,
+                                               double lower, double upper, c10::ArrayRef<double> bayes,
+                                               const Tensor* rank_ref, const Tensor* rank_n, const char* op) {
   const c10::cuda::CUDAGuard guard(A.device());
   SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
-                           lower, upper, bayes, "ltcl_fused::ssl_fwd");
+                           lower, upper, bayes, op);
+  SSLRankPrep rp;
+  if (rank_ref != nullptr) rp = ssl_rank_prepare(pp, bayes, *rank_ref, *rank_n, op);
   const int64_t K = static_cast<int64_t>(scales.size());
   auto opts = A.options().dtype(pp.acc);
   Tensor lse = at::empty({K, pp.M}, opts), pos = at::empty({pp.M}, opts), pos_in = at::empty({pp.M}, opts);
   auto stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_fwd_cuda", [&] {
+    const SSLRankRef<scalar_t> rr{rp.ref.defined() ? rp.ref.data_ptr<scalar_t>() : nullptr,
+                                  rp.n.defined() ? rp.n.data_ptr<int64_t>() : nullptr,
+                                  rp.ref.defined() ? rp.ref.size(1) : 0};
+    Tensor ws = ssl_workspace<scalar_t>(pp, rank_ref != nullptr);
     err = ssl_forward<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.C.data_ptr<scalar_t>(), pp.partner.data_ptr<int64_t>(),
-                                pp.M, pp.N, pp.D, pp.params, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
+                                pp.M, pp.N, pp.D, pp.params, rank_ref != nullptr ? &rr : nullptr, ws.data_ptr(),
+                                static_cast<size_t>(ws.numel()), lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
                                 pos_in.data_ptr<scalar_t>(), stream.stream());
   });
-  TORCH_CHECK(err == cudaSuccess, "ltcl_fused::ssl_fwd (CUDA): ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
   return {lse, pos, pos_in};
 }
 
-std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
-                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
-                                        bool include_self, int64_t filter, double lower, double upper,
-                                        c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
-                                        const Tensor& cpos) {
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                                bool exclude_partner, bool include_self, int64_t filter,
+                                                double lower, double upper, c10::ArrayRef<double> bayes) {
+  return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd");
+}
+
+std::tuple<Tensor, Tensor, Tensor> ssl_fwd_ranked_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                                       int64_t self_offset, double inv_tau,
+                                                       c10::ArrayRef<double> scales, bool exclude_partner,
+                                                       bool include_self, int64_t filter, double lower, double upper,
+                                                       c10::ArrayRef<double> bayes, const Tensor& rank_ref,
+                                                       const Tensor& rank_n) {
+  return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, &rank_ref, &rank_n, "ltcl_fused::ssl_fwd_ranked");
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+                                       double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
+                                       bool include_self, int64_t filter, double lower, double upper,
+                                       c10::ArrayRef<double> bayes, const Tensor* rank_ref, const Tensor* rank_n,
+                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos, const char* op) {
   const c10::cuda::CUDAGuard guard(A.device());
   SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
-                           lower, upper, bayes, "ltcl_fused::ssl_bwd");
+                           lower, upper, bayes, op);
+  SSLRankPrep rp;
+  if (rank_ref != nullptr) rp = ssl_rank_prepare(pp, bayes, *rank_ref, *rank_n, op);
   const int64_t K = static_cast<int64_t>(scales.size());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == K && lse.size(1) == pp.M && coef.sizes() == lse.sizes(),
               "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
@@ -231,13 +291,62 @@ std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const 
   auto stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_bwd_cuda", [&] {
+    const SSLRankRef<scalar_t> rr{rp.ref.defined() ? rp.ref.data_ptr<scalar_t>() : nullptr,
+                                  rp.n.defined() ? rp.n.data_ptr<int64_t>() : nullptr,
+                                  rp.ref.defined() ? rp.ref.size(1) : 0};
+    Tensor ws = ssl_workspace<scalar_t>(pp, rank_ref != nullptr);
     err = ssl_backward<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.C.data_ptr<scalar_t>(),
-                                 pp.partner.data_ptr<int64_t>(), pp.M, pp.N, pp.D, pp.params, l.data_ptr<scalar_t>(),
-                                 cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(),
-                                 dC.data_ptr<scalar_t>(), stream.stream());
+                                 pp.partner.data_ptr<int64_t>(), pp.M, pp.N, pp.D, pp.params,
+                                 rank_ref != nullptr ? &rr : nullptr, ws.data_ptr(), static_cast<size_t>(ws.numel()),
+                                 l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>(),
+                                 dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>(), stream.stream());
   });
-  TORCH_CHECK(err == cudaSuccess, "ltcl_fused::ssl_bwd (CUDA): ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner, int64_t self_offset,
+                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
+                                        bool include_self, int64_t filter, double lower, double upper,
+                                        c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
+                                        const Tensor& cpos) {
+  return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, nullptr, nullptr, lse, coef, cpos, "ltcl_fused::ssl_bwd");
+}
+
+std::tuple<Tensor, Tensor> ssl_bwd_ranked_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                               int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
+                                               bool exclude_partner, bool include_self, int64_t filter, double lower,
+                                               double upper, c10::ArrayRef<double> bayes, const Tensor& rank_ref,
+                                               const Tensor& rank_n, const Tensor& lse, const Tensor& coef,
+                                               const Tensor& cpos) {
+  return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
+                     bayes, &rank_ref, &rank_n, lse, coef, cpos, "ltcl_fused::ssl_bwd_ranked");
+}
+
+// One column block's row-sorted set values (the rank sweep of ltcl_fused.distributed's ring).
+std::tuple<Tensor, Tensor> ssl_set_values_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
+                                               int64_t self_offset, double inv_tau, bool exclude_partner,
+                                               bool include_self, int64_t filter, double lower, double upper) {
+  const char* op = "ltcl_fused::ssl_set_values";
+  const c10::cuda::CUDAGuard guard(A.device());
+  const double one[1] = {1.0};
+  SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, c10::ArrayRef<double>(one, 1), exclude_partner,
+                           include_self, filter, lower, upper, c10::ArrayRef<double>(), op);
+  pp.params.bayes = true;  // the rank pass alone (its workspace); the weights are not evaluated
+  Tensor vals = at::empty({pp.M, pp.N}, A.options().dtype(pp.acc));
+  Tensor cnt = at::zeros({pp.M}, A.options().dtype(at::kLong));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_set_values_cuda", [&] {
+    Tensor ws = ssl_workspace<scalar_t>(pp, false);
+    err = ssl_set_values<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.C.data_ptr<scalar_t>(),
+                                   pp.partner.data_ptr<int64_t>(), pp.M, pp.N, pp.D, pp.params, ws.data_ptr(),
+                                   static_cast<size_t>(ws.numel()), vals.data_ptr<scalar_t>(),
+                                   cnt.data_ptr<int64_t>(), stream.stream());
+  });
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(err));
+  return {vals, cnt};
 }
 
 }  // namespace
@@ -248,6 +357,9 @@ TORCH_LIBRARY_IMPL(ltcl_fused, CUDA, m) {
   m.impl("topk_mining", &topk_mining_cuda);
   m.impl("ssl_fwd", &ssl_fwd_cuda);
   m.impl("ssl_bwd", &ssl_bwd_cuda);
+  m.impl("ssl_fwd_ranked", &ssl_fwd_ranked_cuda);
+  m.impl("ssl_bwd_ranked", &ssl_bwd_ranked_cuda);
+  m.impl("ssl_set_values", &ssl_set_values_cuda);
 }
 
 }  // namespace cuda

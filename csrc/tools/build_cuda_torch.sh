@@ -40,7 +40,8 @@ import torch
 from ltcl_fused import ext
 info = ext.load()
 assert info["with_cuda"], "the extension was built without its CUDA sources"
-for op in ("rowstats_fwd", "rowstats_bwd"):
+for op in ("rowstats_fwd", "rowstats_bwd", "topk_mining", "ssl_fwd", "ssl_bwd", "ssl_fwd_ranked", "ssl_bwd_ranked",
+           "ssl_set_values"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ltcl_fused::{op}", key), (op, key)
 # the CPU kernels of this build run without a GPU

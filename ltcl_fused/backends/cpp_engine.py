@@ -32,7 +32,7 @@ def _ssl_args(self_offset, inv_tau, cfg):
 
 class CPUEngine(Engine):
     name = "cpu"
-    ops = frozenset({"rowstats", "ssl"})
+    ops = frozenset({"rowstats", "ssl", "ssl_ranked"})
     device_type = "cpu"
 
     def unavailable_reason(self, device) -> Optional[str]:
@@ -53,19 +53,32 @@ class CPUEngine(Engine):
                                                  cpos, cposf, cneg, r, rt)
 
     # --- the "ssl" operation (ltcl_fused/engine/ssl_contract.py; csrc/cpu/ssl_cpu.cpp) ---
-    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None):
         from ..engine.ssl_contract import SSLStats
-        return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *_ssl_args(self_offset, inv_tau, cfg)))
+        args = _ssl_args(self_offset, inv_tau, cfg)
+        if rank_ref is not None:  # column blocks: counts against the whole row's sorted set values
+            return SSLStats(*torch.ops.ltcl_fused.ssl_fwd_ranked(A, C, partner, *args, *rank_ref))
+        return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *args))
 
-    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
-        return torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *_ssl_args(self_offset, inv_tau, cfg), lse, coef, cpos)
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None):
+        args = _ssl_args(self_offset, inv_tau, cfg)
+        if rank_ref is not None:
+            return torch.ops.ltcl_fused.ssl_bwd_ranked(A, C, partner, *args, *rank_ref, lse, coef, cpos)
+        return torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *args, lse, coef, cpos)
+
+    def ssl_set_values(self, A, C, partner, self_offset, inv_tau, cfg):
+        """Row-sorted set values of this column block and the set sizes (ssl_contract.py, column blocks)."""
+        return torch.ops.ltcl_fused.ssl_set_values(A, C, partner, int(self_offset), float(inv_tau),
+                                                   bool(cfg.exclude_partner), bool(cfg.include_self),
+                                                   _FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper))
 
 
 class CUDAEngine(CPUEngine):
     name = "cuda"
     device_type = "cuda"
-    # mining: csrc/cuda/mining_cuda.cu; ssl: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV; the Bayesian weights raise)
-    ops = frozenset({"rowstats", "mining", "ssl"})
+    # mining: csrc/cuda/mining_cuda.cu; ssl and ssl_ranked: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV and the Bayesian
+    # weights: a CUB segmented radix sort rank pass, then the tiled weighting pass)
+    ops = frozenset({"rowstats", "mining", "ssl", "ssl_ranked"})
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
         """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""

@@ -5,7 +5,9 @@ similarity rows of a block of anchors are formed, reduced to the per-row statist
 backward recomputes them. The Bayesian weights need exact ranks within each row: the block's set
 values are sorted per row (entries outside the set pushed to +inf) and every entry's count of
 set values <= it is read off the end of its run of equal values — exact, ties included,
-O(block · N log N).
+O(block · N log N). Column blocks (operation "ssl_ranked", ``ltcl_fused/engine/ssl_contract.py``):
+``ssl_set_values`` returns a block's row-sorted set values from the same block computation, and with
+``rank_ref`` the count is ``#{ref values <= s}`` (``torch.searchsorted(..., right=True)``, capped at n).
 
 ``SSLTorchMixin`` holds the two methods, so the chunked softmax engine can take them on as well
 (``class TorchChunkedEngine(SSLTorchMixin, Engine)`` with ``"ssl"`` in ``ops``); ``TorchSSLEngine``
@@ -49,8 +51,8 @@ def _le_counts(s, in_set):
     return torch.empty_like(idx).scatter_(1, idx, run_end + 1)
 
 
-def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
-    """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0)."""
+def _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
+    """Rows r0.. of S and the set mask."""
     g = A_blk.to(Cacc.dtype) @ Cacc.T
     s = g * inv_tau
     bm, N = s.shape
@@ -65,14 +67,35 @@ def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
         in_set &= ag >= cfg.lower
         if cfg.filter == "both":
             in_set &= ag <= cfg.upper
-    del g
+    return s, in_set
+
+
+def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg, ref_blk=None):
+    """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0).
+
+    ``ref_blk``: the rank reference rows (ref [bm, L], n [bm]) of column blocks, or None."""
+    s, in_set = _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg)
     if cfg.bayes is None:
         logw = torch.where(in_set, 0.0, -math.inf).to(s.dtype)
     else:
-        n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
-        w = bayes_omega(_le_counts(s, in_set).to(s.dtype) / n, *cfg.bayes)
+        if ref_blk is None:
+            counts = _le_counts(s, in_set)
+            n = in_set.sum(1, keepdim=True)
+        else:
+            ref, n = ref_blk[0], ref_blk[1][:, None]
+            # #{ref values <= s}; +inf (or anything past n) never counts for finite s, and the cap at n
+            # covers s = +inf
+            counts = torch.minimum(torch.searchsorted(ref, s, right=True), n)
+        w = bayes_omega(counts.to(s.dtype) / n.clamp(min=1).to(s.dtype), *cfg.bayes)
         logw = torch.where(in_set & (w > 0), torch.log(w), -math.inf)
     return s, in_set, logw
+
+
+def _ref_rows(rank_ref, r0, r1, dtype):
+    if rank_ref is None:
+        return None
+    ref, n = rank_ref
+    return ref[r0:r1].to(dtype).contiguous(), n[r0:r1].to(torch.int64)
 
 
 def _positive(s, partner_blk, in_set):
@@ -86,7 +109,7 @@ def _positive(s, partner_blk, in_set):
 class SSLTorchMixin:
     """The "ssl" operation of the chunked PyTorch engine."""
 
-    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg) -> SSLStats:
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None) -> SSLStats:
         M, N = A.shape[0], C.shape[0]
         acc = acc_dtype(A.dtype)
         Cacc = C.to(acc)
@@ -96,14 +119,15 @@ class SSLTorchMixin:
         pos_in = torch.empty(M, dtype=acc, device=A.device)
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
-                s, in_set, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
+                                         _ref_rows(rank_ref, r0, r1, acc))
                 pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], in_set)
                 del in_set
                 for k, c in enumerate(cfg.scales):
                     lse[k, r0:r1] = torch.logsumexp(logw + c * s, dim=1)  # all −inf -> −inf
         return SSLStats(lse, pos, pos_in)
 
-    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None):
         M, N = A.shape[0], C.shape[0]
         acc = acc_dtype(A.dtype)
         Cacc = C.to(acc)
@@ -112,7 +136,8 @@ class SSLTorchMixin:
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
                 A_blk = A[r0:r1].to(acc)
-                s, in_set, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
+                                         _ref_rows(rank_ref, r0, r1, acc))
                 del in_set
                 G = torch.zeros_like(s)
                 for k, c in enumerate(cfg.scales):
@@ -129,10 +154,25 @@ class SSLTorchMixin:
                 dC.addmm_(G.T, A_blk, alpha=inv_tau)
         return dA.to(A.dtype), dC.to(C.dtype)
 
+    def ssl_set_values(self, A, C, partner, self_offset, inv_tau, cfg):
+        """Row-sorted set values of this column block (+inf after them) and the set sizes."""
+        M, N = A.shape[0], C.shape[0]
+        acc = acc_dtype(A.dtype)
+        Cacc = C.to(acc)
+        vals = torch.empty(M, N, dtype=acc, device=A.device)
+        cnt = torch.empty(M, dtype=torch.int64, device=A.device)
+        with torch.no_grad():
+            for r0, r1 in _row_blocks(M, N):
+                # the same row blocks and products as ssl_forward / ssl_backward (same bits)
+                s, in_set = _block_set(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                vals[r0:r1] = torch.where(in_set, s, math.inf).sort(dim=1).values
+                cnt[r0:r1] = in_set.sum(1)
+        return vals, cnt
+
 
 class TorchSSLEngine(SSLTorchMixin, Engine):
     name = "torch"
-    ops = frozenset({"ssl"})
+    ops = frozenset({"ssl", "ssl_ranked"})
 
     def unavailable_reason(self, device):
         return None

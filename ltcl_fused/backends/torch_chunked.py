@@ -73,7 +73,7 @@ def _lean_block(A_blk, Cacc, r0, a_lab_blk, c_lab, self_offset, inv_tau, bias_sa
 class TorchChunkedEngine(SSLTorchMixin, Engine):
     """Both engine contracts in chunked PyTorch: "rowstats" (softmax family) and "ssl" (ssl_torch.py)."""
     name = "torch"
-    ops = frozenset({"rowstats", "ssl"})
+    ops = frozenset({"rowstats", "ssl", "ssl_ranked"})
 
     def unavailable_reason(self, device):
         return None

@@ -72,6 +72,27 @@ class _Ring:
             if k < self.W - 1:
                 cur = nxt_block
 
+    def grad_sweep(self, X_local: torch.Tensor, fn) -> torch.Tensor:
+        """A sweep for the backward: ``fn(k, owner, block)`` returns this rank's gradient contribution to
+        the columns of ``block``; that block's accumulator travels with it (one hop behind) and arrives,
+        summed over all ranks, back at its owner. Returns the gradient of this rank's own block."""
+        state = {"acc_in": None, "reqs": []}
+
+        def step(k, owner, blk):
+            dC_k = fn(k, owner, blk)
+            for q in state["reqs"]:  # the accumulator of this block, from the previous rank
+                q.wait()
+            acc_blk = dC_k if state["acc_in"] is None else state["acc_in"].add_(dC_k)
+            # pass the accumulator on; it reaches the owner after W hops (the last one lands at home)
+            state["acc_in"], state["reqs"] = self.exchange(acc_blk.contiguous(), self.sizes[self.owner(k + 1)],
+                                                           _TAG_GRAD)
+            state["keep"] = acc_blk  # the send buffer must live until its request completes
+
+        self.sweep(X_local, step)
+        for q in state["reqs"]:
+            q.wait()
+        return state["acc_in"]
+
 
 def _focal_pass(A, blk, a_lab, b_lab, self_offset, inv_tau, bias_same, bias_other, lse, top, lrest, gamma):
     """Σ_P f⁺, Σ_N f⁻, Σ_P u⁺, Σ_N u⁻ of one column block given the global row statistics (lse, and the
@@ -193,7 +214,6 @@ class _RingRowStatsFn(torch.autograd.Function):
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(gtop, a_lab, c_lab), focal)
         ring = _Ring(group, sizes)
         dA = torch.zeros(A.shape, dtype=acc_dtype(A.dtype), device=A.device)
-        state = {"acc_in": None, "reqs": []}
 
         def grad_step(k, owner, blk):
             sl = ring.cols(owner)
@@ -203,18 +223,9 @@ class _RingRowStatsFn(torch.autograd.Function):
                                                   lse, _top_in(best, top, owner), lrest, cpos, cposf, cneg, r,
                                                   rt)
             dA.add_(dA_k)
-            for q in state["reqs"]:  # the accumulator of this block, from the previous rank
-                q.wait()
-            acc_blk = dC_k if state["acc_in"] is None else state["acc_in"].add_(dC_k)
-            # pass the accumulator on; it reaches the owner after W hops (the last one lands at home)
-            state["acc_in"], state["reqs"] = ring.exchange(acc_blk.contiguous(), ring.sizes[ring.owner(k + 1)],
-                                                           _TAG_GRAD)
-            state["keep"] = acc_blk  # the send buffer must live until its request completes
+            return dC_k
 
-        ring.sweep(X, grad_step)
-        for q in state["reqs"]:
-            q.wait()
-        dX = state["acc_in"]
+        dX = ring.grad_sweep(X, grad_step)
         return (dA.to(A.dtype) if ctx.needs_input_grad[0] else None, dX if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None, None, None, None, None)
 

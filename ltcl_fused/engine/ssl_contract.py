@@ -44,6 +44,25 @@ exp(c_k s_ij − lse_ki)`` on the set), so the autograd wrapper passes the upstr
 Mapping onto the fused engines: one pass over tiles of S per row block with K online LSE
 accumulators and the positive's value; the Bayesian variant needs the row's sorted set values first
 (a rank pass) and then a weighting pass; the filter and the self/partner exclusions are masks.
+
+Column blocks (operation "ssl_ranked"; ``ltcl_fused.distributed``'s ring mode)
+--------------------------------------------------------------------------------
+The columns may be split into blocks ``C = [C_0 | C_1 | ...]`` handled by separate calls, each with the
+partner index and ``self_offset`` re-based into that block (-1 where the partner / self column lies in
+another block). Without ``bayes`` the blocks combine exactly (:func:`combine_blocks`):
+``lse_ki = log Σ_b exp(lse_ki^(b))``, ``pos`` and ``pos_in`` are the sums over blocks (only the partner's
+block contributes), and ``backward`` of block b called with the COMBINED lse returns that block's part of
+dA (summed over blocks) and exactly its columns' dC.
+The Bayesian weights rank each element among its row's set over ALL blocks, so an engine implementing
+"ssl_ranked" provides two more things:
+  set_values(A, C, partner, self_offset, inv_tau, cfg) -> (vals [M, N], cnt [M] int64):
+      row i of vals = the ascending values s_ij, j ∈ set(i) of this block, then +inf; cnt_i = |set(i)|.
+  forward / backward with ``rank_ref=(ref [M, L], n [M] int64)``: ``ref_i[:n_i]`` ascending (the rest is
+      ignored), and then ``u_ij = #{l < n_i: ref_il <= s_ij} / n_i`` replaces the within-block count.
+:func:`merge_set_values` builds ``rank_ref`` from every block's ``set_values`` (one sort per row); an
+engine must compute a block's values bit-identically in ``set_values``, ``forward`` and ``backward`` (the
+same GEMM and masks), so that an element finds itself and its exact ties in the reference. With
+``rank_ref = merge_set_values([set_values(whole C)])`` the ranked call equals the plain one.
 """
 from __future__ import annotations
 
@@ -56,8 +75,8 @@ import torch
 from .contract import acc_dtype
 from .first_order import first_order
 
-__all__ = ["SSLConfig", "SSLStats", "bayes_omega", "dense_forward", "dense_backward", "ssl_row_stats",
-           "DenseSSLEngine"]
+__all__ = ["SSLConfig", "SSLStats", "bayes_omega", "dense_forward", "dense_backward", "dense_set_values",
+           "ssl_row_stats", "DenseSSLEngine", "combine_blocks", "merge_set_values"]
 
 
 @dataclass(frozen=True)
@@ -133,21 +152,35 @@ def _dense_sets(A, C, partner, self_offset, cfg):
     return g, in_set, is_partner
 
 
-def _dense_weights(s, in_set, cfg):
+def _dense_weights(s, in_set, cfg, rank_ref=None):
     if cfg.bayes is None:
         return torch.where(in_set, torch.ones_like(s), torch.zeros_like(s))
-    # u_ij = #{k in set(i): s_ik <= s_ij} / n_i, literally (an M×N×N comparison: tiny shapes only)
-    le = (s[:, None, :] <= s[:, :, None]) & in_set[:, None, :]
-    n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
+    if rank_ref is None:
+        # u_ij = #{k in set(i): s_ik <= s_ij} / n_i, literally (an M×N×N comparison: tiny shapes only)
+        le = (s[:, None, :] <= s[:, :, None]) & in_set[:, None, :]
+        n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
+    else:  # u_ij = #{l < n_i: ref_il <= s_ij} / n_i (column blocks), literally
+        ref, rn = rank_ref
+        live = torch.arange(ref.shape[1], device=s.device)[None, :] < rn[:, None]
+        le = (ref.to(s.dtype)[:, None, :] <= s[:, :, None]) & live[:, None, :]
+        n = rn[:, None].clamp(min=1).to(s.dtype)
     u = le.sum(2).to(s.dtype) / n
     return torch.where(in_set, bayes_omega(u, *cfg.bayes), torch.zeros_like(s))
 
 
-def dense_forward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig) -> SSLStats:
+def dense_set_values(A, C, partner, self_offset, inv_tau, cfg: SSLConfig):
+    """Literal transcription of ``set_values`` (column blocks): row-sorted set values, +inf after them."""
+    g, in_set, _ = _dense_sets(A, C, partner, self_offset, cfg)
+    s = g * inv_tau
+    vals = torch.where(in_set, s, torch.full_like(s, math.inf)).sort(dim=1).values
+    return vals, in_set.sum(1).to(torch.int64)
+
+
+def dense_forward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig, rank_ref=None) -> SSLStats:
     """Literal dense transcription of the forward contract (test oracle for the backends)."""
     g, in_set, is_partner = _dense_sets(A, C, partner, self_offset, cfg)
     s = g * inv_tau
-    w = _dense_weights(s, in_set, cfg)
+    w = _dense_weights(s, in_set, cfg, rank_ref)
     lse = []
     for c in cfg.scales:
         terms = torch.where(in_set & (w > 0), torch.log(w) + c * s, torch.full_like(s, -math.inf))
@@ -157,11 +190,11 @@ def dense_forward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig) -> SSLSta
     return SSLStats(torch.stack(lse), pos, pos_in)
 
 
-def dense_backward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig, lse, coef, cpos):
+def dense_backward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig, lse, coef, cpos, rank_ref=None):
     """Literal dense transcription of the backward contract (test oracle for the backends)."""
     g, in_set, is_partner = _dense_sets(A, C, partner, self_offset, cfg)
     s = g * inv_tau
-    w = _dense_weights(s, in_set, cfg)
+    w = _dense_weights(s, in_set, cfg, rank_ref)
     G = torch.where(is_partner, cpos[:, None].to(s.dtype).expand_as(s), torch.zeros_like(s))
     for k, c in enumerate(cfg.scales):
         L = lse[k]
@@ -177,16 +210,49 @@ def dense_backward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig, lse, coe
 class DenseSSLEngine:
     """The dense oracle wrapped as an engine (tests the autograd wrapper independently of any backend)."""
     name = "dense-oracle"
-    ops = frozenset({"ssl"})
+    ops = frozenset({"ssl", "ssl_ranked"})
 
     def unavailable_reason(self, device):
         return None
 
-    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
-        return dense_forward(A, C, partner, self_offset, inv_tau, cfg)
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None):
+        return dense_forward(A, C, partner, self_offset, inv_tau, cfg, rank_ref)
 
-    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
-        return dense_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos)
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None):
+        return dense_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref)
+
+    def ssl_set_values(self, A, C, partner, self_offset, inv_tau, cfg):
+        return dense_set_values(A, C, partner, self_offset, inv_tau, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# column blocks: the exact combination rules (see the module doc)
+# ----------------------------------------------------------------------------------------------
+
+def combine_blocks(per_block) -> SSLStats:
+    """Statistics over all columns from the per-block ones (a sequence of SSLStats, any block order)."""
+    lse = torch.logsumexp(torch.stack([b.lse for b in per_block]), dim=0)  # all −inf -> −inf
+    pos = torch.stack([b.pos for b in per_block]).sum(0)
+    pos_in = torch.stack([b.pos_in for b in per_block]).sum(0)
+    return SSLStats(lse, pos, pos_in)
+
+
+def merge_set_values(per_block, dtype=None):
+    """The rank reference ``(ref [M, L], n [M])`` from every block's ``set_values`` output.
+
+    Each block's values are cut to its longest row first (+inf padding is all that is dropped), then one
+    sort per row; ``L >= 1`` (an all-+inf column when every set is empty).
+    """
+    vals = [v[:, : int(c.max())] if c.numel() else v[:, :0] for v, c in per_block]
+    n = torch.stack([c for _, c in per_block]).sum(0)
+    ref = torch.cat(vals, dim=1) if vals else None
+    if ref is None or ref.shape[1] == 0:
+        M = per_block[0][1].shape[0]
+        dev = per_block[0][0].device
+        dt = dtype or per_block[0][0].dtype
+        return torch.full((M, 1), math.inf, dtype=dt, device=dev), n
+    ref = ref.sort(dim=1).values[:, : max(1, int(n.max()) if n.numel() else 1)]
+    return ref.contiguous(), n
 
 
 # ----------------------------------------------------------------------------------------------

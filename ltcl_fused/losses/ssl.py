@@ -24,7 +24,6 @@ def _engine(backend, device, fn):
 
 
 def _two_views(fn, z1, z2, check_finite):
-    """Validate the two views; their finiteness is checked with one host read (none with check_finite=False)."""
     V.check_features(fn, "z1", z1, ranks=(2,))
     V.check_features(fn, "z2", z2, ranks=(2,))
     V.check_same(fn, "z2", z2, z1, "z1")
@@ -74,6 +73,103 @@ def _finish(log_ng, s_pos, reduction):
     return reduce(torch.logaddexp(torch.zeros_like(s_pos), log_ng - s_pos), reduction)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks and the finishing step on the row statistics, shared with ltcl_fused.distributed
+# (M = the number of negatives per anchor, 2B − 2 over the whole batch)
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_dcl_args(fn, temperature, tau_plus, debiased, reduction):
+    t = V.check_positive(fn, "temperature", temperature)
+    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
+    _check_bool(fn, "debiased", debiased)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    return t, tau_plus
+
+
+def check_hcl_args(fn, temperature, tau_plus, beta, reduction):
+    t = V.check_positive(fn, "temperature", temperature)
+    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
+    beta = V.check_nonnegative(fn, "beta", beta)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    return t, tau_plus, beta
+
+
+def check_bayes_args(fn, alpha, beta, tau_plus, temperature, reduction):
+    alpha = V.check_range(fn, "alpha", alpha, 0.5, 1.0)
+    beta = V.check_range(fn, "beta", beta, 0.5, 1.0)
+    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
+    t = V.check_positive(fn, "temperature", temperature)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    return alpha, beta, tau_plus, t
+
+
+def check_mttv_args(fn, lower, upper, temperature, filter, official_self_term, reduction):
+    lower = V.check_range(fn, "lower", lower, 0.0, 1.0)
+    upper = V.check_range(fn, "upper", upper, 0.0, 1.0)
+    if lower > upper:
+        raise ValueError(f"{fn}: `lower` ({lower}) must not exceed `upper` ({upper})")
+    t = V.check_positive(fn, "temperature", temperature)
+    V.check_choice(fn, "filter", filter, ("both", "low"))
+    _check_bool(fn, "official_self_term", official_self_term)
+    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    return lower, upper, t
+
+
+def check_mttv_embeddings(fn, embeddings, check_finite):
+    V.check_features(fn, "embeddings", embeddings, ranks=(2,))
+    if embeddings.shape[0] % 2:
+        raise ValueError(f"{fn}: `embeddings` must have an even number of rows (interleaved pairs), "
+                         f"got {embeddings.shape[0]}")
+    V.check_finite(fn, "embeddings", embeddings, V.check_bool(fn, "check_finite", check_finite))
+
+
+def dcl_config():
+    return SSLConfig(scales=(1.0,))
+
+
+def hcl_config(beta):
+    return SSLConfig(scales=(beta, 1.0 + beta))
+
+
+def bayes_config(alpha, beta, tau_plus):
+    return SSLConfig(scales=(1.0,), bayes=(alpha, beta, tau_plus))
+
+
+def mttv_config(lower, upper, filter, official_self_term):
+    return SSLConfig(scales=(1.0,), exclude_partner=False, include_self=official_self_term, filter=filter,
+                     lower=lower, upper=upper)
+
+
+def dcl_from_stats(st, M, tau_plus, t, debiased, reduction):
+    if M == 0:  # no negatives: Ng = 0, ℓ = 0
+        return reduce(0.0 * st.pos, reduction)
+    log_ng = _log_debiased(st.lse[0], st.pos, M, tau_plus, t) if debiased else st.lse[0]
+    return _finish(log_ng, st.pos, reduction)
+
+
+def hcl_from_stats(st, M, tau_plus, t, reduction):
+    if M == 0:
+        return reduce(0.0 * st.pos, reduction)
+    log_reweighted = math.log(M) + st.lse[1] - st.lse[0]
+    return _finish(_log_debiased(log_reweighted, st.pos, M, tau_plus, t), st.pos, reduction)
+
+
+def bayes_from_stats(st, reduction):
+    return _finish(st.lse[0], st.pos, reduction)  # lse = log Σ ω e; −inf (Ng = 0) gives ℓ = 0
+
+
+def mttv_ratios(st, t, official_self_term):
+    """The ratios r [rows] from the filtered row statistics."""
+    lse, kept = st.lse[0], st.pos_in > 0
+    if official_self_term:
+        # e^{s⁺} / (e^{lse} − e^{1/t}), scaled by e^{−1/t} (cos <= 1, so nothing overflows)
+        num = torch.exp(st.pos - 1.0 / t)
+        den = torch.expm1(lse - 1.0 / t)
+        return torch.where(kept, num / torch.where(kept, den, 1.0), 0.0)
+    # the positive is in the set when kept, so lse is finite there
+    return torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
+
+
 def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean", backend="auto",
         check_finite=True):
     """Debiased contrastive loss (Chuang et al. 2020); ``debiased=False`` is SimCLR.
@@ -87,21 +183,14 @@ def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean
     fn = "ltcl_fused.dcl"
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
-    t = V.check_positive(fn, "temperature", temperature)
-    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
-    _check_bool(fn, "debiased", debiased)
-    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    t, tau_plus = check_dcl_args(fn, temperature, tau_plus, debiased, reduction)
     eng = _engine(backend, z1.device, fn)
     if eng is None:
         from .. import reference as R
         return reference_output(R.dcl(z1, z2, temperature=t, tau_plus=tau_plus, debiased=debiased,
                                       reduction=reduction), z1)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,)), fn)
-    M = 2 * z1.shape[0] - 2
-    if M == 0:  # no negatives: Ng = 0, ℓ = 0
-        return reduce(0.0 * st.pos, reduction)
-    log_ng = _log_debiased(st.lse[0], st.pos, M, tau_plus, t) if debiased else st.lse[0]
-    return _finish(log_ng, st.pos, reduction)
+    st = _two_view_stats(eng, z1, z2, t, dcl_config(), fn)
+    return dcl_from_stats(st, 2 * z1.shape[0] - 2, tau_plus, t, debiased, reduction)
 
 
 def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", backend="auto", check_finite=True):
@@ -114,21 +203,14 @@ def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", ba
     fn = "ltcl_fused.hcl"
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
-    t = V.check_positive(fn, "temperature", temperature)
-    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
-    beta = V.check_nonnegative(fn, "beta", beta)
-    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    t, tau_plus, beta = check_hcl_args(fn, temperature, tau_plus, beta, reduction)
     eng = _engine(backend, z1.device, fn)
     if eng is None:
         from .. import reference as R
         return reference_output(R.hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, reduction=reduction),
                                 z1)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(beta, 1.0 + beta)), fn)
-    M = 2 * z1.shape[0] - 2
-    if M == 0:
-        return reduce(0.0 * st.pos, reduction)
-    log_reweighted = math.log(M) + st.lse[1] - st.lse[0]
-    return _finish(_log_debiased(log_reweighted, st.pos, M, tau_plus, t), st.pos, reduction)
+    st = _two_view_stats(eng, z1, z2, t, hcl_config(beta), fn)
+    return hcl_from_stats(st, 2 * z1.shape[0] - 2, tau_plus, t, reduction)
 
 
 def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, reduction="mean", backend="auto",
@@ -144,20 +226,14 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
     fn = "ltcl_fused.bayesian_cl"
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
-    alpha = V.check_range(fn, "alpha", alpha, 0.5, 1.0)
-    beta = V.check_range(fn, "beta", beta, 0.5, 1.0)
-    tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
-    t = V.check_positive(fn, "temperature", temperature)
-    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    alpha, beta, tau_plus, t = check_bayes_args(fn, alpha, beta, tau_plus, temperature, reduction)
     eng = _engine(backend, z1.device, fn)
-    if backend == "auto" and eng is not None and eng.name == "cuda":
-        eng = backends.get_engine("torch")  # the CUDA extension has no Bayesian-rank kernel (Triton has)
     if eng is None:
         from .. import reference as R
         return reference_output(R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t,
                                               reduction=reduction), z1)
-    st = _two_view_stats(eng, z1, z2, t, SSLConfig(scales=(1.0,), bayes=(alpha, beta, tau_plus)), fn)
-    return _finish(st.lse[0], st.pos, reduction)  # lse = log Σ ω e; −inf (Ng = 0) gives ℓ = 0
+    st = _two_view_stats(eng, z1, z2, t, bayes_config(alpha, beta, tau_plus), fn)
+    return bayes_from_stats(st, reduction)
 
 
 def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", official_self_term=False,
@@ -175,19 +251,8 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     """
     fn = "ltcl_fused.mttv"
     backends.check_backend_name(backend, fn)
-    V.check_features(fn, "embeddings", embeddings, ranks=(2,))
-    if embeddings.shape[0] % 2:
-        raise ValueError(f"{fn}: `embeddings` must have an even number of rows (interleaved pairs), "
-                         f"got {embeddings.shape[0]}")
-    V.check_finite(fn, "embeddings", embeddings, V.check_bool(fn, "check_finite", check_finite))
-    lower = V.check_range(fn, "lower", lower, 0.0, 1.0)
-    upper = V.check_range(fn, "upper", upper, 0.0, 1.0)
-    if lower > upper:
-        raise ValueError(f"{fn}: `lower` ({lower}) must not exceed `upper` ({upper})")
-    t = V.check_positive(fn, "temperature", temperature)
-    V.check_choice(fn, "filter", filter, ("both", "low"))
-    _check_bool(fn, "official_self_term", official_self_term)
-    V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
+    check_mttv_embeddings(fn, embeddings, check_finite)
+    lower, upper, t = check_mttv_args(fn, lower, upper, temperature, filter, official_self_term, reduction)
     eng = _engine(backend, embeddings.device, fn)
     if eng is None:
         from .. import reference as R
@@ -196,18 +261,9 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     Z = F.normalize(embeddings, dim=1)
     n = Z.shape[0]
     partner = torch.arange(n, device=Z.device) ^ 1
-    cfg = SSLConfig(scales=(1.0,), exclude_partner=False, include_self=official_self_term, filter=filter,
-                    lower=lower, upper=upper)
+    cfg = mttv_config(lower, upper, filter, official_self_term)
     st = ssl_row_stats(eng, Z, Z, partner, self_offset=0, inv_tau=1.0 / t, cfg=cfg, fn=fn)
-    lse, kept = st.lse[0], st.pos_in > 0
-    if official_self_term:
-        # e^{s⁺} / (e^{lse} − e^{1/t}), scaled by e^{−1/t} (cos <= 1, so nothing overflows)
-        num = torch.exp(st.pos - 1.0 / t)
-        den = torch.expm1(lse - 1.0 / t)
-        r = torch.where(kept, num / torch.where(kept, den, 1.0), 0.0)
-    else:
-        # the positive is in the set when kept, so lse is finite there
-        r = torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
+    r = mttv_ratios(st, t, official_self_term)
     if reduction == "none":
         return r
     return -torch.log(r.mean())
