@@ -28,7 +28,7 @@ from .. import backends
 from ..engine import acc_dtype, row_stats
 from ..losses._common import build_contrast, flatten_views, match_counts
 from ..losses.afcl import afcl_from_stats
-from ..losses.rescom import check_class_weights, rescom_from_stats
+from ..losses.rescom import _check_keys, check_class_weights, rescom_from_stats
 from ..losses.supcon import supcon_from_stats
 from .gather import all_gather_nograd, all_gather_rows, world
 from .ring import ring_row_stats
@@ -327,8 +327,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     err = None
     try:
         V.check_features(fn, "features", features)
-        V.check_features(fn, "queue", queue, ranks=(2,))
-        V.check_same(fn, "queue", queue, features)
+        _check_keys(fn, "queue", queue, features, "features")  # may be empty: a queue that is filling up
         X, B, Vw = flatten_views(features)
         V.check_labels(fn, "labels", labels, B, dev, f"one label per sample of `features` {V._shape(features)}")
         V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], dev, "one per queue row")
