@@ -276,6 +276,13 @@ class ResComLoss(_FunctionalLoss):
             self.enqueue(features, labels)
         return loss
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # class weights saved by a module that had them load into one built without them
+        key = prefix + "class_weights"
+        if self.class_weights is None and key in state_dict:
+            self.class_weights = torch.empty_like(state_dict[key], device=self.queue.features.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write a batch into the queue: view 0 of ``[b, V, D]`` features, every row of ``[N, D]`` ones."""

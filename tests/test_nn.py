@@ -169,6 +169,9 @@ def test_rescom_state_dict_round_trip_and_device_move():
     for t, u in zip(a.queue.keys(), b.queue.keys()):
         assert torch.equal(t, u)
     assert torch.equal(b.class_weights, w)
+    c = lnn.ResComLoss(C, 4, D, k_pos=1, k_neg=3)  # built without class weights: they load all the same
+    c.load_state_dict(sd)
+    assert torch.equal(c.class_weights, w)
     a.eval(), b.eval()
     x, y = _feats((B, 2, D), torch.float32), _labels(B)
     assert torch.equal(a(x, y), b(x, y))
