@@ -6,7 +6,7 @@ order, and ranks may hold different numbers of samples). Each rank computes the 
 with the row-statistics engine (``row_stats``), finding its self columns from its offset in that order,
 and combines the row statistics exactly as the single-process losses do.
 
-Reduction convention (see docs/readme_distributed.md): ``"mean"`` and ``"sum"`` return, on every rank,
+Reduction convention (see docs/distributed.md): ``"mean"`` and ``"sum"`` return, on every rank,
 the loss of the GLOBAL batch (the mean over all ranks' anchors), the value one process would compute on
 the concatenated batch. Its backward gives this rank's share of the gradient: with ``grad_sync="mean"``
 (default, what DistributedDataParallel and FSDP do) the shares are scaled by the world size so that the
