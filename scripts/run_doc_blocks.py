@@ -4,6 +4,7 @@
 The convention (COMMON.md): a ```python block runs, in a fresh process, from the repository root, on the CPU
 only (CUDA_VISIBLE_DEVICES is emptied), unless its first line is ``# not run: <reason>``; a ```bash / ```sh
 block runs only when its first line is ``# run``; any other fence (```text, ```csv, a bare ```) is not run.
+Relative links (files and heading anchors) are checked too: a broken one fails like a failing block.
 
     python scripts/run_doc_blocks.py                 # every block of README.md and docs/*.md
     python scripts/run_doc_blocks.py docs/pml.md     # the blocks of some files
@@ -80,6 +81,40 @@ def parse(path: str, root: str) -> List[Block]:
     return blocks
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: str) -> set:
+    out, inside = set(), False
+    with open(path, encoding="utf-8") as f:
+        for ln in f:
+            if FENCE.match(ln.rstrip("\n")):
+                inside = not inside
+            elif not inside and ln.startswith("#"):
+                out.add(_slug(ln.lstrip("#")))
+    return out
+
+
+def broken_links(path: str, root: str) -> List[str]:
+    """Relative links of a Markdown file whose file (or heading anchor) does not exist."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    bad = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target = m.group(1)
+        if re.match(r"^[a-z]+:", target):
+            continue  # http(s):, mailto:
+        rel, _, frag = target.partition("#")
+        dest = path if not rel else os.path.normpath(os.path.join(os.path.dirname(path), rel))
+        if not os.path.exists(dest):
+            bad.append(f"{target} (no such file)")
+        elif frag and dest.endswith(".md") and frag not in _anchors(dest):
+            bad.append(f"{target} (no such heading)")
+    return bad
+
+
 def doc_files(root: str) -> List[str]:
     files = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
     return [f for f in files if os.path.isfile(f)]
@@ -151,6 +186,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not ok:
             failed.append(where)
             print("      | " + "\n      | ".join(out.strip().splitlines()[-30:]), flush=True)
+    for f in files:
+        for link in broken_links(f, root):
+            where = os.path.relpath(f, root)
+            print(f"FAIL  {where}  broken link {link}", flush=True)
+            failed.append(f"{where}: {link}")
     print(f"{len(failed)} failed, {passed} passed, {skipped} skipped ({len(files)} files, "
           f"{time.perf_counter() - t_all:.0f} s)")
     if failed:

@@ -67,3 +67,13 @@ def test_unclosed_fence_is_an_error(tmp_path):
     _write(tmp_path, "```python\nprint(1)\n")
     p = _run("--root", str(tmp_path), timeout=60)
     assert p.returncode != 0 and "unclosed code fence" in (p.stdout + p.stderr)
+
+
+def test_broken_links_fail(tmp_path):
+    _write(tmp_path, "# Top\n\n## A section\n\n[ok](#a-section) [ok](docs/page.md#page) [bad](docs/nope.md) "
+                     "[bad anchor](#nowhere) [web](https://example.org/x)\n")
+    _write(tmp_path, "# Page\n", "docs/page.md")
+    p = _run("--root", str(tmp_path), timeout=60)
+    assert p.returncode == 1
+    assert "broken link docs/nope.md (no such file)" in p.stdout and "broken link #nowhere (no such heading)" in p.stdout
+    assert "2 failed" in p.stdout
