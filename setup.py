@@ -6,12 +6,27 @@ The top-level ``triton_kernels/`` folder installs as ``ltcl_fused.triton_kernels
 ships as package data of ``ltcl_fused.csrc``.
 """
 import os
+import re
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 SOURCE_GLOBS = ["*.cpp", "*.h", "*.hpp", "*.cu", "*.cuh", "*/*.cpp", "*/*.h", "*/*.hpp", "*/*.cu", "*/*.cuh",
                 "*/*/*.cpp", "*/*/*.h", "*/*/*.cu", "*/*/*.cuh", "*.sh", "*/*.sh"]
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    """The version's one source is ltcl_fused/_version.py (read as text: importing the package needs torch)."""
+    with open(os.path.join(HERE, "ltcl_fused", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def read_readme():
+    path = os.path.join(HERE, "README.md")
+    return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
 
 
 class BuildPy(build_py):
@@ -25,16 +40,15 @@ class BuildPy(build_py):
 
 setup(
     name="ltcl_fused",
-    version="0.1.0",
+    version=read_version(),
     description="Fused, memory-efficient contrastive losses (SupCon, AFCL, BCL, ResCom, DCL/HCL/Bayesian, MTTV) "
                 "for long-tailed data: Triton kernels and a C++/CUDA extension",
-    long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md")) else "",
+    long_description=read_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["ltcl_fused", "ltcl_fused.*"]) + ["ltcl_fused.triton_kernels", "ltcl_fused.csrc"],
     package_dir={"ltcl_fused.triton_kernels": "triton_kernels", "ltcl_fused.csrc": "csrc"},
-    package_data={"ltcl_fused.csrc": SOURCE_GLOBS},
+    package_data={"ltcl_fused": ["py.typed"], "ltcl_fused.csrc": SOURCE_GLOBS},
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -18,7 +18,7 @@ high-water mark), GPU = torch.cuda.max_memory_allocated − memory allocated bef
 ``x_bound`` = total_ms / gemm4 time at the same N, D (the four N×N×D products; see providers.gemm4_runner).
 
     python benchmarks/sweep.py --quick                     # CI smoke test (seconds)
-    python benchmarks/sweep.py --out benchmarks/results    # the committed CPU run (see docs/readme_demo_bench.md)
+    python benchmarks/sweep.py --out benchmarks/results    # the committed CPU run (see docs/performance.md)
 """
 from __future__ import annotations
 

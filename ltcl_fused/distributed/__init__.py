@@ -4,7 +4,7 @@
 ``bayesian_cl`` and ``mttv`` take the same arguments as the plain losses plus ``mode="gather" | "ring"``,
 ``group=None`` (the default process group) and ``grad_sync="mean" | "sum"``. Each rank passes its slice of
 the batch; the loss is the one of the global batch (mean over all ranks' anchors). See
-``docs/readme_distributed.md`` for the reduction convention and a DDP training step and
+``docs/distributed.md`` for the reduction convention and a DDP training step and
 ``docs/distributed_ssl.md`` for the self-supervised losses (global ordering, what ring mode holds).
 """
 from .gather import all_gather_nograd, all_gather_rows, all_gather_sizes  # noqa: F401

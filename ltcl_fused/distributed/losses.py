@@ -6,7 +6,7 @@ order, and ranks may hold different numbers of samples). Each rank computes the 
 with the row-statistics engine (``row_stats``), finding its self columns from its offset in that order,
 and combines the row statistics exactly as the single-process losses do.
 
-Reduction convention (see docs/readme_distributed.md): ``"mean"`` and ``"sum"`` return, on every rank,
+Reduction convention (see docs/distributed.md): ``"mean"`` and ``"sum"`` return, on every rank,
 the loss of the GLOBAL batch (the mean over all ranks' anchors), the value one process would compute on
 the concatenated batch. Its backward gives this rank's share of the gradient: with ``grad_sync="mean"``
 (default, what DistributedDataParallel and FSDP do) the shares are scaled by the world size so that the
@@ -17,7 +17,7 @@ values (flattened view-major over the local batch), unscaled.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from .. import backends
 from ..engine import acc_dtype, row_stats
 from ..losses._common import build_contrast, flatten_views, match_counts
 from ..losses.afcl import afcl_from_stats
-from ..losses.rescom import check_class_weights, rescom_from_stats
+from ..losses.rescom import _check_keys, check_class_weights, rescom_from_stats
 from ..losses.supcon import supcon_from_stats
 from .gather import all_gather_nograd, all_gather_rows, world
 from .ring import ring_row_stats
@@ -163,9 +163,11 @@ class _Problem:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, contrast_mode="all", normalize=False,
-           ref_features=None, ref_labels=None, reduction="mean", backend="auto", check_finite=True, mode="gather",
-           group=None, grad_sync="mean"):
+def supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.07,
+           base_temperature: Optional[float] = None, contrast_mode: str = "all", normalize: bool = False,
+           ref_features: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+           reduction: str = "mean", backend: str = "auto", check_finite: bool = True, mode: str = "gather",
+           group: Any = None, grad_sync: str = "mean") -> torch.Tensor:
     """``ltcl_fused.supcon`` over the global batch of all ranks of ``group`` (see the module docstring).
 
     ``features`` / ``labels`` (and ``ref_features`` / ``ref_labels``, extra columns contributed by this
@@ -186,9 +188,11 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, co
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
 
 
-def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normalize_by="batch", contrast_mode="all",
-         normalize=False, ref_features=None, ref_labels=None, reduction="mean", backend="auto", check_finite=True,
-         mode="gather", group=None, grad_sync="mean"):
+def afcl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, gamma: float = 0.0, eta: float = 0.0,
+         temperature: float = 0.07, normalize_by: str = "batch", contrast_mode: str = "all", normalize: bool = False,
+         ref_features: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+         reduction: str = "mean", backend: str = "auto", check_finite: bool = True, mode: str = "gather",
+         group: Any = None, grad_sync: str = "mean") -> torch.Tensor:
     """``ltcl_fused.afcl`` over the global batch; N (``normalize_by="batch"``) counts the GLOBAL columns.
 
     In ring mode a focal loss (γ > 0 or η > 0) makes a second ring sweep for the terms that need the final
@@ -212,22 +216,23 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
 
 
-def fcl(features, labels=None, *, gamma=1.0, **kw):
+def fcl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, gamma: float = 1.0, **kw: Any) -> torch.Tensor:
     """Distributed focal contrastive loss: ``afcl`` with η = 0."""
     if "eta" in kw:
         raise TypeError("ltcl_fused.distributed.fcl: `eta` is fixed to 0 (use ltcl_fused.distributed.afcl)")
     return afcl(features, labels, gamma=gamma, eta=0.0, **kw)
 
 
-def acl(features, labels=None, *, eta=1.0, **kw):
+def acl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, eta: float = 1.0, **kw: Any) -> torch.Tensor:
     """Distributed asymmetric contrastive loss: ``afcl`` with γ = 0."""
     if "gamma" in kw:
         raise TypeError("ltcl_fused.distributed.acl: `gamma` is fixed to 0 (use ltcl_fused.distributed.afcl)")
     return afcl(features, labels, gamma=0.0, eta=eta, **kw)
 
 
-def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, reduction="mean", backend="auto",
-        check_finite=True, mode="gather", group=None, grad_sync="mean"):
+def bcl(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *, temperature: float = 0.07,
+        normalize: bool = False, reduction: str = "mean", backend: str = "auto", check_finite: bool = True,
+        mode: str = "gather", group: Any = None, grad_sync: str = "mean") -> torch.Tensor:
     """``ltcl_fused.bcl`` over the global batch. ``prototypes`` (the same ``[C, D]`` on every rank, e.g. a
     replicated parameter) are columns once, not once per rank; class counts are global.
 
@@ -308,9 +313,10 @@ def _check_candidates(fn, lab, q_lab, k_pos, k_neg, allow_fewer):
                              f"allow_fewer=True")
 
 
-def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, temperature=0.2, class_weights=None,
-           reduction="mean", backend="auto", allow_fewer=False, check_finite=True, mode="gather", group=None,
-           grad_sync="mean"):
+def rescom(features: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, queue_labels: torch.Tensor, *,
+           k_pos: int = 1, k_neg: int = 400, temperature: float = 0.2, class_weights: Optional[torch.Tensor] = None,
+           reduction: str = "mean", backend: str = "auto", allow_fewer: bool = False, check_finite: bool = True,
+           mode: str = "gather", group: Any = None, grad_sync: str = "mean") -> torch.Tensor:
     """ResCom's L_con over the global batch: this rank's anchors against every rank's batch columns plus
     their own mined keys of the class-balanced queue (the same queue on every rank: fill it with
     ``ltcl_fused.distributed.ClassBalancedQueue``, which enqueues the gathered features in rank order).
@@ -327,8 +333,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     err = None
     try:
         V.check_features(fn, "features", features)
-        V.check_features(fn, "queue", queue, ranks=(2,))
-        V.check_same(fn, "queue", queue, features)
+        _check_keys(fn, "queue", queue, features, "features")  # may be empty: a queue that is filling up
         X, B, Vw = flatten_views(features)
         V.check_labels(fn, "labels", labels, B, dev, f"one label per sample of `features` {V._shape(features)}")
         V.check_labels(fn, "queue_labels", queue_labels, queue.shape[0], dev, "one per queue row")

@@ -1,6 +1,8 @@
 """Class-balanced queue for ResCom across ranks: every rank enqueues the same gathered rows in the same order."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..reference import ClassBalancedQueue as _BaseQueue
@@ -16,7 +18,8 @@ class ClassBalancedQueue(_BaseQueue):
     every rank. ``group`` is not saved in ``state_dict``.
     """
 
-    def __init__(self, num_classes, size_per_class, dim, dtype=torch.float32, *, group=None):
+    def __init__(self, num_classes: int, size_per_class: int, dim: int, dtype: torch.dtype = torch.float32, *,
+                 group: Any = None) -> None:
         super().__init__(num_classes, size_per_class, dim, dtype=dtype)
         self.group = group
 

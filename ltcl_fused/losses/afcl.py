@@ -1,6 +1,8 @@
 """CL / FCL / ACL / AFCL (SPEC.md section 2) on the row-statistics engine."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
 from .. import _validation as V
@@ -9,9 +11,10 @@ from ..engine import row_stats
 from ._common import build_contrast, match_counts, reduce, reference_output
 
 
-def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normalize_by="batch",
-         contrast_mode="all", normalize=False, ref_features=None, ref_labels=None, reduction="mean",
-         backend="auto", check_finite=True):
+def afcl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, gamma: float = 0.0, eta: float = 0.0,
+         temperature: float = 0.07, normalize_by: str = "batch", contrast_mode: str = "all", normalize: bool = False,
+         ref_features: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+         reduction: str = "mean", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Asymmetric focal contrastive loss (Vito & Stefanus 2022): ``ℓ_i = T⁺_i + η T⁻_i``.
 
     ``T⁺_i = −(1/N) Σ_{P(i)} (1 − p_ip)^γ log p_ip`` and ``T⁻_i = −(1/N) Σ_{N(i)} log(1 − p_in)``,
@@ -71,14 +74,14 @@ def afcl_from_stats(st, npos, n_cols, eta, normalize_by, focal):
 
 
 
-def fcl(features, labels=None, *, gamma=1.0, **kw):
+def fcl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, gamma: float = 1.0, **kw: Any) -> torch.Tensor:
     """Focal contrastive loss: ``afcl`` with η = 0 (Core-tuning's FCL is γ = 1)."""
     if "eta" in kw:
         raise TypeError("ltcl_fused.fcl: `eta` is fixed to 0 (use ltcl_fused.afcl for both)")
     return _afcl("ltcl_fused.fcl", features, labels, gamma=gamma, eta=0.0, **_afcl_kw("ltcl_fused.fcl", kw))
 
 
-def acl(features, labels=None, *, eta=1.0, **kw):
+def acl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, eta: float = 1.0, **kw: Any) -> torch.Tensor:
     """Asymmetric contrastive loss: ``afcl`` with γ = 0."""
     if "gamma" in kw:
         raise TypeError("ltcl_fused.acl: `gamma` is fixed to 0 (use ltcl_fused.afcl for both)")

@@ -10,8 +10,9 @@ from ..engine import row_stats
 from ._common import class_counts, flatten_views, reduce, reference_output
 
 
-def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, reduction="mean", backend="auto",
-        check_finite=True):
+def bcl(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *, temperature: float = 0.07,
+        normalize: bool = False, reduction: str = "mean", backend: str = "auto",
+        check_finite: bool = True) -> torch.Tensor:
     """BCL loss of Zhu et al. 2022 (``BalSCL``): columns are the V·B views then the C prototypes.
 
     ``D_i = Σ_c (1/|G_c \\ {i}|) Σ_{j∈G_c\\{i}} exp(s_ij)``, ``ℓ_i = −(1/|P(i)|) Σ_P (s_ip − log D_i)``,

@@ -13,6 +13,8 @@ import os
 import warnings
 from typing import Optional, Tuple
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -251,8 +253,9 @@ def _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer, checks: V.ValueChec
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, backend="auto", allow_fewer=False,
-                     check_finite=True):
+def hard_pair_mining(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor,
+                     *, k_pos: int, k_neg: int, backend: str = "auto", allow_fewer: bool = False,
+                     check_finite: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per anchor, the ``k_pos`` least similar same-class keys and the ``k_neg`` most similar other-class keys.
 
     Similarity is ``anchors @ keys.T`` (accumulated in float32, float64 for float64 inputs), streamed over
@@ -331,8 +334,10 @@ def _masked_lse(x, valid):
     return torch.logsumexp(x, dim=1).masked_fill(empty.squeeze(1), -math.inf)
 
 
-def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, temperature=0.2, class_weights=None,
-           reduction="mean", backend="auto", allow_fewer=False, check_finite=True):
+def rescom(features: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, queue_labels: torch.Tensor, *,
+           k_pos: int = 1, k_neg: int = 400, temperature: float = 0.2, class_weights: Optional[torch.Tensor] = None,
+           reduction: str = "mean", backend: str = "auto", allow_fewer: bool = False,
+           check_finite: bool = True) -> torch.Tensor:
     """ResCom's contrastive loss L_con (SPEC.md section 4) with streaming mining and the fused batch block.
 
     ``features`` ``[2b, D]`` with ``labels [2b]``, or ``[b, V, D]`` with ``labels [b]`` (flattened

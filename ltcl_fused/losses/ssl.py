@@ -170,8 +170,8 @@ def mttv_ratios(st, t, official_self_term):
     return torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
 
 
-def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean", backend="auto",
-        check_finite=True):
+def dcl(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.5, tau_plus: float = 0.1, debiased: bool = True,
+        reduction: str = "mean", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Debiased contrastive loss (Chuang et al. 2020); ``debiased=False`` is SimCLR.
 
     Anchors are the 2B rows ``[z1; z2]`` (features used as given), the positive of each is its other
@@ -193,7 +193,8 @@ def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean
     return dcl_from_stats(st, 2 * z1.shape[0] - 2, tau_plus, t, debiased, reduction)
 
 
-def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", backend="auto", check_finite=True):
+def hcl(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 1.0,
+        reduction: str = "mean", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Hard-negative contrastive loss (Robinson et al. 2021), importance weights not detached.
 
     ``Ng_i = max((M Σ_n e_in^{1+β} / Σ_n e_in^β − τ⁺ M e⁺_i) / (1 − τ⁺), M e^{−1/t})``, with the ratio
@@ -213,8 +214,9 @@ def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", ba
     return hcl_from_stats(st, 2 * z1.shape[0] - 2, tau_plus, t, reduction)
 
 
-def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, reduction="mean", backend="auto",
-                check_finite=True):
+def bayesian_cl(z1: torch.Tensor, z2: torch.Tensor, *, alpha: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
+                temperature: float = 0.5, reduction: str = "mean", backend: str = "auto",
+                check_finite: bool = True) -> torch.Tensor:
     """Bayesian self-supervised contrastive loss (Liu et al.; liubin06/BCL ``estimator='BCL'``), exact ranks.
 
     ``Ng_i = Σ_n ω(u_in) e_in`` with ``u_in`` the exact empirical CDF of ``s_in`` among the row's M
@@ -236,8 +238,9 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
     return bayes_from_stats(st, reduction)
 
 
-def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", official_self_term=False,
-         reduction="mean", backend="auto", check_finite=True):
+def mttv(embeddings: torch.Tensor, *, lower: float = 0.1, upper: float = 0.9, temperature: float = 0.3,
+         filter: str = "both", official_self_term: bool = False, reduction: str = "mean", backend: str = "auto",
+         check_finite: bool = True) -> torch.Tensor:
     """MTTV loss with the extreme-feature filter (SPEC.md section 6); rows 2k and 2k+1 are positives.
 
     Rows are L2-normalised first (differentiably, ``F.normalize``), ``cos = ẑ ẑᵀ``. Entry (i, k) is

@@ -1,6 +1,8 @@
 """SupCon / SimCLR (SPEC.md section 1) on the row-statistics engine."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _validation as V
@@ -9,9 +11,10 @@ from ..engine import row_stats
 from ._common import build_contrast, match_counts, reduce, reference_output
 
 
-def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, contrast_mode="all",
-           normalize=False, ref_features=None, ref_labels=None, reduction="mean", backend="auto",
-           check_finite=True):
+def supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, temperature: float = 0.07,
+           base_temperature: Optional[float] = None, contrast_mode: str = "all", normalize: bool = False,
+           ref_features: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+           reduction: str = "mean", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020); SimCLR's NT-Xent when ``labels`` is None.
 
     ``ℓ_i = −(τ/τ_base) (1/|P(i)|) Σ_{p∈P(i)} (s_ip − LSE_i)``; an anchor without positives gives 0

@@ -5,6 +5,7 @@ Balanced Softmax L_cls and the class-balanced queue.
 """
 import math
 import numbers
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     return reduce(loss, reduction)
 
 
-def effective_number_weights(class_counts, beta):
+def effective_number_weights(class_counts: "Union[torch.Tensor, Sequence[int]]", beta: float) -> torch.Tensor:
     """Class-balanced weights from the effective number of samples (Cui et al. 2019, as used by ResCom).
 
     ``E_c = (1 − β^{n_c}) / (1 − β)``, ``w_c = mean(E) / E_c``. Computed in float64 via
@@ -118,7 +119,8 @@ def effective_number_weights(class_counts, beta):
     return w.to(torch.get_default_dtype())
 
 
-def siamese_balanced_softmax(logits, labels, class_counts, *, reduction="mean"):
+def siamese_balanced_softmax(logits: "Union[torch.Tensor, Sequence[torch.Tensor]]", labels: "Union[torch.Tensor, Sequence[torch.Tensor]]",
+                             class_counts: "Union[torch.Tensor, Sequence[int]]", *, reduction: str = "mean") -> torch.Tensor:
     """Siamese Balanced Softmax ``L_cls = CE(logits + log(π + 1e-9), labels)``, ``π_c = n_c / Σ n``.
 
     ``logits`` is ``[N, C]`` or a list/tuple of per-view ``[N_v, C]`` logits (concatenated, so "mean" is the
@@ -158,7 +160,7 @@ class ClassBalancedQueue(torch.nn.Module):
     (number of filled slots per class, at most K). Slots ``0 .. filled[c]-1`` of a block are the filled ones.
     """
 
-    def __init__(self, num_classes, size_per_class, dim, dtype=torch.float32):
+    def __init__(self, num_classes: int, size_per_class: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         fn = "ltcl_fused.ClassBalancedQueue"
         self.num_classes = _positive_int(fn, "num_classes", num_classes)
@@ -192,7 +194,7 @@ class ClassBalancedQueue(torch.nn.Module):
         return labels
 
     @torch.no_grad()
-    def enqueue(self, features, labels):
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write detached ``features [n, D]`` into their classes' ring buffers, in input order.
 
         If more than K rows of one class arrive, the last K of them remain. One host read (the label-range
@@ -225,7 +227,7 @@ class ClassBalancedQueue(torch.nn.Module):
         self.ptr.copy_((self.ptr + cnt) % K)
         self.filled.copy_((self.filled + cnt).clamp(max=K))
 
-    def keys(self):
+    def keys(self) -> "Tuple[torch.Tensor, torch.Tensor]":
         """``(features, labels)`` of the filled slots only, in slot order."""
         r = torch.arange(self.size_per_class, device=self.filled.device).repeat(self.num_classes)
         mask = r < self.filled.repeat_interleave(self.size_per_class)
