@@ -1,6 +1,8 @@
 """ResCom's Siamese Balanced Softmax L_cls (SPEC.md section 4), validated; the formula is the reference's."""
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 
 from .. import _validation as V
@@ -33,7 +35,10 @@ def _labels(labels, rows, per_view):
     return [("labels", labels, sum(rows))]
 
 
-def siamese_balanced_softmax(logits, labels, class_counts, *, reduction="mean", check_finite=True):
+def siamese_balanced_softmax(logits: Union[torch.Tensor, Sequence[torch.Tensor]],
+                             labels: Union[torch.Tensor, Sequence[torch.Tensor]],
+                             class_counts: Union[torch.Tensor, Sequence[int]], *, reduction: str = "mean",
+                             check_finite: bool = True) -> torch.Tensor:
     """Siamese Balanced Softmax ``L_cls = CE(logits + log(π + 1e-9), labels)``, ``π_c = n_c / Σ n``.
 
     ``logits`` ``[N, C]`` or a list/tuple of per-view ``[N_v, C]`` logits (concatenated: "mean" is over all
