@@ -172,7 +172,7 @@ def _register_python_side() -> None:
         self_offset, inv_tau, gamma, focal = ctx.cfg
         from .engine.function import backward_coefficients, dominant_is_negative
         cpos, cposf, cneg, r, rt = backward_coefficients(
-            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
         dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
                                                    inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,
                                                    r, rt)

@@ -45,7 +45,8 @@ class _RunningTopK:
             return
         v = v.masked_fill(~cand, -math.inf)
         # the state's k-th value is a threshold: a tile where no candidate beats it changes nothing
-        if not bool((v > self.val[:, -1:]).any()):
+        # (a NaN similarity counts as the largest, as in torch.topk: it is selected, never dropped)
+        if not bool(((v > self.val[:, -1:]) | torch.isnan(v)).any()):
             return
         cols = torch.arange(q0, q0 + v.shape[1], device=v.device, dtype=torch.int64)
         idx = torch.where(cand, cols[None, :], torch.full_like(cols, -1)[None, :])
@@ -74,6 +75,6 @@ def mine(A: torch.Tensor, a_lab: torch.Tensor, K: torch.Tensor, k_lab: torch.Ten
             pos.merge(-s, same, q0)
             neg.merge(s, ~same, q0)
     # a slot still at -inf holds no candidate (its index is already -1 unless a similarity overflowed)
-    pos_idx = torch.where(pos.val > -math.inf, pos.idx, torch.full_like(pos.idx, -1))
-    neg_idx = torch.where(neg.val > -math.inf, neg.idx, torch.full_like(neg.idx, -1))
+    pos_idx = torch.where(pos.val == -math.inf, torch.full_like(pos.idx, -1), pos.idx)
+    neg_idx = torch.where(neg.val == -math.inf, torch.full_like(neg.idx, -1), neg.idx)
     return pos_idx, neg_idx

@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..engine.contract import acc_dtype
-from ..engine.ssl_contract import SSLStats, bayes_omega
+from ..engine.ssl_contract import SSLStats, bayes_omega, filter_drops, poisoned_rows
 from .base import Engine
 
 #: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1).
@@ -50,7 +50,8 @@ def _le_counts(s, in_set):
 
 
 def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
-    """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0)."""
+    """Rows r0.. of S with the set mask, the log-weights (−inf outside the set / where ω = 0) and the
+    poisoned rows (a non-finite dot product)."""
     g = A_blk.to(Cacc.dtype) @ Cacc.T
     s = g * inv_tau
     bm, N = s.shape
@@ -61,10 +62,8 @@ def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
     if cfg.exclude_partner:
         in_set &= cols != partner_blk[:, None]
     if cfg.filter is not None:
-        ag = g.abs()
-        in_set &= ag >= cfg.lower
-        if cfg.filter == "both":
-            in_set &= ag <= cfg.upper
+        in_set &= ~filter_drops(g, cfg)
+    bad = poisoned_rows(g)
     del g
     if cfg.bayes is None:
         logw = torch.where(in_set, 0.0, -math.inf).to(s.dtype)
@@ -72,7 +71,7 @@ def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
         n = in_set.sum(1, keepdim=True).clamp(min=1).to(s.dtype)
         w = bayes_omega(_le_counts(s, in_set).to(s.dtype) / n, *cfg.bayes)
         logw = torch.where(in_set & (w > 0), torch.log(w), -math.inf)
-    return s, in_set, logw
+    return s, in_set, logw, bad
 
 
 def _positive(s, partner_blk, in_set):
@@ -96,11 +95,11 @@ class SSLTorchMixin:
         pos_in = torch.empty(M, dtype=acc, device=A.device)
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
-                s, in_set, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, logw, bad = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
                 pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], in_set)
                 del in_set
-                for k, c in enumerate(cfg.scales):
-                    lse[k, r0:r1] = torch.logsumexp(logw + c * s, dim=1)  # all −inf -> −inf
+                for k, c in enumerate(cfg.scales):  # all −inf -> −inf; a poisoned row -> NaN
+                    lse[k, r0:r1] = torch.where(bad, math.nan, torch.logsumexp(logw + c * s, dim=1))
         return SSLStats(lse, pos, pos_in)
 
     def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
@@ -112,7 +111,7 @@ class SSLTorchMixin:
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
                 A_blk = A[r0:r1].to(acc)
-                s, in_set, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, logw, _ = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
                 del in_set
                 G = torch.zeros_like(s)
                 for k, c in enumerate(cfg.scales):

@@ -55,17 +55,17 @@ def _log1mexp(x):
 
 
 def _log_debiased(log_sum, s_pos, M, tau_plus, temperature):
-    """log max((exp(log_sum) − τ⁺ M e^{s⁺}) / (1 − τ⁺), M e^{−1/t}), stably in the log domain."""
+    """log max((exp(log_sum) − τ⁺ M e^{s⁺}) / (1 − τ⁺), M e^{−1/t}), stably in the log domain (NaN stays NaN)."""
     floor = math.log(M) - 1.0 / temperature
     if tau_plus > 0:
         c = math.log(tau_plus * M) + s_pos
         ok = c < log_sum  # the numerator is positive
         d = torch.where(ok, c - log_sum, -1.0)
-        log_raw = torch.where(ok, log_sum + _log1mexp(d), -math.inf)
+        log_raw = torch.where(ok | torch.isnan(log_sum), log_sum + _log1mexp(d), -math.inf)
     else:
         log_raw = log_sum
     log_raw = log_raw - math.log1p(-tau_plus)
-    return torch.where(log_raw >= floor, log_raw, torch.full_like(log_raw, floor))  # torch.clamp's tie rule
+    return torch.where(log_raw < floor, torch.full_like(log_raw, floor), log_raw)  # torch.clamp's tie rule
 
 
 def _finish(log_ng, s_pos, reduction):
@@ -161,7 +161,8 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     """MTTV loss with the extreme-feature filter (SPEC.md section 6); rows 2k and 2k+1 are positives.
 
     Rows are L2-normalised first (differentiably, ``F.normalize``), ``cos = ẑ ẑᵀ``. Entry (i, k) is
-    dropped when ``|cos_ik| < lower`` or (``filter="both"``) ``|cos_ik| > upper``; the filter is a mask
+    dropped when ``|cos_ik| < lower`` or (``filter="both"``) ``|cos_ik| > upper`` (|cos| clamped to 1 first, so
+    ``upper=1`` keeps identical pairs whose cosine rounds to 1 + 2e-16); the filter is a mask
     with no gradient. ``r_i = 1[pos kept] exp(cos_{i,i⁺}/t) / Σ_{k≠i, kept} exp(cos_ik/t)`` and
     ``L = −log((1/2B) Σ_i r_i)``. ``official_self_term=True`` uses the released code's denominator
     ``Σ_{k kept, self included if kept} exp(cos_ik/t) − e^{1/t}`` (which can be <= 0 under "both": then
@@ -204,6 +205,7 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     else:
         # the positive is in the set when kept, so lse is finite there
         r = torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
+    r = torch.where(torch.isnan(lse), lse, r)  # a poisoned row (non-finite input) stays NaN
     if reduction == "none":
         return r
     return -torch.log(r.mean())
