@@ -330,21 +330,23 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   const Vec vinv(P.inv_tau), vli(li), vnr(-r), vcn(cneg), zero(T(0)), one(T(1));
   const bool negterm = cneg != T(0);
   // top, positives, self and padding are overwritten below. G = -r p [+ cneg p / (1 - p) on negatives]
-  // [- rt p / rest]: with the dominant negative's share, e = exp(x - lse - lrest) = p / rest <= 1 and
-  // p = e rest (one exp per element either way; 1 / rest itself may overflow)
+  // [- rt p / rest]: with the dominant negative's share, e = exp((x - lse) - lrest) = p / rest <= 1 and
+  // p = e rest (one exp per element either way; 1 / rest itself may overflow). x - lse first: lse + lrest
+  // would round away the small difference when |lse| is large.
   const bool spread = rt != T(0) && lrest > ninf;
-  const Vec vls(spread ? lse + lrest : lse), vrest(spread ? std::exp(lrest) : T(1)), vnrt(-rt);
+  const Vec vl(lse), vlr(spread ? lrest : T(0)), vrest(spread ? std::exp(lrest) : T(1)), vnrt(-rt);
   for (int64_t j = 0; j < P.Npad; j += W) {
     Vec xv = Vec::loadu(x + j) * vinv;
     const Vec lab = Vec::loadu(P.clabf + j);
     if (P.bs != nullptr) xv = xv + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), lab == vli);
-    Vec g;
-    Vec p = (xv - vls).exp();
+    const Vec d = xv - vl;  // log p
+    Vec p, g;
     if (spread) {
-      g = vnrt * p;
-      p = p * vrest;
-      g = g + vnr * p;
+      const Vec e = (d - vlr).exp();
+      p = e * vrest;
+      g = vnrt * e + vnr * p;
     } else {
+      p = d.exp();
       g = vnr * p;
     }
     if (negterm) g = g + Vec::blendv(zero, vcn * (p / (one - p)), lab != vli);
