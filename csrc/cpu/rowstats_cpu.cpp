@@ -124,30 +124,6 @@ struct FwdOut {
   void* lrest;
 };
 
-// The largest lane value (m) and the second largest value of the multiset of lanes (m2) from per-lane
-// (max, second max) vectors; a NaN lane gives NaN for both.
-template <typename T>
-static void htop2(const Vectorized<T>& vmax, const Vectorized<T>& vmax2, T* m, T* m2) {
-  constexpr int64_t W = Vectorized<T>::size();
-  alignas(64) T a[W], b[W];
-  vmax.store(a);
-  vmax2.store(b);
-  T hi = cm::neg_inf<T>(), lo = hi;
-  bool nan = false;
-  for (int64_t l = 0; l < W; ++l) {
-    nan = nan || a[l] != a[l] || b[l] != b[l];
-    if (a[l] > hi) {
-      lo = hi;
-      hi = a[l];
-    } else if (a[l] > lo) {
-      lo = a[l];
-    }
-    if (b[l] > lo) lo = b[l];
-  }
-  *m = nan ? cm::quiet_nan<T>() : hi;
-  *m2 = nan ? cm::quiet_nan<T>() : lo;
-}
-
 // x: raw similarities of row i (Npad wide, clobbered); e: Npad scratch (focal only).
 template <typename T>
 static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut& o) {
@@ -172,10 +148,9 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
   if (self >= 0) x[self] = ninf;
   for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
 
-  // pass A: x = s * inv_tau + bias (in place); per lane the max and the second max, so that the row's
-  // max m and the other columns' max m2 (= the second largest logit) come out of one sweep
+  // pass A: x = s * inv_tau + bias (in place), running max
   const Vec vinv(P.inv_tau), vli(li);
-  Vec vmax(ninf), vmax2(ninf);
+  Vec vmax(ninf);
   for (int64_t j = 0; j < P.Npad; j += W) {
     Vec v = Vec::loadu(x + j) * vinv;
     if (P.bs != nullptr) {
@@ -183,23 +158,22 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
       v = v + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), same);
     }
     v.store(x + j);
-    vmax2 = at::vec::maximum(vmax2, at::vec::minimum(vmax, v));
     vmax = at::vec::maximum(vmax, v);
   }
-  T m, m2;
-  htop2(vmax, vmax2, &m, &m2);
+  const T m = hmax(vmax);  // NaN if a logit is NaN
   static_cast<T*>(o.pos)[i] = psum;
   for (T* f : out_f) f[i] = T(0);
   o.top[i] = -1;
-  auto finish = [&](T s2, T* lse, T* lrest) {  // false: a poisoned row (NaN statistics)
-    if (cm::top_rest_finish(m, m2, s2, has_valid, lse, lrest)) return true;
-    out_lse[i] = out_lrest[i] = *lse;
-    for (T* f : out_f) f[i] = *lse;
+  T m2 = m, lse, lrest;  // the other columns' LSE as (m2, s2): see cm::top_rest_finish
+  auto finish = [&](T s2) {  // false: a poisoned row (NaN statistics)
+    if (cm::top_rest_finish(m, m2, s2, has_valid, &lse, &lrest)) return true;
+    out_lse[i] = out_lrest[i] = lse;
+    for (T* f : out_f) f[i] = lse;
     return false;
   };
-  T lse, lrest;
   if (!(m > ninf && m < -ninf)) {  // no dominant column: an empty row (-inf) or a poisoned one (NaN)
-    if (finish(T(0), &lse, &lrest)) out_lse[i] = out_lrest[i] = lse;
+    m2 = ninf;
+    if (finish(T(0))) out_lse[i] = out_lrest[i] = lse;
     return;
   }
   // the dominant column: first j with x_j = m
@@ -215,22 +189,31 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
       }
     }
   }
-  // pass B: s2 = sum over the other columns of exp(x - m2) in [1, n]; keep the exponentials for pass C
-  T s2 = T(0);
-  const bool others = m2 > ninf;  // at least two columns
-  if (others) {
-    const Vec vm2(m2);
-    x[top] = ninf;
+  // pass B: s2 = sum over the other columns of exp(x - m2), m2 = m (rest itself); keep the exponentials for
+  // pass C. Only when that rest is tiny (a lead of more than ~46 nats in fp32, ~460 in fp64), where terms
+  // may have underflowed, is it redone relative to the other columns' own max m2 (s2 in [1, n] then): exact
+  // at any lead, and no extra work per element on the common path.
+  x[top] = ninf;
+  auto sum_exp = [&](T ref) {
+    const Vec vr(ref);
     Vec acc(T(0));
     for (int64_t j = 0; j < P.Npad; j += W) {
-      const Vec ev = (Vec::loadu(x + j) - vm2).exp();
+      const Vec ev = (Vec::loadu(x + j) - vr).exp();
       if (P.focal) ev.store(e + j);
       acc = acc + ev;
     }
-    x[top] = m;
-    s2 = hsum(acc);
+    return hsum(acc);
+  };
+  T s2 = sum_exp(m);
+  const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
+  if (s2 < tiny) {
+    Vec vm2(ninf);
+    for (int64_t j = 0; j < P.Npad; j += W) vm2 = at::vec::maximum(vm2, Vec::loadu(x + j));
+    m2 = hmax(vm2);
+    s2 = m2 > ninf ? sum_exp(m2) : T(0);  // -inf: the row's only column (e is then all 0)
   }
-  if (!finish(s2, &lse, &lrest)) return;
+  x[top] = m;
+  if (!finish(s2)) return;
   o.top[i] = top;
   out_lse[i] = lse;
   out_lrest[i] = lrest;
@@ -249,7 +232,7 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
   }
   // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e exp(m2 - lse)
   T fn = T(0), un = T(0);
-  if (others) {
+  if (m2 > ninf) {
     const Vec vis(std::exp(m2 - lse)), zero(T(0)), one(T(1));
     Vec fa(T(0)), ua(T(0));
     for (int64_t j = 0; j < P.Npad; j += W) {  // e[top] = 0 and e[self] = 0 contribute 0
