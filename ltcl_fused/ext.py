@@ -2,9 +2,11 @@
 
 ``load()`` builds ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja) into torch's extensions
 folder (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions/<py>_<cu|cpu>/``) and loads it;
-the ops appear as ``torch.ops.ltcl_fused.*``. The extension name carries a hash of the sources,
-the compiler flags and the torch version, so a changed source (or another torch) gets a fresh
-build and never a stale one. An exclusive ``fcntl`` lock around the build makes a second process
+the ops appear as ``torch.ops.ltcl_fused.*``. The extension name carries a hash of the source root
+(its absolute path), the sources, the compiler flags and the torch version, so a changed source (or
+another torch) gets a fresh build and never a stale one, and two source roots (two checkouts, or an
+installed copy and a checkout) never share a build folder: torch's ninja file records absolute
+paths, so a shared one would be rebuilt on every switch while holding the build lock. An exclusive ``fcntl`` lock around the build makes a second process
 wait for the first one's build instead of racing it (the lock dies with its process, so a killed
 build never blocks later ones).
 
@@ -112,6 +114,7 @@ def _build_config():
     cflags = _cpu_flags()
     cuda_flags = ["-O3", "--expt-relaxed-constexpr"] if with_cuda else []
     h = hashlib.sha256()
+    h.update(root.encode())  # the absolute root, as the sources and includes handed to ninja spell it
     for dirpath, _, files in sorted(os.walk(root)):
         for f in sorted(files):
             if f.endswith((".cpp", ".h", ".hpp", ".cu", ".cuh")):
@@ -172,7 +175,7 @@ def _register_python_side() -> None:
         self_offset, inv_tau, gamma, focal = ctx.cfg
         from .engine.function import backward_coefficients, dominant_is_negative
         cpos, cposf, cneg, r, rt = backward_coefficients(
-            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
         with torch.no_grad():  # first-order only: a second differentiation raises (engine/first_order.py)
             dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
                                                        inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,

@@ -2,6 +2,7 @@
 `python -m ltcl_fused.ext build` exits non-zero with the compiler's error, `auto` falls back to the
 torch backend, and two processes loading at once both succeed (the file lock serialises them)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,3 +84,25 @@ def test_two_processes_cold_build(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=HANG_GUARD_S)
         assert p.returncode == 0 and "OK" in out, err[-2000:]
+
+
+def test_two_source_roots_never_share_a_build_folder(tmp_path, monkeypatch):
+    """Two copies of the same sources (two checkouts, or an installed copy and a checkout) get different
+    extension names and build folders, and each root keeps its own name: torch's ninja file records absolute
+    source paths, so a shared folder was rebuilt on every switch, under the build lock."""
+    from torch.utils import cpp_extension
+
+    from ltcl_fused import ext
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext_cache"))
+    names = []
+    for copy in ("a", "b"):
+        root = str(tmp_path / copy / "csrc")
+        shutil.copytree(ext.csrc_dir(), root)
+        monkeypatch.setattr(ext, "csrc_dir", lambda root=root: root)
+        cfg = ext._build_config()
+        assert cfg["sources"] and all(src.startswith(root + os.sep) for src in cfg["sources"])
+        assert ext._build_config()["name"] == cfg["name"]  # stable for one root
+        names.append(cfg["name"])
+    assert names[0] != names[1]
+    dirs = {cpp_extension._get_build_directory(n, False) for n in names}
+    assert len(dirs) == 2

@@ -5,8 +5,8 @@ Notation (SPEC.md / contract): anchors A [M, D], columns C [N, D], ``s_ij = inv_
 ``j == i + self_offset`` removed when ``self_offset >= 0``, ``log p_ij = s_ij + b_ij − lse_i`` except at
 the row's dominant column ``top_i``, where log p and log(1 − p) come from ``lrest_i`` (contract v2).
 
-One forward kernel (streaming masked LSE as (max, first argmax, rest) + positive sum; FOCAL adds a
-second sweep for the focal sums)
+One forward kernel (streaming masked LSE as (max, first argmax, the other columns' max and scaled sum)
++ positive sum; FOCAL adds a second sweep for the focal sums)
 and one backward family (dA row-parallel, dC column-parallel) with compile-time variants:
 HAS_BIAS, FOCAL, GAMMA_ZERO, SINGLE_D (D fits in one BLOCK_D chunk: operands/accumulators stay in
 registers; otherwise D is swept in BLOCK_D chunks and the dA/dC rows owned by a program are
@@ -50,8 +50,8 @@ def _log1mexp(x):
 
 @triton.jit
 def _softplus(z):
-    """log(1 + e^z) as torch.nn.functional.softplus (threshold 20: z itself above it)."""
-    return tl.where(z > 20.0, z, _log1p(tl.exp(tl.minimum(z, 20.0))))
+    """log(1 + e^z) to rounding for every z (the contract's softplus: no threshold)."""
+    return tl.where(z > 0.0, z + _log1p(tl.exp(-tl.abs(z))), _log1p(tl.exp(-tl.abs(z))))
 
 
 @triton.jit
@@ -66,20 +66,21 @@ def _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top):
 
 
 @triton.jit
-def _focal_terms(logp, l1mp, gamma, GAMMA_ZERO: tl.constexpr):
-    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract from log p <= 0 and log(1 − p), elementwise."""
-    p = tl.exp(logp)
+def _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO: tl.constexpr):
+    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract from log p <= 0 and log(1 − p), elementwise (NaN in, NaN out).
+
+    u⁺ = (1−q)^(γ−1) (γ q log q − (1−q)) = −w (1 + γ ρ), w = (1−q)^γ, ρ = −q log q/(1 − q) = −log q · u⁻
+    off the dominant column (p <= 1/2) and the row's ``rho_top`` on it: (1−q)^(γ−1) never overflows."""
+    fneg = -l1mp
+    uneg = tl.exp(logp - l1mp)
     if GAMMA_ZERO:
         fpos = -logp
         upos = tl.full(logp.shape, -1.0, logp.dtype)
     else:
-        # u⁺ = (1−q)^(γ−1) (γ q log q − (1−q))
-        neg = logp < 0
         w = tl.exp(gamma * l1mp)
-        fpos = tl.where(neg, -w * logp, 0.0)
-        upos = tl.where(neg, tl.exp((gamma - 1.0) * l1mp) * (gamma * p * logp - tl.exp(l1mp)), 0.0)
-    fneg = -l1mp
-    uneg = tl.exp(logp - l1mp)
+        rho = tl.where(is_top, rho_top, -logp * uneg)
+        fpos = -w * logp
+        upos = -w * (1.0 + gamma * rho)
     return fpos, fneg, upos, uneg
 
 
@@ -167,37 +168,45 @@ def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.co
 
 
 @triton.jit
-def _grad_tile(x, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
-               FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
+def _grad_tile(x, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r, rt,
+               gamma, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
     """G of the backward contract on a tile of logits x = s + b (all other arguments broadcast to 2-D):
-    j ≠ top: 1[P](cpos + cposf u⁺) + 1[N] cneg u⁻ − (r + rt) p;  j = top: 1[P](cpos + cposf u⁺) + 1[N] cneg p − r p;
-    0 off A(i). A term with a zero coefficient contributes exactly 0."""
+    j ≠ top: 1[P](cpos + cposf u⁺) + 1[N] cneg u⁻ − r p − rt p/rest;
+    j = top: 1[P](cpos + cposf u⁺) + 1[N] cneg p [the row has another column] − r p;  0 off A(i).
+    FOCAL forms e = p/rest = exp(log p − lrest) <= 1 and p = e·rest (one exp; 1/rest may overflow).
+    A term with a zero coefficient contributes exactly 0."""
     logp, l1mp = _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top)
-    p = tl.exp(logp)
     if FOCAL:
-        g = tl.where(pos, cpos, 0.0) - (r + tl.where(is_top, 0.0, rt)) * p
-        _fp, _fn, up, un = _focal_terms(logp, l1mp, gamma, GAMMA_ZERO)
-        un = tl.where(is_top, p, un)
+        e = tl.exp(logp - lrest)
+        p = tl.where(is_top, tl.exp(lp_top), e * tl.exp(lrest))
+        g = tl.where(pos, cpos, 0.0) - r * p - tl.where(is_top | (rt == 0.0), 0.0, rt * e)
+        _fp, _fn, up, un = _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO)
+        un = tl.where(is_top, tl.where(lrest > float("-inf"), p, 0.0), un)
         g += tl.where(pos & (cposf != 0.0), cposf * up, 0.0)
         g += tl.where(neg & (cneg != 0.0), cneg * un, 0.0)
     else:
-        g = tl.where(pos, cpos, 0.0) - r * p
+        g = tl.where(pos, cpos, 0.0) - r * tl.exp(logp)
     return tl.where(valid, g, 0.0)
 
 
 @triton.jit
 def _row_top_terms(lrest):
-    """(−softplus(lrest), −softplus(−lrest)) = (log p, log(1 − p)) of the row's dominant column."""
-    return -_softplus(lrest), -_softplus(-lrest)
+    """(log p, log(1 − p), ρ) of the row's dominant column: −softplus(lrest), −softplus(−lrest) and
+    ρ = −q log q/(1 − q) = softplus(lrest)·e^(−lrest) (→ 1 − e^lrest/2 as lrest → −inf)."""
+    sp = _softplus(lrest)
+    rho = tl.where(lrest < -20.0, 1.0 - 0.5 * tl.exp(lrest), sp * tl.exp(-tl.maximum(lrest, -20.0)))
+    return -sp, -_softplus(-lrest), rho
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 # Per anchor row i (program = BLOCK_M rows, sweep over column tiles of BLOCK_N), x_ij = s_ij + b_ij:
-#   pass 1: m_i = max_{A(i)} x_ij, top_i = first argmax, rest_i = Σ_{A(i), j≠top} exp(x_ij − m_i)
-#           (streamed over tiles as in the contract), lse_i = m_i + log1p(rest_i), lrest_i = log rest_i,
-#           pos_sum_i = Σ_{j∈P(i)} s_ij
+#   pass 1: m_i = max_{A(i)} x_ij, top_i = first argmax, and the other columns' LSE as m2_i = their max,
+#           s2_i = Σ_{A(i), j≠top} exp(x_ij − m2_i) (streamed over tiles as in the contract: a tile's top either
+#           takes over, the old top joining the rest, or joins the rest itself), lrest_i = m2_i − m_i + log s2_i
+#           (exact at any lead), lse_i = m_i + softplus(lrest_i), pos_sum_i = Σ_{j∈P(i)} s_ij; a row with a NaN
+#           or +inf logit, or only −inf ones, gets NaN statistics (poisoned)
 #   pass 2 (FOCAL): with log p_ij = x_ij − lse_i (j ≠ top) or −softplus(lrest_i) (j = top),
 #           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_{N, j≠top} u⁻(p_ij)
 @triton.jit
@@ -220,7 +229,8 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
         a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
                         other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    rest = tl.zeros([BLOCK_M], ACC)
+    m2 = tl.full([BLOCK_M], float("-inf"), ACC)
+    s2 = tl.zeros([BLOCK_M], ACC)
     top = tl.full([BLOCK_M], -1, tl.int32)
     psum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -238,30 +248,41 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
             bo = tl.load(BO + ci, mask=cmask, other=0.0)
             s = s + tl.where(pos, bs[None, :], bo[None, :])
         x = tl.where(valid, s, float("-inf"))
-        tm = tl.max(x, 1)
-        tj = n0 + tl.argmax(x, 1, tie_break_left=True).to(tl.int32)
-        tm_safe = tl.where(tm == float("-inf"), 0.0, tm)
-        tsum = tl.sum(tl.where(valid & (cols[None, :] != tj[:, None]), tl.exp(x - tm_safe[:, None]), 0.0), 1)
+        # the tile's max and first argmax as one pair (tm = x at tj even when a NaN is present)
+        tm, tj = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
+        tj = n0 + tj.to(tl.int32)
+        other = valid & (cols[None, :] != tj[:, None])
+        x2 = tl.where(other, x, float("-inf"))
+        tm2 = tl.max(x2, 1)
+        tm2s = tl.where(tm2 == float("-inf"), 0.0, tm2)
+        ts2 = tl.sum(tl.where(other, tl.exp(x2 - tm2s[:, None]), 0.0), 1)  # a NaN logit lands here or in tm
         better = tm > m_i
-        alpha = tl.exp(m_i - tm_safe)  # 0 while the row has no column yet
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        beta = tl.exp(tm - m_safe)  # 0 for an empty tile
-        has_top = tl.where(top >= 0, 1.0, 0.0)
-        rest = tl.where(better, rest * alpha + has_top * alpha + tsum, rest + beta * (1.0 + tsum))
+        jm = tl.where(better, m_i, tm)  # the one column that joins the rest: the old top, or the tile's top
+        nm2 = tl.maximum(tl.maximum(m2, jm), tm2)
+        nm2s = tl.where(nm2 == float("-inf"), 0.0, nm2)
+        s2 = s2 * tl.exp(m2 - nm2s) + tl.exp(jm - nm2s) + ts2 * tl.exp(tm2 - nm2s)
+        m2 = nm2
         top = tl.where(better, tj, top)
         m_i = tl.where(better, tm, m_i)
-    nonempty = top >= 0
-    lse = tl.where(nonempty, tl.where(nonempty, m_i, 0.0) + _log1p(rest), float("-inf"))
-    lrest = tl.log(rest)
+    n_self = tl.where((self_offset >= 0) & (rows + self_offset < N), 1, 0)
+    poisoned = (s2 != s2) | (m_i == float("inf")) | ((N - n_self > 0) & (m_i == float("-inf")))
+    empty = m_i == float("-inf")
+    lrest = tl.where(empty | (m2 == float("-inf")), float("-inf"), (m2 - m_i) + tl.log(s2))
+    lse = tl.where(empty, float("-inf"), m_i + _softplus(lrest))
+    lse = tl.where(poisoned, float("nan"), lse)
+    lrest = tl.where(poisoned, float("nan"), lrest)
+    top = tl.where(poisoned, -1, top)
+    nonempty = lse != float("-inf")
     tl.store(LSE + ri, lse, mask=rmask)
     tl.store(POS + ri, psum, mask=rmask)
     tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
     tl.store(LREST + ri, lrest, mask=rmask)
     if FOCAL:
         lse_safe = tl.where(nonempty, lse, 0.0)[:, None]
-        lp_top, l1mp_top = _row_top_terms(lrest)
+        lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
         lp_top = lp_top[:, None]
         l1mp_top = l1mp_top[:, None]
+        rho_top = rho_top[:, None]
         fpos = tl.zeros([BLOCK_M], ACC)
         fneg = tl.zeros([BLOCK_M], ACC)
         upos = tl.zeros([BLOCK_M], ACC)
@@ -281,15 +302,15 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
                 s = s + tl.where(pos, bs[None, :], bo[None, :])
             is_top = valid & (cols[None, :] == top[:, None])
             logp, l1mp = _logp_tile(s, valid, is_top, lse_safe, lp_top, l1mp_top)
-            fp, fn, up, un = _focal_terms(logp, l1mp, gamma, GAMMA_ZERO)
+            fp, fn, up, un = _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO)
             fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
             fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
             upos += tl.sum(tl.where(pos, up, 0.0), 1)
             uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
-        tl.store(FPOS + ri, fpos, mask=rmask)
-        tl.store(FNEG + ri, fneg, mask=rmask)
-        tl.store(UPOS + ri, upos, mask=rmask)
-        tl.store(UNEG + ri, uneg, mask=rmask)
+        tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
+        tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
+        tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
+        tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,9 +335,12 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
     lse = tl.load(LSE + ri, mask=rmask, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[:, None]
     top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[:, None]
-    lp_top, l1mp_top = _row_top_terms(tl.load(LREST + ri, mask=rmask, other=0.0))
+    lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
+    lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
     lp_top = lp_top[:, None]
     l1mp_top = l1mp_top[:, None]
+    rho_top = rho_top[:, None]
+    lrest = lrest[:, None]
     cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
     r = tl.load(R + ri, mask=rmask, other=0.0)[:, None]
     if FOCAL:
@@ -348,8 +372,8 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
             bo = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
             s = s + tl.where(pos, bs, bo)
         is_top = valid & (cols[None, :] == top)
-        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
-                       FOCAL, GAMMA_ZERO)
+        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
+                       rt, gamma, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D,
                                  SINGLE_D, PREC, UPCAST)
@@ -398,9 +422,12 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         lse = tl.load(LSE + ri, mask=rmask, other=0.0)
         lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[None, :]
         top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[None, :]
-        lp_top, l1mp_top = _row_top_terms(tl.load(LREST + ri, mask=rmask, other=0.0))
+        lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
+        lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
         lp_top = lp_top[None, :]
         l1mp_top = l1mp_top[None, :]
+        rho_top = rho_top[None, :]
+        lrest = lrest[None, :]
         cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[None, :]
         r = tl.load(R + ri, mask=rmask, other=0.0)[None, :]
         if FOCAL:
@@ -419,8 +446,8 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         if HAS_BIAS:
             s = s + tl.where(pos, bs, bo)
         is_top = valid & (cols[:, None] == top)
-        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, cpos, cposf, cneg, r, rt, gamma,
-                       FOCAL, GAMMA_ZERO)
+        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
+                       rt, gamma, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D,
                                  SINGLE_D, PREC, UPCAST)

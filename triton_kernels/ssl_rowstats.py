@@ -47,11 +47,13 @@ def _ssl_masks(rows, cols, rmask, cmask, g, part, self_offset, lower, upper, FIL
         in_set = in_set & ((cols != rows + self_offset) | (self_offset < 0))
     if EXCL_PARTNER:
         in_set = in_set & (cols != part)
-    if FILTER == 1:
+    if FILTER != 0:  # on a = min(|g|, 1); NaN compares false and is kept
         ag = tl.abs(g)
-        in_set = in_set & (ag >= lower) & (ag <= upper)
-    elif FILTER == 2:
-        in_set = in_set & (tl.abs(g) >= lower)
+        ag = tl.where(ag > 1.0, 1.0, ag)
+        drop = ag < lower
+        if FILTER == 1:
+            drop = drop | (ag > upper)
+        in_set = in_set & (drop == 0)
     return in_set, is_p
 
 
@@ -147,6 +149,7 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
     s1 = tl.zeros([BLOCK_M], ACC)
     psum = tl.zeros([BLOCK_M], ACC)
     pin = tl.zeros([BLOCK_M], ACC)
+    bad = tl.zeros([BLOCK_M], ACC)  # Σ g·0: NaN iff a dot product of the row is NaN or ±inf (poisoned row)
     cnt = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -157,6 +160,7 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
         in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], g, part[:, None],
                                   self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
         s = g * inv_tau
+        bad += tl.sum(g * 0.0, 1)  # g = 0 outside the matrices
         psum += tl.sum(tl.where(is_p, s, 0.0), 1)
         pin += tl.sum(tl.where(is_p & in_set, 1.0, 0.0), 1)
         if STRIP:
@@ -168,12 +172,13 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
                 m1, s1 = _lse_update(m1, s1, tl.where(in_set, c1 * s, -INF))
     tl.store(POS + ri, psum, mask=rmask)
     tl.store(POS_IN + ri, pin, mask=rmask)
+    poisoned = bad != 0.0
     if STRIP:
-        tl.store(NSET + ri, cnt, mask=rmask)
+        tl.store(NSET + ri, tl.where(poisoned, -1, cnt), mask=rmask)  # -1: poisoned (the weighting pass's NaN)
     else:
-        tl.store(LSE + ri, _lse_final(m0, s0), mask=rmask)
+        tl.store(LSE + ri, tl.where(poisoned, float("nan"), _lse_final(m0, s0)), mask=rmask)
         if K2:
-            tl.store(LSE + M + ri, _lse_final(m1, s1), mask=rmask)
+            tl.store(LSE + M + ri, tl.where(poisoned, float("nan"), _lse_final(m1, s1)), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +187,8 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
 @triton.jit
 def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, n_steps,
                      BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Strip rows [M, N]: V (s on the set, +inf elsewhere), SRT = V sorted along each row, NSET [M] set sizes.
+    """Strip rows [M, N]: V (s on the set, +inf elsewhere), SRT = V sorted along each row, NSET [M] set sizes
+    (−1 for a poisoned row: its LSE is NaN).
 
     ``cnt_ij = #{q: SRT_iq <= V_ij}`` by binary lifting (steps top_step, top_step/2, .., 1; top_step = the
     largest power of two <= N, n_steps = log2(top_step) + 1): exact, ties counted as <=.
@@ -195,6 +201,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, to
     ri = rows.to(tl.int64)
     c = tl.load(PARAMS + 1)
     nset = tl.load(NSET + ri, mask=rmask, other=1).to(ACC)
+    poisoned = nset < 0.0  # a NaN or ±inf dot product in the row (set by the strip pass)
     nset = tl.where(nset > 0.0, nset, 1.0)[:, None]
     roff = ri[:, None] * N
     m = tl.full([BLOCK_M], -INF, ACC)
@@ -230,7 +237,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, to
         else:
             m, acc = _lse_update(m, acc, x)
     if not BWD:
-        tl.store(LSE + ri, _lse_final(m, acc), mask=rmask)
+        tl.store(LSE + ri, tl.where(poisoned, float("nan"), _lse_final(m, acc)), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------

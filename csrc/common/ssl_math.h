@@ -15,14 +15,16 @@ namespace common {
 LTCL_HD float f_sqrt(float x) { return sqrtf(x); }
 LTCL_HD double f_sqrt(double x) { return sqrt(x); }
 
-// Element filter on the raw dot product g (MTTV): 0 none, 1 "both" (lower <= |g| <= upper), 2 "low" (|g| >= lower).
+// Element filter on the raw dot product g (MTTV): 0 none, 1 "both" (drop a < lower or a > upper), 2 "low"
+// (drop a < lower), a = min(|g|, 1) (a cosine rounded to 1 + 2e-16 is 1). A NaN is never dropped.
 enum SSLFilter : int { kFilterNone = 0, kFilterBoth = 1, kFilterLow = 2 };
 
 template <typename T>
 LTCL_HD bool ssl_filter_keep(T g, int filter, T lower, T upper) {
-  const T a = g < T(0) ? -g : g;
-  if (filter == kFilterBoth) return a >= lower && a <= upper;
-  if (filter == kFilterLow) return a >= lower;
+  T a = g < T(0) ? -g : g;
+  a = a > T(1) ? T(1) : a;  // NaN stays NaN
+  if (filter == kFilterBoth) return !(a < lower || a > upper);
+  if (filter == kFilterLow) return !(a < lower);
   return true;
 }
 

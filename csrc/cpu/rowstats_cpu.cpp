@@ -131,8 +131,10 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
   constexpr int64_t W = Vec::size();
   T* out_lse = static_cast<T*>(o.lse);
   T* out_lrest = static_cast<T*>(o.lrest);
+  T* out_f[4] = {static_cast<T*>(o.fpos), static_cast<T*>(o.fneg), static_cast<T*>(o.upos), static_cast<T*>(o.uneg)};
   const T ninf = cm::neg_inf<T>();
   const int64_t self = P.self_col(i);
+  const bool has_valid = P.N - (self >= 0 ? 1 : 0) > 0;
   int64_t np = 0;
   const int64_t* pl = P.pos_list(i, &np);
   const int32_t aid = P.ix->aid[i];
@@ -158,19 +160,25 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
     v.store(x + j);
     vmax = at::vec::maximum(vmax, v);
   }
-  const T m = hmax(vmax);
+  const T m = hmax(vmax);  // NaN if a logit is NaN
   static_cast<T*>(o.pos)[i] = psum;
-  static_cast<T*>(o.fpos)[i] = static_cast<T*>(o.fneg)[i] = T(0);
-  static_cast<T*>(o.upos)[i] = static_cast<T*>(o.uneg)[i] = T(0);
-  if (!(m > ninf)) {  // no valid column (N = 1 with self): lse = -inf, every sum empty
-    out_lse[i] = ninf;
-    out_lrest[i] = ninf;
-    o.top[i] = -1;
+  for (T* f : out_f) f[i] = T(0);
+  o.top[i] = -1;
+  T m2 = m, lse, lrest;  // the other columns' LSE as (m2, s2): see cm::top_rest_finish
+  auto finish = [&](T s2) {  // false: a poisoned row (NaN statistics)
+    if (cm::top_rest_finish(m, m2, s2, has_valid, &lse, &lrest)) return true;
+    out_lse[i] = out_lrest[i] = lse;
+    for (T* f : out_f) f[i] = lse;
+    return false;
+  };
+  if (!(m > ninf && m < -ninf)) {  // no dominant column: an empty row (-inf) or a poisoned one (NaN)
+    m2 = ninf;
+    if (finish(T(0))) out_lse[i] = out_lrest[i] = lse;
     return;
   }
   // the dominant column: first j with x_j = m
-  const Vec vm(m);
   int64_t top = -1;
+  const Vec vm(m);
   for (int64_t j = 0; j < P.Npad && top < 0; j += W) {
     if (any_lane<T>(Vec::loadu(x + j) == vm)) {
       for (int64_t l = 0; l < W; ++l) {
@@ -181,19 +189,32 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
       }
     }
   }
-  o.top[i] = top;
-  // pass B: rest = sum over the other columns of exp(x - m); keep the exponentials for pass C
+  // pass B: s2 = sum over the other columns of exp(x - m2), m2 = m (rest itself); keep the exponentials for
+  // pass C. Only when that rest is tiny (a lead of more than ~46 nats in fp32, ~460 in fp64), where terms
+  // may have underflowed, is it redone relative to the other columns' own max m2 (s2 in [1, n] then): exact
+  // at any lead, and no extra work per element on the common path.
   x[top] = ninf;
-  Vec acc(T(0));
-  for (int64_t j = 0; j < P.Npad; j += W) {
-    const Vec ev = (Vec::loadu(x + j) - vm).exp();
-    if (P.focal) ev.store(e + j);
-    acc = acc + ev;
+  auto sum_exp = [&](T ref) {
+    const Vec vr(ref);
+    Vec acc(T(0));
+    for (int64_t j = 0; j < P.Npad; j += W) {
+      const Vec ev = (Vec::loadu(x + j) - vr).exp();
+      if (P.focal) ev.store(e + j);
+      acc = acc + ev;
+    }
+    return hsum(acc);
+  };
+  T s2 = sum_exp(m);
+  const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
+  if (s2 < tiny) {
+    Vec vm2(ninf);
+    for (int64_t j = 0; j < P.Npad; j += W) vm2 = at::vec::maximum(vm2, Vec::loadu(x + j));
+    m2 = hmax(vm2);
+    s2 = m2 > ninf ? sum_exp(m2) : T(0);  // -inf: the row's only column (e is then all 0)
   }
   x[top] = m;
-  const T rest = hsum(acc);
-  const T lse = m + std::log1p(rest);
-  const T lrest = std::log(rest);
+  if (!finish(s2)) return;
+  o.top[i] = top;
   out_lse[i] = lse;
   out_lrest[i] = lrest;
   if (!P.focal) return;
@@ -205,20 +226,24 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
     if (j == self) continue;
     T lp, l1, f, u;
     cm::elem_logp<T>(x[j], lse, j == top, lrest, &lp, &l1);
-    cm::focal_pos<T>(lp, l1, P.gamma, &f, &u);
+    cm::focal_pos<T>(lp, l1, j == top, lrest, P.gamma, &f, &u);
     fp += f;
     up += u;
   }
-  // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e / (1 + rest)
-  const Vec vis(T(1) / (T(1) + rest)), zero(T(0)), one(T(1));
-  Vec fa(T(0)), ua(T(0));
-  for (int64_t j = 0; j < P.Npad; j += W) {  // e[top] = 0 and e[self] = 0 contribute 0
-    const Vec p = Vec::loadu(e + j) * vis;
-    const Vec neg = (Vec::loadu(P.clabf + j) != vli);
-    fa = fa + Vec::blendv(zero, zero - (zero - p).log1p(), neg);
-    ua = ua + Vec::blendv(zero, p / (one - p), neg);
+  // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e exp(m2 - lse)
+  T fn = T(0), un = T(0);
+  if (m2 > ninf) {
+    const Vec vis(std::exp(m2 - lse)), zero(T(0)), one(T(1));
+    Vec fa(T(0)), ua(T(0));
+    for (int64_t j = 0; j < P.Npad; j += W) {  // e[top] = 0 and e[self] = 0 contribute 0
+      const Vec p = Vec::loadu(e + j) * vis;
+      const Vec neg = (Vec::loadu(P.clabf + j) != vli);
+      fa = fa + Vec::blendv(zero, zero - (zero - p).log1p(), neg);
+      ua = ua + Vec::blendv(zero, p / (one - p), neg);
+    }
+    fn = hsum(fa);
+    un = hsum(ua);
   }
-  T fn = hsum(fa), un = hsum(ua);
   if (P.ix->cid[top] != aid) {  // the dominant column is a negative: its f- counts, its u- does not
     T lp, l1, f, u;
     cm::elem_logp<T>(m, lse, true, lrest, &lp, &l1);
@@ -254,7 +279,7 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   const T ninf = cm::neg_inf<T>();
   const T lse = in.lse[i];
   const int64_t top = in.top[i];
-  if (!(lse > ninf)) {  // empty row: no valid column, zero gradient
+  if (lse == ninf) {  // empty row: no valid column, zero gradient (a NaN lse, a poisoned row, gives NaN)
     // (top < 0 with a finite lse: the row's dominant column lies outside these columns, as when the
     // distributed ring passes one block of columns; every column then takes the generic formula)
     std::fill(x, x + P.Npad, T(0));
@@ -262,7 +287,7 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   }
   const T lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
   const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
-  const T reff = P.focal ? r + in.rt[i] : r;  // every column but the dominant one
+  const T rt = P.focal ? in.rt[i] : T(0);
   const int64_t self = P.self_col(i);
   const int32_t aid = P.ix->aid[i];
   int64_t np = 0;
@@ -273,25 +298,40 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
     if (j == self) continue;
     T lp, l1;
     cm::elem_logp<T>(xval(j), lse, j == top, lrest, &lp, &l1);
-    posg[k] = cm::grad_element<T>(lp, l1, true, P.focal, P.gamma, cpos, cposf, cneg, j == top ? r : reff);
+    posg[k] = j == top ? cm::grad_top<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r)
+                       : cm::grad_element<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r, rt);
   }
   const bool top_neg = top >= 0 && top < P.N && P.ix->cid[top] != aid;
   T gtop = T(0);
   if (top_neg) {
     T lp, l1;
     cm::elem_logp<T>(xval(top), lse, true, lrest, &lp, &l1);
-    gtop = cm::grad_top_neg<T>(lp, P.focal, cneg, r);
+    gtop = cm::grad_top<T>(lp, l1, lrest, false, P.focal, P.gamma, cpos, cposf, cneg, r);
   }
   for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
   const T li = static_cast<T>(aid);
-  const Vec vinv(P.inv_tau), vli(li), vl(lse), vnr(-reff), vcn(cneg), zero(T(0)), one(T(1));
+  const Vec vinv(P.inv_tau), vli(li), vnr(-r), vcn(cneg), zero(T(0)), one(T(1));
   const bool negterm = cneg != T(0);
-  for (int64_t j = 0; j < P.Npad; j += W) {  // top, positives, self and padding are overwritten below
+  // top, positives, self and padding are overwritten below. G = -r p [+ cneg p / (1 - p) on negatives]
+  // [- rt p / rest]: with the dominant negative's share, e = exp((x - lse) - lrest) = p / rest <= 1 and
+  // p = e rest (one exp per element either way; 1 / rest itself may overflow). x - lse first: lse + lrest
+  // would round away the small difference when |lse| is large.
+  const bool spread = rt != T(0) && lrest > ninf;
+  const Vec vl(lse), vlr(spread ? lrest : T(0)), vrest(spread ? std::exp(lrest) : T(1)), vnrt(-rt);
+  for (int64_t j = 0; j < P.Npad; j += W) {
     Vec xv = Vec::loadu(x + j) * vinv;
     const Vec lab = Vec::loadu(P.clabf + j);
     if (P.bs != nullptr) xv = xv + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), lab == vli);
-    const Vec p = (xv - vl).exp();
-    Vec g = vnr * p;
+    const Vec d = xv - vl;  // log p
+    Vec p, g;
+    if (spread) {
+      const Vec e = (d - vlr).exp();
+      p = e * vrest;
+      g = vnrt * e + vnr * p;
+    } else {
+      p = d.exp();
+      g = vnr * p;
+    }
     if (negterm) g = g + Vec::blendv(zero, vcn * (p / (one - p)), lab != vli);
     g.store(x + j);
   }

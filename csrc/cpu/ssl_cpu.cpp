@@ -145,6 +145,7 @@ int64_t sort_set(const Problem<T>& P, const T* x, RankScratch<T>* rs) {
 struct RowInfo {
   double pos = 0;
   bool pos_in = false;
+  bool poisoned = false;  // a NaN or +-inf dot product in the row: its LSEs are NaN
 };
 
 // On entry x holds the raw dot products of row i (N valid, Npad wide). On exit:
@@ -160,20 +161,26 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T*
   const int64_t p = P.partner[i];
   const bool has_p = p >= 0 && p < P.N;
   if (has_p) info.pos = static_cast<double>(x[p] * P.inv_tau);
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
 
-  const Vec vinv(P.inv_tau), vninf(ninf), vlo(P.lower), vhi(P.upper);
+  // s = inv_tau * g with the filter on a = min(|g|, 1) (drop a < lower [or a > upper]; NaN compares false
+  // and is kept); bad = sum of g * 0 is NaN iff some g is NaN or +-inf (the row is then poisoned)
+  const Vec vinv(P.inv_tau), vninf(ninf), vlo(P.lower), vhi(P.upper), vone(T(1)), vzero(T(0));
+  Vec bad(T(0));
   for (int64_t j = 0; j < P.Npad; j += W) {
     const Vec g = Vec::loadu(x + j);
+    bad = at::vec::fmadd(g, vzero, bad);
     Vec s = g * vinv;
     if (P.filter != cm::kFilterNone) {
-      const Vec a = g.abs();
-      Vec keep = (a >= vlo);
-      if (P.filter == cm::kFilterBoth) keep = keep & (a <= vhi);
-      s = Vec::blendv(vninf, s, keep);
+      const Vec a = at::vec::minimum(g.abs(), vone);
+      Vec drop = (a < vlo);
+      if (P.filter == cm::kFilterBoth) drop = drop | (a > vhi);
+      s = Vec::blendv(s, vninf, drop);
     }
     s.store(x + j);
   }
+  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+  info.poisoned = hsum(bad) != T(0);
   if (P.self_offset >= 0 && !P.include_self) {
     const int64_t js = i + P.self_offset;
     if (js < P.N) x[js] = ninf;
@@ -241,8 +248,8 @@ void forward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* ls
   const RowInfo info = prepare_row(P, i, x, rs, &smax, &smin);
   pos[i] = static_cast<T>(info.pos);
   pos_in[i] = info.pos_in ? T(1) : T(0);
-  if (!(smax > ninf)) {  // empty set (or every weight 0)
-    for (int k = 0; k < P.K; ++k) lse[k * P.M + i] = ninf;
+  if (info.poisoned || smax == ninf) {  // poisoned (NaN), or an empty set / every weight 0 (-inf)
+    for (int k = 0; k < P.K; ++k) lse[k * P.M + i] = info.poisoned ? cm::quiet_nan<T>() : ninf;
     return;
   }
   if (P.bayes) {

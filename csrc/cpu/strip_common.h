@@ -70,12 +70,14 @@ T hsum(const at::vec::Vectorized<T>& v) {
   return s;
 }
 
+// Horizontal max / min of the lanes; a NaN lane gives NaN (as at::vec::maximum / minimum do lane-wise),
+// so a NaN logit is never dropped by a reduction.
 template <typename T>
 T hmax(const at::vec::Vectorized<T>& v) {
   alignas(64) T buf[at::vec::Vectorized<T>::size()];
   v.store(buf);
   T s = buf[0];
-  for (int64_t l = 1; l < at::vec::Vectorized<T>::size(); ++l) s = std::max(s, buf[l]);
+  for (int64_t l = 1; l < at::vec::Vectorized<T>::size(); ++l) s = (buf[l] > s || buf[l] != buf[l]) ? buf[l] : s;
   return s;
 }
 
@@ -84,7 +86,7 @@ T hmin(const at::vec::Vectorized<T>& v) {
   alignas(64) T buf[at::vec::Vectorized<T>::size()];
   v.store(buf);
   T s = buf[0];
-  for (int64_t l = 1; l < at::vec::Vectorized<T>::size(); ++l) s = std::min(s, buf[l]);
+  for (int64_t l = 1; l < at::vec::Vectorized<T>::size(); ++l) s = (buf[l] < s || buf[l] != buf[l]) ? buf[l] : s;
   return s;
 }
 

@@ -33,9 +33,12 @@ struct Cand {
   int64_t j;    // key index
 };
 
-// a is better than b: larger value, then smaller index (a strict weak order)
+// a is better than b: larger value, then smaller index (a strict weak order). NaN counts as larger than
+// every number (as in torch.topk), so a NaN similarity is selected, never dropped (and never breaks the order).
 template <typename acc_t>
 inline bool better(const Cand<acc_t>& a, const Cand<acc_t>& b) {
+  const bool na = a.v != a.v, nb = b.v != b.v;
+  if (na || nb) return na && (!nb || a.j < b.j);
   return a.v > b.v || (a.v == b.v && a.j < b.j);
 }
 

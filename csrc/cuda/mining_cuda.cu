@@ -49,8 +49,12 @@ __device__ __forceinline__ Buf<T> block_buf(void* ws, int64_t cap, int which) {
   return Buf<T>{v + off, j + off};
 }
 
+// a strict order: larger value, then smaller index; NaN larger than every number (as torch.topk), so the
+// ranks stay distinct and a NaN similarity is selected, never dropped
 template <typename T>
 __device__ __forceinline__ bool better(T va, int64_t ja, T vb, int64_t jb) {
+  const bool na = va != va, nb = vb != vb;
+  if (na || nb) return na && (!nb || ja < jb);
   return va > vb || (va == vb && ja < jb);
 }
 

@@ -5,7 +5,8 @@
 // (dC). A 32 x 32 tile of S is computed from shared-memory tiles of A and C (BK = 32 features at a
 // time); thread (warp w, lane l) holds S[w + 8q][l], q = 0..3, so every row of the tile lives in one
 // warp and row reductions are warp shuffles in a fixed order (deterministic).
-// Forward: pass 1 streams (max, dominant column, rest, positives' sum) over column tiles; pass 2
+// Forward: pass 1 streams (max, dominant column, the other columns' max and scaled sum, positives' sum)
+// over column tiles (cm::top_rest_step: lrest exact at any lead; a NaN / +inf logit poisons the row); pass 2
 // (focal only) recomputes the tiles for the focal sums. Backward: recompute, form G in shared memory,
 // dA row-parallel (one block owns its rows: no atomics), dC column-parallel (one block owns its
 // columns). Needs only the CUDA toolkit: no torch headers.
@@ -60,24 +61,25 @@ __device__ __forceinline__ bool col_valid(const Args<T>& P, int64_t i, int64_t j
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Args<T> P, T* lse_o, T* pos_o, T* fpos_o, T* fneg_o,
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_o, T* pos_o, T* fpos_o, T* fneg_o,
                                                            T* upos_o, T* uneg_o, int64_t* top_o, T* lrest_o) {
   __shared__ Smem<T> sm;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const T ninf = cm::neg_inf<T>();
-  T m[kRowsPerThread], rest[kRowsPerThread], psum[kRowsPerThread];
+  T m[kRowsPerThread], m2[kRowsPerThread], s2[kRowsPerThread], psum[kRowsPerThread];
   int64_t top[kRowsPerThread], lab[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) {
     const int64_t i = r0 + warp + 8 * q;
     m[q] = ninf;
-    rest[q] = T(0);
+    m2[q] = ninf;
+    s2[q] = T(0);
     psum[q] = T(0);
     top[q] = -1;
     lab[q] = i < P.M ? P.a_lab[i] : 0;
   }
-  // pass 1: streaming (m, top, rest) and the positives' sum
+  // pass 1: streaming (m, top, m2, s2) and the positives' sum
   for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
     T acc[kRowsPerThread];
     tile_dots(P, r0, c0, sm, acc);
@@ -91,26 +93,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args<T> P, T* lse_o, 
       const T s = acc[q] * P.inv_tau;
       const T x = valid ? s + cm::column_bias(P.bs, P.bo, j, is_pos) : ninf;
       psum[q] += warp_sum(is_pos ? s : T(0));
-      const T tm = warp_max(x);
-      if (!(tm > ninf)) continue;  // uniform across the warp
-      const int64_t tj = warp_min_i64(x == tm ? j : INT64_MAX);
-      const T tsum = warp_sum((valid && j != tj) ? cm::f_exp(x - tm) : T(0));
-      if (tm > m[q]) {
-        const T sc = cm::f_exp(m[q] - tm);
-        rest[q] = rest[q] * sc + (top[q] >= 0 ? sc : T(0)) + tsum;
-        m[q] = tm;
-        top[q] = tj;
-      } else {
-        rest[q] += cm::f_exp(tm - m[q]) * (T(1) + tsum);
-      }
+      if (!__any_sync(0xffffffffu, valid)) continue;  // uniform across the warp
+      const T tm = warp_max(x);  // NaN if a logit is NaN
+      const int64_t tj = warp_min_i64((valid && x == tm) ? j : INT64_MAX);
+      const bool other = valid && j != tj;  // a NaN logit is never tj: it lands in ts2
+      const T tm2 = warp_max(other ? x : ninf);
+      const T ts2 = warp_sum(other ? cm::f_exp(x - (tm2 == ninf ? T(0) : tm2)) : T(0));
+      cm::top_rest_step(&m[q], &top[q], &m2[q], &s2[q], tm, tj == INT64_MAX ? int64_t(-1) : tj, tm2, ts2);
     }
   }
   T lse[kRowsPerThread], lrest[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) {
-    const bool empty = top[q] < 0;
-    lse[q] = empty ? ninf : m[q] + cm::f_log1p(rest[q]);
-    lrest[q] = empty ? ninf : cm::f_log(rest[q]);
+    const int64_t i = r0 + warp + 8 * q;
+    const bool has_self = P.self_offset >= 0 && i + P.self_offset < P.N;
+    if (!cm::top_rest_finish(m[q], m2[q], s2[q], P.N - (has_self ? 1 : 0) > 0, &lse[q], &lrest[q])) top[q] = -1;
   }
   T fp[kRowsPerThread], fn[kRowsPerThread], up[kRowsPerThread], un[kRowsPerThread];
 #pragma unroll
@@ -134,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args<T> P, T* lse_o, 
           T lp, l1;
           cm::elem_logp(x, lse[q], is_top, lrest[q], &lp, &l1);
           if (is_pos) {
-            cm::focal_pos(lp, l1, P.gamma, &f1, &u1);
+            cm::focal_pos(lp, l1, is_top, lrest[q], P.gamma, &f1, &u1);
           } else {
             cm::focal_neg(lp, l1, &f2, &u2);
             if (is_top) u2 = T(0);  // uneg leaves the dominant column out
@@ -152,14 +149,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args<T> P, T* lse_o, 
     for (int q = 0; q < kRowsPerThread; ++q) {
       const int64_t i = r0 + warp + 8 * q;
       if (i >= P.M) continue;
+      const bool poisoned = lse[q] != lse[q];  // NaN statistics throughout
       lse_o[i] = lse[q];
       lrest_o[i] = lrest[q];
       top_o[i] = top[q];
       pos_o[i] = psum[q];
-      fpos_o[i] = fp[q];
-      fneg_o[i] = fn[q];
-      upos_o[i] = up[q];
-      uneg_o[i] = un[q];
+      fpos_o[i] = poisoned ? lse[q] : fp[q];
+      fneg_o[i] = poisoned ? lse[q] : fn[q];
+      upos_o[i] = poisoned ? lse[q] : up[q];
+      uneg_o[i] = poisoned ? lse[q] : un[q];
     }
   }
 }
@@ -176,24 +174,25 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdRows<T>& R, int6
   if (!col_valid(P, i, j)) return T(0);
   const T lse = R.lse[i];
   const int64_t top = R.top[i];
-  // empty row: zero gradient; top < 0 with a finite lse means the dominant column lies outside these
-  // columns (the distributed ring's blocks): every column takes the generic formula
-  if (!(lse > cm::neg_inf<T>())) return T(0);
+  // empty row: zero gradient (a NaN lse, a poisoned row, gives NaN); top < 0 with a finite lse means the
+  // dominant column lies outside these columns (the distributed ring's blocks): every column takes the
+  // generic formula
+  if (lse == cm::neg_inf<T>()) return T(0);
   const bool is_pos = P.c_lab[j] == P.a_lab[i];
   const bool is_top = j == top;
   const T x = dot * P.inv_tau + cm::column_bias(P.bs, P.bo, j, is_pos);
   const T cposf = P.focal ? R.cposf[i] : T(0), cneg = P.focal ? R.cneg[i] : T(0);
-  const T r = R.r[i];
+  const T r = R.r[i], lrest = R.lrest[i];
   T lp, l1;
-  cm::elem_logp(x, lse, is_top, R.lrest[i], &lp, &l1);
-  if (is_top && !is_pos) return cm::grad_top_neg(lp, P.focal, cneg, r);
-  const T reff = (P.focal && !is_top) ? r + R.rt[i] : r;
-  return cm::grad_element(lp, l1, is_pos, P.focal, P.gamma, R.cpos[i], cposf, cneg, reff);
+  cm::elem_logp(x, lse, is_top, lrest, &lp, &l1);
+  if (is_top) return cm::grad_top(lp, l1, lrest, is_pos, P.focal, P.gamma, R.cpos[i], cposf, cneg, r);
+  return cm::grad_element(lp, l1, lrest, is_pos, P.focal, P.gamma, R.cpos[i], cposf, cneg, r,
+                          P.focal ? R.rt[i] : T(0));
 }
 
 // dA rows r0..r0+31: this block owns them (no atomics).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_da_kernel(Args<T> P, BwdRows<T> R, T* dA) {
+__global__ void __launch_bounds__(kThreads, 1) backward_da_kernel(Args<T> P, BwdRows<T> R, T* dA) {
   __shared__ Smem<T> sm;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -217,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) backward_da_kernel(Args<T> P, BwdRow
 
 // dC columns c0..c0+31: this block owns them (no atomics).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_dc_kernel(Args<T> P, BwdRows<T> R, T* dC) {
+__global__ void __launch_bounds__(kThreads, 1) backward_dc_kernel(Args<T> P, BwdRows<T> R, T* dC) {
   __shared__ Smem<T> sm;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;

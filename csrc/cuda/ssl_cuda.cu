@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const T ninf = cm::neg_inf<T>();
   T m[NK][kRowsPerThread], sum[NK][kRowsPerThread], pos[kRowsPerThread], pin[kRowsPerThread];
+  T bad[kRowsPerThread];  // sum of g * 0: NaN iff a dot product of the row is NaN or +-inf (poisoned)
   int64_t part[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) {
@@ -97,6 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_
     part[q] = (p >= 0 && p < P.N) ? p : -1;
     pos[q] = T(0);
     pin[q] = T(0);
+    bad[q] = T(0);
 #pragma unroll
     for (int k = 0; k < NK; ++k) {
       m[k][q] = ninf;
@@ -112,6 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_
       const int64_t i = r0 + warp + 8 * q;
       const T g = acc[q];
       const T s = g * P.inv_tau;
+      bad[q] += g * T(0);  // 0 outside the matrices (tile_dots pads with zeros)
       const bool in = i < P.M && in_set(P, i, j, part[q], g);
       const bool is_p = j == part[q];
       // the positive: s at the partner column (whatever the set), and whether it is in the set
@@ -138,6 +141,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_
       }
     }
   }
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) bad[q] = warp_sum(bad[q]);
   if (lane == 0) {
 #pragma unroll
     for (int q = 0; q < kRowsPerThread; ++q) {
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Args<T> P, T* lse_
       pos_in_o[i] = pin[q];
 #pragma unroll
       for (int k = 0; k < NK; ++k)
-        if (k < P.K) lse_o[k * P.M + i] = cm::lse_finish(m[k][q], sum[k][q]);
+        if (k < P.K) lse_o[k * P.M + i] = bad[q] != T(0) ? cm::quiet_nan<T>() : cm::lse_finish(m[k][q], sum[k][q]);
     }
   }
 }

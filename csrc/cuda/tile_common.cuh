@@ -57,10 +57,14 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Max over the warp; NaN if any lane holds NaN (fmax would drop it).
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const T w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = (w > v || w != w) ? w : v;
+  }
   return v;
 }
 

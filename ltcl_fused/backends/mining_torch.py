@@ -71,6 +71,6 @@ def mine(A: torch.Tensor, a_lab: torch.Tensor, K: torch.Tensor, k_lab: torch.Ten
             pos.merge(-s, same, q0)
             neg.merge(s, ~same, q0)
     # a slot still at -inf holds no candidate (its index is already -1 unless a similarity overflowed)
-    pos_idx = torch.where(pos.val > -math.inf, pos.idx, torch.full_like(pos.idx, -1))
-    neg_idx = torch.where(neg.val > -math.inf, neg.idx, torch.full_like(neg.idx, -1))
+    pos_idx = torch.where(pos.val == -math.inf, torch.full_like(pos.idx, -1), pos.idx)
+    neg_idx = torch.where(neg.val == -math.inf, torch.full_like(neg.idx, -1), neg.idx)
     return pos_idx, neg_idx

@@ -21,7 +21,7 @@ import os
 import torch
 
 from ..engine.contract import acc_dtype
-from ..engine.ssl_contract import SSLStats, bayes_omega
+from ..engine.ssl_contract import SSLStats, bayes_omega, filter_drops, poisoned_rows
 from .base import Engine
 
 #: elements of one block of similarity rows (rows per block = BLOCK_ELEMENTS // N, at least 1).
@@ -52,7 +52,7 @@ def _le_counts(s, in_set):
 
 
 def _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
-    """Rows r0.. of S and the set mask."""
+    """Rows r0.. of S, the set mask and the poisoned rows (a non-finite dot product)."""
     g = A_blk.to(Cacc.dtype) @ Cacc.T
     s = g * inv_tau
     bm, N = s.shape
@@ -63,18 +63,16 @@ def _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg):
     if cfg.exclude_partner:
         in_set &= cols != partner_blk[:, None]
     if cfg.filter is not None:
-        ag = g.abs()
-        in_set &= ag >= cfg.lower
-        if cfg.filter == "both":
-            in_set &= ag <= cfg.upper
-    return s, in_set
+        in_set &= ~filter_drops(g, cfg)
+    return s, in_set, poisoned_rows(g)
 
 
 def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg, ref_blk=None):
-    """Rows r0.. of S with the set mask and the log-weights (−inf outside the set / where ω = 0).
+    """Rows r0.. of S with the set mask, the log-weights (−inf outside the set / where ω = 0) and the
+    poisoned rows.
 
     ``ref_blk``: the rank reference rows (ref [bm, L], n [bm]) of column blocks, or None."""
-    s, in_set = _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg)
+    s, in_set, bad = _block_set(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg)
     if cfg.bayes is None:
         logw = torch.where(in_set, 0.0, -math.inf).to(s.dtype)
     else:
@@ -88,7 +86,7 @@ def _block(A_blk, Cacc, r0, partner_blk, self_offset, inv_tau, cfg, ref_blk=None
             counts = torch.minimum(torch.searchsorted(ref, s, right=True), n)
         w = bayes_omega(counts.to(s.dtype) / n.clamp(min=1).to(s.dtype), *cfg.bayes)
         logw = torch.where(in_set & (w > 0), torch.log(w), -math.inf)
-    return s, in_set, logw
+    return s, in_set, logw, bad
 
 
 def _ref_rows(rank_ref, r0, r1, dtype):
@@ -119,12 +117,12 @@ class SSLTorchMixin:
         pos_in = torch.empty(M, dtype=acc, device=A.device)
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
-                s, in_set, logw = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
-                                         _ref_rows(rank_ref, r0, r1, acc))
+                s, in_set, logw, bad = _block(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
+                                              _ref_rows(rank_ref, r0, r1, acc))
                 pos[r0:r1], pos_in[r0:r1] = _positive(s, partner[r0:r1], in_set)
                 del in_set
-                for k, c in enumerate(cfg.scales):
-                    lse[k, r0:r1] = torch.logsumexp(logw + c * s, dim=1)  # all −inf -> −inf
+                for k, c in enumerate(cfg.scales):  # all −inf -> −inf; a poisoned row -> NaN
+                    lse[k, r0:r1] = torch.where(bad, math.nan, torch.logsumexp(logw + c * s, dim=1))
         return SSLStats(lse, pos, pos_in)
 
     def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None):
@@ -136,8 +134,8 @@ class SSLTorchMixin:
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
                 A_blk = A[r0:r1].to(acc)
-                s, in_set, logw = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
-                                         _ref_rows(rank_ref, r0, r1, acc))
+                s, in_set, logw, _ = _block(A_blk, Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg,
+                                            _ref_rows(rank_ref, r0, r1, acc))
                 del in_set
                 G = torch.zeros_like(s)
                 for k, c in enumerate(cfg.scales):
@@ -164,7 +162,7 @@ class SSLTorchMixin:
         with torch.no_grad():
             for r0, r1 in _row_blocks(M, N):
                 # the same row blocks and products as ssl_forward / ssl_backward (same bits)
-                s, in_set = _block_set(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
+                s, in_set, _ = _block_set(A[r0:r1], Cacc, r0, partner[r0:r1], self_offset, inv_tau, cfg)
                 vals[r0:r1] = torch.where(in_set, s, math.inf).sort(dim=1).values
                 cnt[r0:r1] = in_set.sum(1)
         return vals, cnt

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..engine.contract import acc_dtype, backward_tile, focal_terms, row_logp
+from ..engine.contract import acc_dtype, backward_tile, finish_rows, focal_terms, row_logp, softplus
 from .base import Engine
 from .ssl_torch import SSLTorchMixin
 
@@ -87,31 +87,31 @@ class TorchChunkedEngine(SSLTorchMixin, Engine):
         lse, pos_sum, fpos, fneg, upos, uneg, lrest = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(7))
         top = torch.full((M,), -1, dtype=torch.int64, device=A.device)
         for r0, r1 in _row_blocks(M, N):
-            if not focal:  # lean path: max, dominant column and rest by indexing, no elementwise masks
+            if not focal:  # lean path: max, dominant column and the rest's LSE by indexing, no elementwise masks
                 pos_sum[r0:r1], x, pos = _lean_block(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                      inv_tau, bs, bo)
-                m, t = x.max(dim=1)
-                nonempty = m > float("-inf")
-                m0 = torch.where(nonempty, m, torch.zeros_like(m))
-                e = torch.exp(x.sub_(m0[:, None]))
-                e[torch.arange(r1 - r0, device=A.device), t] = 0.0
-                rest = e.sum(1)
-                lse[r0:r1] = torch.where(nonempty, m0 + torch.log1p(rest), m)
-                top[r0:r1] = torch.where(nonempty, t, torch.full_like(t, -1))
-                lrest[r0:r1] = torch.log(rest)
+                rows = torch.arange(r1 - r0, device=A.device)
+                m, t = x.max(dim=1)  # NaN propagates
+                x[rows, t] = float("-inf")
+                m2 = x.max(dim=1).values  # the other columns' max
+                m2s = torch.where(m2 == float("-inf"), torch.zeros_like(m2), m2)
+                s2 = torch.exp(x.sub_(m2s[:, None])).sum(1)
+                has_self = (rows + r0 + self_offset < N) if self_offset >= 0 else torch.zeros_like(m, dtype=torch.bool)
+                lse[r0:r1], lrest[r0:r1], ok = finish_rows(m, m2, s2, N - has_self.to(torch.int64) > 0)
+                top[r0:r1] = torch.where(ok & (m > float("-inf")), t, torch.full_like(t, -1))
                 continue
             s, sb, valid, pos, neg = _block_logits(A[r0:r1], Cacc, r0, a_lab[r0:r1], c_lab, self_offset,
                                                    inv_tau, bs, bo)
             lse[r0:r1], top[r0:r1], lrest[r0:r1], logp, log1mp = row_logp(sb, valid, need_logp=focal)
             pos_sum[r0:r1] = (s * pos).sum(1)
             if focal:
-                fp, fn, up, un = focal_terms(logp, log1mp, gamma)
+                is_top = (torch.arange(N, device=A.device)[None, :] == top[r0:r1, None]) & valid
+                fp, fn, up, un = focal_terms(logp, log1mp, gamma, is_top, lrest[r0:r1])
                 z = torch.zeros_like(fp)
-                not_top = torch.arange(N, device=A.device)[None, :] != top[r0:r1, None]
                 fpos[r0:r1] = torch.where(pos, fp, z).sum(1)
                 fneg[r0:r1] = torch.where(neg, fn, z).sum(1)
                 upos[r0:r1] = torch.where(pos, up, z).sum(1)
-                uneg[r0:r1] = torch.where(neg & not_top, un, z).sum(1)
+                uneg[r0:r1] = torch.where(neg & ~is_top, un, z).sum(1)
         return lse, pos_sum, fpos, fneg, upos, uneg, top, lrest
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
@@ -130,10 +130,10 @@ class TorchChunkedEngine(SSLTorchMixin, Engine):
                 l_blk, t_blk = lse[r0:r1], top[r0:r1]
                 # top may be -1 for a non-empty row whose dominant column lies outside these columns
                 # (the distributed ring): the row's lse still applies, only the override is skipped
-                p = torch.exp(x.sub_(torch.where(torch.isfinite(l_blk), l_blk, torch.zeros_like(l_blk))[:, None]))
+                p = torch.exp(x.sub_(torch.where(l_blk == float("-inf"), torch.zeros_like(l_blk), l_blk)[:, None]))
                 ok = (t_blk >= 0)[:, None]
                 t_idx = t_blk.clamp(min=0)[:, None]  # a where + scatter instead of a boolean mask: no host sync
-                p_top = torch.exp(-torch.nn.functional.softplus(lrest[r0:r1]))[:, None]
+                p_top = torch.exp(-softplus(lrest[r0:r1]))[:, None]
                 p.scatter_(1, t_idx, torch.where(ok, p_top, p.gather(1, t_idx)))
                 g = p.mul_(-r[r0:r1, None]).addcmul_(pos, cpos[r0:r1, None])
                 dA[r0:r1] = (g @ Cacc) * inv_tau

@@ -19,9 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-import torch.nn.functional as F
-
-from ..engine.contract import acc_dtype, focal_terms, logp_given_stats
+from ..engine.contract import acc_dtype, focal_terms, logp_given_stats, softplus
 from ..engine.first_order import first_order
 from ..engine.function import RowStats, backward_coefficients, dominant_is_negative
 from .gather import global_rank, world
@@ -117,7 +115,7 @@ def _focal_pass(A, blk, a_lab, b_lab, self_offset, inv_tau, bias_same, bias_othe
         x = s if bias_same is None else s + torch.where(pos, bias_same.to(acc)[None, :], bias_other.to(acc)[None, :])
         is_top = (cidx == top[r0:r1, None]) & valid
         logp, log1mp = logp_given_stats(x, valid, lse[r0:r1], top[r0:r1], lrest[r0:r1], is_top)
-        fp, fn, up, un = focal_terms(logp, log1mp, gamma)
+        fp, fn, up, un = focal_terms(logp, log1mp, gamma, is_top, lrest[r0:r1])
         z = torch.zeros_like(s)
         out[0][r0:r1] = torch.where(pos, fp, z).sum(1)
         out[1][r0:r1] = torch.where(neg, fn, z).sum(1)
@@ -131,11 +129,14 @@ def _combine(lse_k, top_k, lrest_k):
 
     The dominant column is the one of the block with the largest row maximum m_k = lse_k − softplus(lrest_k)
     (the first such block in column order on ties); ``rest`` over the whole row is that block's rest plus
-    every other block's ``exp(lse_k − m)``, summed in log space. Returns (lse, best block, top within it, lrest).
+    every other block's ``exp(lse_k − m)``, summed in log space (exact at any lead: every lrest_k is).
+    A block whose rows are poisoned (NaN statistics: a non-finite input) poisons the whole row.
+    Returns (lse, best block, top within it, lrest).
     """
     ninf = torch.tensor(-math.inf, dtype=lse_k.dtype, device=lse_k.device)
     nonempty_k = top_k >= 0
-    m_k = torch.where(nonempty_k, lse_k - F.softplus(lrest_k), ninf)
+    poisoned = torch.isnan(lse_k).any(0)
+    m_k = torch.where(nonempty_k, lse_k - softplus(lrest_k), ninf)
     best = torch.argmax(m_k, dim=0)  # the first maximal block
     m = m_k.gather(0, best[None]).squeeze(0)
     nonempty = nonempty_k.any(0)
@@ -143,7 +144,10 @@ def _combine(lse_k, top_k, lrest_k):
     is_best = torch.arange(lse_k.shape[0], device=lse_k.device)[:, None] == best[None, :]
     terms = torch.where(is_best, lrest_k, torch.where(nonempty_k, lse_k - m_safe[None, :], ninf))
     lrest = torch.logsumexp(terms, dim=0)
-    lse = torch.where(nonempty, m_safe + F.softplus(lrest), ninf)
+    lse = torch.where(nonempty, m_safe + softplus(lrest), ninf)
+    nonempty = nonempty & ~poisoned
+    nan = torch.full_like(lse, math.nan)
+    lse, lrest = torch.where(poisoned, nan, lse), torch.where(poisoned, nan, lrest)
     top = torch.where(nonempty, top_k.gather(0, best[None]).squeeze(0), torch.full_like(best, -1))
     best = torch.where(nonempty, best, torch.full_like(best, -1))
     return lse, best, top, lrest
@@ -211,7 +215,7 @@ class _RingRowStatsFn(torch.autograd.Function):
         offs = torch.tensor(_Ring(group, sizes).offsets[:-1], dtype=torch.int64, device=lse.device)
         gtop = torch.where(top >= 0, offs[best.clamp(min=0)] + top.clamp(min=0), top)  # global column index
         cpos, cposf, cneg, r, rt = backward_coefficients(
-            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(gtop, a_lab, c_lab), focal)
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(gtop, a_lab, c_lab), focal)
         ring = _Ring(group, sizes)
         dA = torch.zeros(A.shape, dtype=acc_dtype(A.dtype), device=A.device)
 

@@ -20,15 +20,16 @@ def dominant_is_negative(top: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Te
     return (top >= 0) & (c_lab[top.clamp(min=0)] != a_lab)
 
 
-def backward_coefficients(grads, lse, upos, uneg, lrest, top_neg, focal: bool):
+def backward_coefficients(grads, lse, upos, uneg, top_neg, focal: bool):
     """The contract's chain rule: upstream gradients of (lse, pos_sum, fpos, fneg) -> the per-row
     backward inputs (cpos, cposf, cneg, r, rt) of ``rowstats_backward`` (None gradients count as 0)."""
     zero = torch.zeros_like(lse)
     g_lse, g_pos, g_fpos, g_fneg = (zero if g is None else g.to(lse.dtype) for g in grads)
     if focal:
         r = torch.where(g_fpos != 0, g_fpos * upos, zero) + torch.where(g_fneg != 0, g_fneg * uneg, zero) - g_lse
-        # the dominant negative's own u⁻ = 1/rest, applied by the engine to the other columns only
-        rt = torch.where(top_neg & (g_fneg != 0), g_fneg * torch.exp(-lrest), zero)
+        # the dominant negative's f⁻: the engine applies rt·p_ij/rest_i (its u⁻ = 1/rest) to the other
+        # columns as rt·exp(log p_ij − lrest_i), which cannot overflow where rest underflows
+        rt = torch.where(top_neg & (g_fneg != 0), g_fneg, zero)
     else:
         g_fpos = g_fneg = zero
         r, rt = -g_lse, zero
@@ -50,7 +51,7 @@ class _RowStatsFn(torch.autograd.Function):
         A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
         self_offset, inv_tau, gamma, focal, engine = ctx.cfg
         cpos, cposf, cneg, r, rt = backward_coefficients(
-            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, lrest, dominant_is_negative(top, a_lab, c_lab), focal)
+            (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
         with torch.no_grad():  # first-order only (see first_order.py)
             dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
                                               gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)

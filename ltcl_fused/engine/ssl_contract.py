@@ -17,8 +17,9 @@ cfg                  an :class:`SSLConfig` (hashable; its fields are the compile
   scales             tuple of K >= 1 numbers c_k (HCL: (β, 1+β); everything else: (1,))
   exclude_partner    whether the positive column is left out of the set (DCL/HCL/Bayes: yes; MTTV: no)
   include_self       whether the self column may be in the set (only MTTV's ``official_self_term``)
-  filter             None | "both" | "low": element filter on the raw dot g (MTTV, where g = cos):
-                     "both" keeps ``lower <= |g| <= upper``, "low" keeps ``|g| >= lower``
+  filter             None | "both" | "low": element filter on the raw dot g (MTTV, where g = cos), on
+                     ``a = min(|g|, 1)`` (a cosine computed as 1 + 2e-16 is 1): "both" drops an entry when
+                     ``a < lower`` or ``a > upper``, "low" when ``a < lower``; a NaN is never dropped
   lower, upper       the filter thresholds
   bayes              None or (α, β, τ⁺): Bayesian importance weights ω (below) on the set
 
@@ -26,12 +27,14 @@ Definitions
 -----------
 ``set(i)`` = every column j with: j != self (unless include_self), j != partner(i) (if
 exclude_partner), and j kept by the filter. ``n_i = |set(i)|``.
+Non-finite input: a row any of whose raw dot products g_ij (every column, self included) is NaN or ±inf
+is poisoned: lse_ki = NaN for every k (a NaN feature gives a NaN loss, whatever the masks and filter).
 Weights: ``w_ij = 1``, or with ``bayes``: ``u_ij = #{k ∈ set(i): s_ik <= s_ij} / n_i`` (exact empirical
 CDF within the row; ties count as <=) and ``w_ij = ω(u_ij)`` of SPEC.md section 5 (:func:`bayes_omega`).
 ω is piecewise constant in s: it carries no gradient.
 
 forward -> (lse [K, M], pos [M], pos_in [M]) in the accumulation dtype (fp32; fp64 for fp64 inputs):
-    lse_ki  = log Σ_{j∈set(i)} w_ij exp(c_k s_ij)   (−inf when the set is empty or every w is 0)
+    lse_ki  = log Σ_{j∈set(i)} w_ij exp(c_k s_ij)   (−inf when the set is empty or every w is 0; NaN when poisoned)
     pos_i   = s_{i, partner(i)}                     (0 when partner(i) = -1)
     pos_in_i = 1 if partner(i) ∈ set(i) else 0       (MTTV's "positive kept"; not differentiable)
 backward(lse, coef [K, M], cpos [M]) -> dA [M, D], dC [N, D] in the input dtype:
@@ -145,11 +148,24 @@ def _dense_sets(A, C, partner, self_offset, cfg):
     is_partner = j == partner[:, None]
     if cfg.exclude_partner:
         in_set &= ~is_partner
-    if cfg.filter == "both":
-        in_set &= (g.abs() >= cfg.lower) & (g.abs() <= cfg.upper)
-    elif cfg.filter == "low":
-        in_set &= g.abs() >= cfg.lower
+    if cfg.filter is not None:
+        in_set &= ~filter_drops(g, cfg)
     return g, in_set, is_partner
+
+
+def filter_drops(g: torch.Tensor, cfg: SSLConfig) -> torch.Tensor:
+    """The entries the element filter drops: ``a < lower`` (or ``a > upper`` under "both"), ``a = min(|g|, 1)``;
+    NaN compares false, so it is kept (and poisons the row's LSE)."""
+    a = g.abs().clamp(max=1.0)  # clamp keeps NaN
+    drop = a < cfg.lower
+    if cfg.filter == "both":
+        drop |= a > cfg.upper
+    return drop
+
+
+def poisoned_rows(g: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN or ±inf raw dot product anywhere (their LSEs are NaN)."""
+    return ~torch.isfinite(g).all(dim=1)
 
 
 def _dense_weights(s, in_set, cfg, rank_ref=None):
@@ -182,9 +198,10 @@ def dense_forward(A, C, partner, self_offset, inv_tau, cfg: SSLConfig, rank_ref=
     s = g * inv_tau
     w = _dense_weights(s, in_set, cfg, rank_ref)
     lse = []
+    bad = poisoned_rows(g)
     for c in cfg.scales:
         terms = torch.where(in_set & (w > 0), torch.log(w) + c * s, torch.full_like(s, -math.inf))
-        lse.append(torch.logsumexp(terms, dim=1))
+        lse.append(torch.where(bad, math.nan, torch.logsumexp(terms, dim=1)))
     pos = torch.where(is_partner, s, torch.zeros_like(s)).sum(1)
     pos_in = (is_partner & in_set).any(1).to(s.dtype)
     return SSLStats(torch.stack(lse), pos, pos_in)

@@ -55,17 +55,17 @@ def _log1mexp(x):
 
 
 def _log_debiased(log_sum, s_pos, M, tau_plus, temperature):
-    """log max((exp(log_sum) − τ⁺ M e^{s⁺}) / (1 − τ⁺), M e^{−1/t}), stably in the log domain."""
+    """log max((exp(log_sum) − τ⁺ M e^{s⁺}) / (1 − τ⁺), M e^{−1/t}), stably in the log domain (NaN stays NaN)."""
     floor = math.log(M) - 1.0 / temperature
     if tau_plus > 0:
         c = math.log(tau_plus * M) + s_pos
         ok = c < log_sum  # the numerator is positive
         d = torch.where(ok, c - log_sum, -1.0)
-        log_raw = torch.where(ok, log_sum + _log1mexp(d), -math.inf)
+        log_raw = torch.where(ok | torch.isnan(log_sum), log_sum + _log1mexp(d), -math.inf)
     else:
         log_raw = log_sum
     log_raw = log_raw - math.log1p(-tau_plus)
-    return torch.where(log_raw >= floor, log_raw, torch.full_like(log_raw, floor))  # torch.clamp's tie rule
+    return torch.where(log_raw < floor, torch.full_like(log_raw, floor), log_raw)  # torch.clamp's tie rule
 
 
 def _finish(log_ng, s_pos, reduction):
@@ -165,9 +165,11 @@ def mttv_ratios(st, t, official_self_term):
         # e^{s⁺} / (e^{lse} − e^{1/t}), scaled by e^{−1/t} (cos <= 1, so nothing overflows)
         num = torch.exp(st.pos - 1.0 / t)
         den = torch.expm1(lse - 1.0 / t)
-        return torch.where(kept, num / torch.where(kept, den, 1.0), 0.0)
-    # the positive is in the set when kept, so lse is finite there
-    return torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
+        r = torch.where(kept, num / torch.where(kept, den, 1.0), 0.0)
+    else:
+        # the positive is in the set when kept, so lse is finite there
+        r = torch.where(kept, torch.exp(st.pos - torch.where(kept, lse, st.pos)), 0.0)
+    return torch.where(torch.isnan(lse), lse, r)  # a poisoned row (non-finite input) stays NaN
 
 
 def dcl(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.5, tau_plus: float = 0.1, debiased: bool = True,
@@ -244,7 +246,8 @@ def mttv(embeddings: torch.Tensor, *, lower: float = 0.1, upper: float = 0.9, te
     """MTTV loss with the extreme-feature filter (SPEC.md section 6); rows 2k and 2k+1 are positives.
 
     Rows are L2-normalised first (differentiably, ``F.normalize``), ``cos = ẑ ẑᵀ``. Entry (i, k) is
-    dropped when ``|cos_ik| < lower`` or (``filter="both"``) ``|cos_ik| > upper``; the filter is a mask
+    dropped when ``|cos_ik| < lower`` or (``filter="both"``) ``|cos_ik| > upper`` (|cos| clamped to 1 first, so
+    ``upper=1`` keeps identical pairs whose cosine rounds to 1 + 2e-16); the filter is a mask
     with no gradient. ``r_i = 1[pos kept] exp(cos_{i,i⁺}/t) / Σ_{k≠i, kept} exp(cos_ik/t)`` and
     ``L = −log((1/2B) Σ_i r_i)``. ``official_self_term=True`` uses the released code's denominator
     ``Σ_{k kept, self included if kept} exp(cos_ik/t) − e^{1/t}`` (which can be <= 0 under "both": then

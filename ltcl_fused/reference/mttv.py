@@ -14,7 +14,8 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     ``r_i = 1[pos kept] exp(cos_{i,i⁺}/t) / Σ_{k≠i, kept} exp(cos_ik/t)``.
 
     Entry (i, j) is dropped when ``|cos_ij| > upper`` or ``|cos_ij| < lower`` (``filter="both"``) or only
-    when ``|cos_ij| < lower`` (``filter="low"``); the filter is a detached mask (no gradient through it).
+    when ``|cos_ij| < lower`` (``filter="low"``), |cos| clamped to 1 first; the filter is a detached mask
+    (no gradient through it).
     ``official_self_term=True`` reproduces the released code's denominator
     ``Σ_{k kept (self included if kept)} exp(cos_ik/t) − e^{1/t}``, which can be <= 0 under ``"both"``
     (then r_i is negative or inf and L may be NaN, exactly as in the released code).
@@ -33,7 +34,7 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     z = F.normalize(embeddings, dim=1)
     cos = z @ z.T
     with torch.no_grad():
-        a = cos.abs()
+        a = cos.abs().clamp(max=1.0)  # a cosine computed as 1 + 2e-16 is 1 (upper=1 keeps it); NaN stays NaN
         dropped = a < lower
         if filter == "both":
             dropped = dropped | (a > upper)
