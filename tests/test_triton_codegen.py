@@ -39,9 +39,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 A = torch.randn(6, 5); C = torch.cat([A, torch.randn(3, 5)])
 al = torch.tensor([0, 1, 0, 1, 2, 2]); cl = torch.cat([al, torch.tensor([0, 1, 2])])
 def f(A, C, al, cl):
-    st = torch.ops.ltcl_fused.triton_rowstats_fwd(A, C, al, cl, None, None, 2.0, 0.5, 0, True, False)
+    st = torch.ops.ltcl_fused.triton_rowstats_fwd(A, C, al, cl, None, None, 2.0, 0.5, 0, True, "ieee")
     return torch.ops.ltcl_fused.triton_rowstats_bwd(A, C, al, cl, None, None, st[0], st[6], st[7], st[1], st[2],
-                                                    st[3], st[4], st[5], 2.0, 0.5, 0, True, False)
+                                                    st[3], st[4], st[5], 2.0, 0.5, 0, True, "ieee")
 gm = make_fx(f, tracing_mode="fake")(A, C, al, cl)
 out["fake_trace"] = "triton_rowstats_bwd" in gm.code
 print("@@JSON@@" + json.dumps(out))

@@ -188,11 +188,11 @@ def test_opcheck_ops():
     bs, bo = torch.randn(9, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
     fwd = torch.ops.ltcl_fused.triton_rowstats_fwd.default
     bwd = torch.ops.ltcl_fused.triton_rowstats_bwd.default
-    torch.library.opcheck(fwd, (A, C, al, cl, None, None, 2.0, 0.5, 0, True, False))
-    torch.library.opcheck(fwd, (A.float(), C.float(), al, cl, bs.float(), bo.float(), 2.0, 0.0, -1, False, False))
-    st = fwd(A, C, al, cl, bs, bo, 2.0, 0.5, 0, True, False)
+    torch.library.opcheck(fwd, (A, C, al, cl, None, None, 2.0, 0.5, 0, True, "ieee"))
+    torch.library.opcheck(fwd, (A.float(), C.float(), al, cl, bs.float(), bo.float(), 2.0, 0.0, -1, False, "ieee"))
+    st = fwd(A, C, al, cl, bs, bo, 2.0, 0.5, 0, True, "ieee")
     co = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(5)]
-    torch.library.opcheck(bwd, (A, C, al, cl, bs, bo, st[0], st[6], st[7], *co, 2.0, 0.5, 0, True, False))
+    torch.library.opcheck(bwd, (A, C, al, cl, bs, bo, st[0], st[6], st[7], *co, 2.0, 0.5, 0, True, "ieee"))
 
 
 def test_torch_compile_training_step():

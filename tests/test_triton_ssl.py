@@ -297,7 +297,7 @@ def test_host_code_never_allocates_m_by_n(name):
     A, C, partner = _to(A), _to(C), _to(partner)
     cfg = CONFIGS[name]
     args = (A, C, partner, 0, 2.0, list(cfg.scales), cfg.exclude_partner, cfg.include_self,
-            ssl_ops.FILTERS[cfg.filter], cfg.lower, cfg.upper, list(cfg.bayes or []), False)
+            ssl_ops.FILTERS[cfg.filter], cfg.lower, cfg.upper, list(cfg.bayes or []), "ieee")
     old = ssl_ops.FORCE_BAYES_ROWS
     ssl_ops.FORCE_BAYES_ROWS = 48  # Bayesian strips of 48 x 384
     try:
@@ -332,7 +332,7 @@ def test_opcheck_ssl_ops(bayes):
     A, C, partner = _problem(9, 12, 5, -1, F64, seed=4, normalize=True)
     A, C, partner = _to(A), _to(C), _to(partner)
     scales = [1.0] if bayes else [0.5, 1.5]
-    args = (A, C, partner, -1, 2.0, scales, True, False, 0, 0.0, 1.0, bayes, False)
+    args = (A, C, partner, -1, 2.0, scales, True, False, 0, 0.0, 1.0, bayes, "ieee")
     torch.library.opcheck(torch.ops.ltcl_fused.triton_ssl_fwd.default, args)
     lse, pos, _ = torch.ops.ltcl_fused.triton_ssl_fwd(*args)
     torch.library.opcheck(torch.ops.ltcl_fused.triton_ssl_bwd.default, args + (lse, torch.ones_like(lse), pos))

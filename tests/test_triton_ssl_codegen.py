@@ -35,8 +35,8 @@ out = {"results": ssl_codegen.run(n_jobs=2)}
 from torch.fx.experimental.proxy_tensor import make_fx
 A = torch.randn(6, 5); p = torch.tensor([3, 4, 5, 0, 1, 2])
 def f(A, p, bayes, scales):
-    st = torch.ops.ltcl_fused.triton_ssl_fwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, False)
-    return torch.ops.ltcl_fused.triton_ssl_bwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, False,
+    st = torch.ops.ltcl_fused.triton_ssl_fwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, "ieee")
+    return torch.ops.ltcl_fused.triton_ssl_bwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, "ieee",
                                                st[0], st[0], st[1])
 codes = [make_fx(lambda A, p: f(A, p, [], [0.5, 1.5]), tracing_mode="fake")(A, p).code,
          make_fx(lambda A, p: f(A, p, [0.6, 0.8, 0.1], [1.0]), tracing_mode="fake")(A, p).code]

@@ -36,7 +36,8 @@ def cuobjdump() -> str:
 
 def jobs(full: bool = False):
     """(kernel, config name, dtype, cc, variant) for every shipped configuration."""
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("rowstats")
     heavy = ("focal_bias", True, True, False)  # bias + focal pass + γ ≠ 0
     g0 = ("focal_g0", True, False, True)       # the γ = 0 pass 2 (ACL), allocated differently
     plain = ("plain", False, False, True)      # SupCon / CL: pass 1 only
@@ -72,7 +73,8 @@ def compile_one(job):
 def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
     from . import rowstats
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("rowstats")
     kernel = getattr(rowstats, k)
     kc = SHIPPED[cfg_name]
     bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.bwd
@@ -92,6 +94,8 @@ def _compile_one(job):
             sig[n] = "constexpr"
         elif n in INT_ARGS:
             sig[n] = "i32"
+        elif n.startswith("p_"):  # a float parameter (support.kernel_param): fp32, or fp64 bits as an int64
+            sig[n] = "i64" if acc == "fp64" else "fp32"
         elif n in ("A", "C"):
             sig[n] = "*" + in_dt
         elif n in ("ALAB", "CLAB", "TOP"):

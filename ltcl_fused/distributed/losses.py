@@ -180,7 +180,7 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, co
     _check_common(fn, mode, grad_sync, backend, group)
     pb = _Problem(fn, features, labels, ref_features, ref_labels, contrast_mode, normalize, check_finite, group)
     P = pb.P
-    eng = backends.resolve(backend, P.X.device, "rowstats", fn)
+    eng = backends.resolve(backend, P.X.device, "rowstats", fn, dtype=P.X.dtype)
     st = _stats(eng, mode, P.A, P.C, pb.a_lab, pb.c_lab_glob, pb.col_sizes, pb.rank, 1.0 / tau, group)
     loss = supcon_from_stats(st.lse, st.pos_sum, match_counts(pb.a_lab, pb.c_lab_glob) - 1, tau / tau_b)
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
@@ -203,7 +203,7 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
     _check_common(fn, mode, grad_sync, backend, group)
     pb = _Problem(fn, features, labels, ref_features, ref_labels, contrast_mode, normalize, check_finite, group)
     P = pb.P
-    eng = backends.resolve(backend, P.X.device, "rowstats", fn)
+    eng = backends.resolve(backend, P.X.device, "rowstats", fn, dtype=P.X.dtype)
     focal = gamma > 0 or eta > 0
     st = _stats(eng, mode, P.A, P.C, pb.a_lab, pb.c_lab_glob, pb.col_sizes, pb.rank, 1.0 / tau, group,
                 gamma=gamma, focal=focal)
@@ -273,7 +273,7 @@ def bcl(features, labels, prototypes, *, temperature=0.07, normalize=False, redu
     def biases(c_lab):
         return (-torch.log((cnt - 1).clamp(min=1)))[c_lab].to(acc), (-torch.log(cnt))[c_lab].to(acc)
 
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     inv_tau = 1.0 / tau
     if mode == "gather":
         C = torch.cat([all_gather_rows(X, sizes, group), prototypes], 0)
@@ -354,7 +354,7 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
     keys = queue.detach()
     pos_idx, neg_idx = hard_pair_mining(X.detach(), lab, keys, q_lab, k_pos=k_pos, k_neg=k_neg, backend=backend,
                                         allow_fewer=allow_fewer, check_finite=False)
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     st = _stats(eng, mode, X, X, lab, lab_glob, sizes, rank, inv_tau, group)
     loss = rescom_from_stats(st, match_counts(lab, lab_glob) - 1, sum(sizes) - 1, X, lab, keys, pos_idx, neg_idx,
                              inv_tau, w)

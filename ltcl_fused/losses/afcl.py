@@ -34,7 +34,7 @@ def afcl(features, labels=None, *, gamma=0.0, eta=0.0, temperature=0.07, normali
                       ref_labels=ref_labels, reduction=reduction)
     P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
                        contrast_mode=contrast_mode, normalize=normalize, check_finite=check_finite)
-    eng = backends.resolve(backend, features.device, "rowstats", fn)
+    eng = backends.resolve(backend, features.device, "rowstats", fn, dtype=P.A.dtype)
     focal = gamma > 0 or eta > 0
     st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal)
     return reduce(afcl_from_stats(st, match_counts(P.a_lab, P.c_lab) - 1, P.N, eta, normalize_by, focal),

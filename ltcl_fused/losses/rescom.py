@@ -85,8 +85,9 @@ _MINERS = {"torch": (_torch_mine, lambda device: None), "triton": (_triton_mine,
 _warned = set()
 
 
-def resolve_mining(backend: str, device: torch.device, fn: str):
-    """The mining function for ``backend`` on ``device``; None means the dense reference.
+def resolve_mining(backend: str, device: torch.device, fn: str, dtype=None):
+    """The mining function for ``backend`` on ``device`` (for inputs of ``dtype``, when given: an engine whose
+    ``dtype_reason("mining", dtype)`` refuses it counts as unavailable); None means the dense reference.
 
     An engine that lists ``"mining"`` in its ``ops`` and has a ``mine`` method (same contract) takes
     precedence over the built-in table, so the engines can take the op over without changes here.
@@ -107,6 +108,8 @@ def resolve_mining(backend: str, device: torch.device, fn: str):
                 raise NotImplementedError(f"{fn}: backend {name!r} does not implement hard-pair mining yet; "
                                           f"use backend='torch', 'triton', 'cpu' or 'auto'")
             continue
+        if reason is None and dtype is not None:
+            reason = eng.dtype_reason("mining", dtype)
         if reason is None:
             return impl
         if backend != "auto":
@@ -216,7 +219,7 @@ def hard_pair_mining(anchors, anchor_labels, keys, key_labels, *, k_pos, k_neg, 
     V.check_finite(fn, "keys", keys, check_finite)
     a_lab, k_lab = anchor_labels.to(torch.int64), key_labels.to(torch.int64)
     _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer)
-    impl = resolve_mining(backend, anchors.device, fn)
+    impl = resolve_mining(backend, anchors.device, fn, anchors.dtype)
     if impl is None:
         from .. import reference as R
         if allow_fewer:
@@ -307,8 +310,8 @@ def rescom(features, labels, queue, queue_labels, *, k_pos=1, k_neg=400, tempera
         return R.rescom(features, labels, queue, queue_labels, k_pos=k_pos, k_neg=k_neg, temperature=tau,
                         class_weights=class_weights, reduction=reduction)
 
-    miner = resolve_mining(backend, dev, fn)
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    miner = resolve_mining(backend, dev, fn, X.dtype)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     keys = queue.detach()
     pos_idx, neg_idx = miner(X.detach(), lab, keys, q_lab, k_pos, k_neg)
 

@@ -18,9 +18,9 @@ from .. import backends
 from ..engine.ssl_contract import SSLConfig, ssl_row_stats
 from ._common import reduce
 
-def _engine(backend, device, fn):
+def _engine(backend, device, fn, dtype=None):
     """The engine for the "ssl" operation; None means the dense reference."""
-    return backends.resolve(backend, device, "ssl", fn)
+    return backends.resolve(backend, device, "ssl", fn, dtype=dtype)
 
 
 def _two_views(fn, z1, z2, check_finite):
@@ -90,7 +90,7 @@ def dcl(z1, z2, *, temperature=0.5, tau_plus=0.1, debiased=True, reduction="mean
     tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
     _check_bool(fn, "debiased", debiased)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if eng is None:
         from .. import reference as R
         return R.dcl(z1, z2, temperature=t, tau_plus=tau_plus, debiased=debiased, reduction=reduction)
@@ -116,7 +116,7 @@ def hcl(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean", ba
     tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
     beta = V.check_nonnegative(fn, "beta", beta)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if eng is None:
         from .. import reference as R
         return R.hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, reduction=reduction)
@@ -146,7 +146,7 @@ def bayesian_cl(z1, z2, *, alpha=0.5, beta=1.0, tau_plus=0.1, temperature=0.5, r
     tau_plus = V.check_range(fn, "tau_plus", tau_plus, 0.0, 1.0, hi_open=True)
     t = V.check_positive(fn, "temperature", temperature)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if backend == "auto" and eng is not None and eng.name == "cuda":
         eng = backends.get_engine("torch")  # the CUDA extension has no Bayesian-rank kernel (Triton has)
     if eng is None:
@@ -184,7 +184,7 @@ def mttv(embeddings, *, lower=0.1, upper=0.9, temperature=0.3, filter="both", of
     V.check_choice(fn, "filter", filter, ("both", "low"))
     _check_bool(fn, "official_self_term", official_self_term)
     V.check_choice(fn, "reduction", reduction, V.REDUCTIONS)
-    eng = _engine(backend, embeddings.device, fn)
+    eng = _engine(backend, embeddings.device, fn, embeddings.dtype)
     if eng is None:
         from .. import reference as R
         return R.mttv(embeddings, lower=lower, upper=upper, temperature=t, filter=filter,

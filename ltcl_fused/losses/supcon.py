@@ -32,7 +32,7 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=None, co
                         ref_labels=ref_labels, reduction=reduction)
     P = build_contrast(fn, features, labels, ref_features=ref_features, ref_labels=ref_labels,
                        contrast_mode=contrast_mode, normalize=normalize, check_finite=check_finite)
-    eng = backends.resolve(backend, features.device, "rowstats", fn)
+    eng = backends.resolve(backend, features.device, "rowstats", fn, dtype=P.A.dtype)
     st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau)
     return reduce(supcon_from_stats(st.lse, st.pos_sum, match_counts(P.a_lab, P.c_lab) - 1, tau / tau_b), reduction)
 
