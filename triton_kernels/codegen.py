@@ -5,7 +5,7 @@ shared memory, register use, spills (cuobjdump -res-usage: LOCAL and STACK) and 
 
 Must run with TRITON_INTERPRET unset (under the interpreter the kernels are not JITFunctions).
 By default: the heaviest variant of each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
-``--full`` adds fp64, the TF32 fp32 path and every kernel's lighter variants (no focal pass, γ = 0). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
+``--full`` adds fp64, the tf32 / tf32x3 fp32 paths and every kernel's lighter variants (no focal pass, γ = 0). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def jobs(full: bool = False):
         dts = list(cfg.dtypes)
         if not full and dts == ["fp64"]:
             continue
-        if full and "fp32" in dts:
-            dts.append("tf32")
+        if full and "fp32" in dts:  # the fp32 precisions of torch's "medium" / "high" (support.fp32_precision)
+            dts += ["tf32", "tf32x3"]
         for dt in dts:
             for cc in (80, 90):
                 for k in KERNELS:
@@ -82,10 +82,10 @@ def _compile_one(job):
         bm, bn = bc.BLOCK_N, bc.BLOCK_M
     else:
         bm, bn = bc.BLOCK_M, bc.BLOCK_N
-    in_dt = "fp32" if dt == "tf32" else dt
+    in_dt = "fp32" if dt in ("tf32", "tf32x3") else dt
     acc = "fp64" if dt == "fp64" else "fp32"
     constexprs = dict(HAS_BIAS=bias, FOCAL=focal, GAMMA_ZERO=gamma_zero, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D, PREC="tf32" if dt == "tf32" else "ieee",
+                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D, PREC=dt if dt in ("tf32", "tf32x3") else "ieee",
                       UPCAST=False)
     sig = {}
     for p in kernel.params:

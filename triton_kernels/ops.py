@@ -108,8 +108,9 @@ def _bwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     if M == 0 or N == 0:  # an empty (e.g. distributed ring) block: no pair, exact zeros (no workspace read)
         return torch.zeros_like(A), torch.zeros_like(C)
     acc = _acc(A.dtype)
-    dA = torch.empty(M, D, dtype=acc, device=A.device)
-    dC = torch.empty(N, D, dtype=acc, device=A.device)
+    # zero-initialised: the chunked-D kernels accumulate into them (read-modify-write of a program's own rows)
+    dA = torch.zeros(M, D, dtype=acc, device=A.device)
+    dC = torch.zeros(N, D, dtype=acc, device=A.device)
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse

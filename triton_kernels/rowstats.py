@@ -135,11 +135,14 @@ def _gy_registers(g, Y, yi, ymask, stride_y, acc, D, ACC: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, not_first, D, ACC: tl.constexpr,
+def _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, t0, D, ACC: tl.constexpr,
                   BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The same share with D swept in BLOCK_D chunks: ``OUT[oi] += Σ_y G_oy Y_y`` in the fp32/fp64 workspace
-    OUT, whose rows ``oi`` belong to this program only (deterministic, no atomics); ``not_first`` is False
-    on the first tile (OUT is then written, not read). Returns nothing (Triton <= 3.6 rejects a None return)."""
+    OUT, whose rows ``oi`` belong to this program only (deterministic, no atomics). ``t0`` is the swept tile's
+    first index: OUT is not read on the first tile (t0 = 0; the host zero-initialises it all the same).
+    Returns nothing (Triton <= 3.6 rejects a None return)."""
+    # as a tensor: the interpreter of Triton 3.3 cannot mask with a Python bool
+    not_first = ((oi * 0 + t0) > 0)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
@@ -382,7 +385,7 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, D, ACC, BLOCK_D, PREC, UPCAST)
+            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
     if SINGLE_D:
         _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
     else:
@@ -454,7 +457,7 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, D, ACC, BLOCK_D, PREC, UPCAST)
+            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
     if SINGLE_D:
         _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
     else:

@@ -186,8 +186,8 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         for k, c0, c1, two in _groups(scales):
             params = _params(inv_tau, c0, c1, lower, upper, acc)
             cp = cpos if k == 0 else zero  # the partner term once
-            ga = torch.empty(M, D, dtype=acc, device=A.device)
-            gc = torch.empty(N, D, dtype=acc, device=A.device)
+            ga = torch.zeros(M, D, dtype=acc, device=A.device)  # zero-initialised: chunked-D accumulation
+            gc = torch.zeros(N, D, dtype=acc, device=A.device)
             common = (partner, params, lse[k], coef[k], cp, lse)
             _bwd_launch(ssl_bwd_da_kernel, da_grid, A, C, *common, ga, self_offset, two, filter_mode,
                         exclude_partner, include_self, False, cfg.BLOCK_M, cfg.BLOCK_N, cfg, prec, upcast)
@@ -202,7 +202,7 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
     bc = _bayes_cfg()
     top, steps = _lifting(N)
     rows = _bayes_rows(M, N)
-    dA = torch.empty(M, D, dtype=acc, device=A.device)
+    dA = torch.zeros(M, D, dtype=acc, device=A.device)  # zero-initialised: chunked-D accumulation
     dC = torch.zeros(N, D, dtype=acc, device=A.device)
     gc = torch.empty(N, D, dtype=acc, device=A.device)
     scratch = torch.empty(2, rows, dtype=acc, device=A.device)
@@ -221,6 +221,7 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         _bwd_launch(ssl_bwd_da_kernel, (triton.cdiv(bm, cfg.BLOCK_M),), A_blk, C, p_blk, params, lse, coef, cpos, G,
                     dA[r0:r1], so, False, filter_mode, exclude_partner, include_self, True, cfg.BLOCK_M, cfg.BLOCK_N,
                     cfg, prec, upcast)
+        gc.zero_()  # the chunked-D kernels accumulate into it
         _bwd_launch(ssl_bwd_dc_kernel, dc_grid, A_blk, C, p_blk, params, lse, coef, cpos, G, gc, so, False,
                     filter_mode, exclude_partner, include_self, True, cfg.BLOCK_N, cfg.BLOCK_M, cfg, prec, upcast)
         dC.add_(gc)

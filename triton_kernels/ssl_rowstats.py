@@ -289,7 +289,7 @@ def ssl_bwd_da_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, D, ACC, BLOCK_D, PREC, UPCAST)
+            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
     if SINGLE_D:
         _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
     else:
@@ -348,7 +348,7 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, D, ACC, BLOCK_D, PREC, UPCAST)
+            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
     if SINGLE_D:
         _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
     else:
