@@ -45,7 +45,8 @@ for item in json.loads(sys.argv[1]):
                     mma="mma" in k.asm["ptx"]))
 from ltcl_fused.triton_kernels import support
 print(json.dumps({"spill_free": list(tm.SPILL_FREE_KP), "results": out,
-                  "gates": {"native_sort": support.feature_reason("native_sort"), "fp64": support.dtype_reason(torch.float64)}}))
+                  "gates": {"native_sort": support.feature_reason("native_sort"),
+                            "fp64": support.dtype_reason(torch.float64)}}))
 """
 
 

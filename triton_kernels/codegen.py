@@ -85,7 +85,8 @@ def _compile_one(job):
     in_dt = "fp32" if dt in ("tf32", "tf32x3") else dt
     acc = "fp64" if dt == "fp64" else "fp32"
     constexprs = dict(HAS_BIAS=bias, FOCAL=focal, GAMMA_ZERO=gamma_zero, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D, PREC=dt if dt in ("tf32", "tf32x3") else "ieee",
+                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,
+                      PREC=dt if dt in ("tf32", "tf32x3") else "ieee",
                       UPCAST=False)
     sig = {}
     for p in kernel.params:

@@ -62,7 +62,7 @@ def _params(inv_tau, c0, c1, lower, upper, acc):
 
 
 def _bayes_params(c, bayes, acc):
-    """Float arguments of ssl_bayes_kernel: the scale c and the constants of ω (see _bayes_logw), from (α, β, τ⁺)."""
+    """Float arguments of ssl_bayes_kernel: the scale c and the constants of ω (_bayes_logw), from (α, β, τ⁺)."""
     alpha, beta, tau_plus = bayes
     tau_minus = 1.0 - tau_plus
     a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3

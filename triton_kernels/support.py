@@ -79,7 +79,8 @@ def interpreter_reason(triton_v: Optional[Tuple[int, ...]] = None,
         numpy_v = parse_version(numpy.__version__)
     fixed_in, bad_numpy = INTERPRETER_NUMPY
     if triton_v[:2] < fixed_in and numpy_v[:2] >= bad_numpy:
-        return f"the interpreter of Triton {_fmt(triton_v)} needs numpy < {_fmt(bad_numpy)} (numpy {_fmt(numpy_v)} found)"
+        return (f"the interpreter of Triton {_fmt(triton_v)} needs numpy < {_fmt(bad_numpy)} "
+                f"(numpy {_fmt(numpy_v)} found)")
     return None
 
 
