@@ -29,10 +29,11 @@ test: setup
 	$(ENV_PY) -m pytest tests -q -n 2 --durations=15
 	@$(MAKE) --no-print-directory test-triton-old
 
-# (float64 and the mining kernel's GPU path are gated on Triton 3.3: those tests report the gate as a skip)
+# (float64 and the mining kernel's GPU path are gated on Triton 3.3: those tests report the gate as a skip;
+# LTCL_FULL_CODEGEN=1 asks the mining codegen test for every shipped KP and dtype, each of which must raise the gate)
 test-triton-old:
 	@bash scripts/setup_triton_old.sh
-	env -u TRITON_INTERPRET $(TRITON_OLD_PY) -m pytest $(TRITON_OLD_TESTS) -q -p no:xdist \
+	env -u TRITON_INTERPRET LTCL_FULL_CODEGEN=1 $(TRITON_OLD_PY) -m pytest $(TRITON_OLD_TESTS) -q -p no:xdist \
 		-p no:cacheprovider -k "triton or codegen" -rs --durations=10
 
 bench: setup
