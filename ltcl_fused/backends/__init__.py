@@ -59,8 +59,9 @@ _resolve_name._dynamo_marked_constant = True
 
 def _reason(eng: Engine, device: torch.device, op: str, dtype) -> Optional[str]:
     reason = eng.unavailable_reason(device)
-    if reason is None and dtype is not None and op in eng.ops:
-        reason = eng.dtype_reason(op, dtype)
+    gate = getattr(eng, "dtype_reason", None)  # Engine's default accepts every dtype (duck-typed engines too)
+    if reason is None and dtype is not None and op in eng.ops and gate is not None:
+        reason = gate(op, dtype)
     return reason
 
 

@@ -108,7 +108,7 @@ def resolve_mining(backend: str, device: torch.device, fn: str, dtype=None):
                 raise NotImplementedError(f"{fn}: backend {name!r} does not implement hard-pair mining yet; "
                                           f"use backend='torch', 'triton', 'cpu' or 'auto'")
             continue
-        if reason is None and dtype is not None:
+        if reason is None and dtype is not None and hasattr(eng, "dtype_reason"):
             reason = eng.dtype_reason("mining", dtype)
         if reason is None:
             return impl
