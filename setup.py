@@ -52,9 +52,10 @@ setup(
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        # the Triton kernels need Triton >= 3.3 and torch >= 2.6 (docs/triton.md); older ones: backend "triton" says why
+        "triton": ["triton>=3.3", "torch>=2.6"],
         "ext": ["ninja"],
-        "test": ["pytest>=7", "pytest-xdist", "pytorch-metric-learning>=2.0", "ninja", "triton>=3.0; platform_system=='Linux'"],
+        "test": ["pytest>=7", "pytest-xdist", "pytorch-metric-learning>=2.0", "ninja", "triton>=3.3; platform_system=='Linux'"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
         "bench": ["pytorch-metric-learning>=2.0", "matplotlib"],
     },

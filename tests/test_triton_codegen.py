@@ -41,11 +41,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 A = torch.randn(6, 5); C = torch.cat([A, torch.randn(3, 5)])
 al = torch.tensor([0, 1, 0, 1, 2, 2]); cl = torch.cat([al, torch.tensor([0, 1, 2])])
 def f(A, C, al, cl):
-    st = torch.ops.ltcl_fused.triton_rowstats_fwd(A, C, al, cl, None, None, 2.0, 0.5, 0, True, False)
+    st = torch.ops.ltcl_fused.triton_rowstats_fwd(A, C, al, cl, None, None, 2.0, 0.5, 0, True, "ieee")
     return torch.ops.ltcl_fused.triton_rowstats_bwd(A, C, al, cl, None, None, st[0], st[6], st[7], st[1], st[2],
-                                                    st[3], st[4], st[5], 2.0, 0.5, 0, True, False)
-gm = make_fx(f, tracing_mode="fake")(A, C, al, cl)
-out["fake_trace"] = "triton_rowstats_bwd" in gm.code
+                                                    st[3], st[4], st[5], 2.0, 0.5, 0, True, "ieee")
+try:
+    out["fake_trace"] = "triton_rowstats_bwd" in make_fx(f, tracing_mode="fake")(A, C, al, cl).code
+except RuntimeError as e:  # Triton 3.3: torch's wrap_triton tracing asks for an active GPU driver
+    out["fake_trace"] = str(e).strip().splitlines()[-1]
 print("@@JSON@@" + json.dumps(out))
 """
 
@@ -83,4 +85,9 @@ def test_codegen(compiled, job):
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):
-    assert compiled[1]["fake_trace"]
+    got = compiled[1]["fake_trace"]
+    if isinstance(got, str) and "active drivers" in got:
+        from ltcl_fused.triton_kernels import support
+        if support.triton_version()[:2] < (3, 4):
+            pytest.skip(f"Triton {support.triton_version()}: torch's wrap_triton tracing needs a GPU driver ({got})")
+    assert got is True

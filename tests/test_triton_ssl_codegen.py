@@ -37,12 +37,15 @@ out = {"results": ssl_codegen.run(n_jobs=2)}
 from torch.fx.experimental.proxy_tensor import make_fx
 A = torch.randn(6, 5); p = torch.tensor([3, 4, 5, 0, 1, 2])
 def f(A, p, bayes, scales):
-    st = torch.ops.ltcl_fused.triton_ssl_fwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, False)
-    return torch.ops.ltcl_fused.triton_ssl_bwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, False,
+    st = torch.ops.ltcl_fused.triton_ssl_fwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, "ieee")
+    return torch.ops.ltcl_fused.triton_ssl_bwd(A, A, p, 0, 2.0, scales, True, False, 1, 0.1, 0.9, bayes, "ieee",
                                                st[0], st[0], st[1])
-codes = [make_fx(lambda A, p: f(A, p, [], [0.5, 1.5]), tracing_mode="fake")(A, p).code,
-         make_fx(lambda A, p: f(A, p, [0.6, 0.8, 0.1], [1.0]), tracing_mode="fake")(A, p).code]
-out["fake_trace"] = all("triton_ssl_bwd" in c for c in codes)
+try:
+    codes = [make_fx(lambda A, p: f(A, p, [], [0.5, 1.5]), tracing_mode="fake")(A, p).code,
+             make_fx(lambda A, p: f(A, p, [0.6, 0.8, 0.1], [1.0]), tracing_mode="fake")(A, p).code]
+    out["fake_trace"] = all("triton_ssl_bwd" in c for c in codes)
+except RuntimeError as e:  # Triton 3.3: torch's wrap_triton tracing asks for an active GPU driver
+    out["fake_trace"] = str(e).strip().splitlines()[-1]
 print("@@JSON@@" + json.dumps(out))
 """
 
@@ -80,4 +83,9 @@ def test_codegen(compiled, job):
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):
-    assert compiled[1]["fake_trace"]
+    got = compiled[1]["fake_trace"]
+    if isinstance(got, str) and "active drivers" in got:
+        from ltcl_fused.triton_kernels import support
+        if support.triton_version()[:2] < (3, 4):
+            pytest.skip(f"Triton {support.triton_version()}: torch's wrap_triton tracing needs a GPU driver ({got})")
+    assert got is True

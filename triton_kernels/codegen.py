@@ -5,7 +5,7 @@ shared memory, register use, spills (cuobjdump -res-usage: LOCAL and STACK) and 
 
 Must run with TRITON_INTERPRET unset (under the interpreter the kernels are not JITFunctions).
 By default: the heaviest variant of each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
-``--full`` adds fp64, the TF32 fp32 path and every kernel's lighter variants (no focal pass, γ = 0). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
+``--full`` adds fp64, the tf32 / tf32x3 fp32 paths and every kernel's lighter variants (no focal pass, γ = 0). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def cuobjdump() -> str:
 
 def jobs(full: bool = False):
     """(kernel, config name, dtype, cc, variant) for every shipped configuration."""
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("rowstats")
     heavy = ("focal_bias", True, True, False)  # bias + focal pass + γ ≠ 0
     g0 = ("focal_g0", True, False, True)       # the γ = 0 pass 2 (ACL), allocated differently
     plain = ("plain", False, False, True)      # SupCon / CL: pass 1 only
@@ -45,8 +46,8 @@ def jobs(full: bool = False):
         dts = list(cfg.dtypes)
         if not full and dts == ["fp64"]:
             continue
-        if full and "fp32" in dts:
-            dts.append("tf32")
+        if full and "fp32" in dts:  # the fp32 precisions of torch's "medium" / "high" (support.fp32_precision)
+            dts += ["tf32", "tf32x3"]
         for dt in dts:
             for cc in (80, 90):
                 for k in KERNELS:
@@ -72,7 +73,8 @@ def compile_one(job):
 def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
     from . import rowstats
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("rowstats")
     kernel = getattr(rowstats, k)
     kc = SHIPPED[cfg_name]
     bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.bwd
@@ -80,10 +82,11 @@ def _compile_one(job):
         bm, bn = bc.BLOCK_N, bc.BLOCK_M
     else:
         bm, bn = bc.BLOCK_M, bc.BLOCK_N
-    in_dt = "fp32" if dt == "tf32" else dt
+    in_dt = "fp32" if dt in ("tf32", "tf32x3") else dt
     acc = "fp64" if dt == "fp64" else "fp32"
     constexprs = dict(HAS_BIAS=bias, FOCAL=focal, GAMMA_ZERO=gamma_zero, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D, PREC="tf32" if dt == "tf32" else "ieee",
+                      BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,
+                      PREC=dt if dt in ("tf32", "tf32x3") else "ieee",
                       UPCAST=False)
     sig = {}
     for p in kernel.params:
@@ -92,6 +95,8 @@ def _compile_one(job):
             sig[n] = "constexpr"
         elif n in INT_ARGS:
             sig[n] = "i32"
+        elif n.startswith("p_"):  # a float parameter (support.kernel_param): fp32, or fp64 bits as an int64
+            sig[n] = "i64" if acc == "fp64" else "fp32"
         elif n in ("A", "C"):
             sig[n] = "*" + in_dt
         elif n in ("ALAB", "CLAB", "TOP"):

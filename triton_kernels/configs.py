@@ -6,8 +6,9 @@ single-chunk 128-wide variant spills on sm_80). On sm_90 the owned block is 64 r
 16-bit ``tl.dot`` is a wgmma (M >= 64).
 Forward: BLOCK_M anchor rows per program, column tiles of BLOCK_N. Backward: BLOCK_M is the block a
 program owns (anchor rows for dA, columns for dC) and BLOCK_N the tile it sweeps over.
-Every entry of ``SHIPPED`` is compiled for sm_80 and sm_90 with the dtypes it serves, and checked
-for spills, shared memory and tensor-core use, by ``tests/test_triton_codegen.py``.
+Every entry of ``SHIPPED`` (as ``shipped()`` adapts it to the running Triton) is compiled for sm_80 and sm_90
+with the dtypes it serves, and checked for spills, shared memory and tensor-core use, by
+``tests/test_triton_codegen.py`` (newest Triton) and ``make test-triton-old`` (oldest, Triton 3.3).
 """
 from __future__ import annotations
 
@@ -46,18 +47,49 @@ SHIPPED = {
     "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0),
 }
 
+#: Older Triton allocates registers differently: with some SHIPPED shapes the codegen sweeps of Triton 3.3.1 and
+#: 3.6.0 found 8-64 B stack frames (spills): the 16-bit row-statistics dA/dC kernels at the 255-register limit
+#: with the 64x32 tile (3.3, 3.6), the fp32 forward with 8 warps on sm_90 (3.3) and the fp32 SSL dA of MTTV's
+#: "low" filter on sm_80 (3.6). Entries (below this Triton, kernel family, config name, replaced fields) adapt
+#: SHIPPED for those versions (``shipped()``); names, dtypes and D classes stay. Swept: 3.3.1, 3.6.0, 3.9.0
+#: (docs/triton.md).
+LEGACY = (
+    ((3, 7), "rowstats", "h_d64", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
+    ((3, 7), "rowstats", "h_d128", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
+    ((3, 7), "rowstats", "h_large", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
+    ((3, 4), "rowstats", "f_large", dict(fwd=BlockConfig(32, 32, 32, 4, 1))),
+    ((3, 7), "ssl", "f_large", dict(bwd=BlockConfig(32, 32, 32, 4, 1))),
+)
+FAMILIES = ("rowstats", "ssl")
+
+
+def shipped(family: str = "rowstats", triton_v=None) -> dict:
+    """SHIPPED as the kernels of ``family`` ("rowstats" or "ssl") use it with this Triton (or ``triton_v``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if triton_v is None:
+        from .support import triton_version
+        triton_v = triton_version()
+    out = dict(SHIPPED)
+    for below, fam, name, fields in LEGACY:
+        if fam == family and tuple(triton_v[:2]) < below:
+            out[name] = out[name]._replace(**fields)
+    return out
+
+
 #: configuration used under the Triton interpreter (CPU tensors): big tiles = few Python-level steps
 INTERPRET = KernelConfig(BlockConfig(64, 64, 64, 1, 1), BlockConfig(64, 64, 64, 1, 1), ("any",), 0)
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def pick_config(M: int, N: int, D: int, dtype: torch.dtype, interpret: bool = False) -> KernelConfig:
+def pick_config(M: int, N: int, D: int, dtype: torch.dtype, interpret: bool = False,
+                family: str = "rowstats") -> KernelConfig:
     """Heuristic: the smallest shipped D class that holds D in one chunk, else the chunked one."""
     if interpret:
         return INTERPRET
     dt = _DT[dtype]
-    cands = [c for c in SHIPPED.values() if dt in c.dtypes]
+    cands = [c for c in shipped(family).values() if dt in c.dtypes]
     single = sorted((c for c in cands if c.max_d and D <= c.max_d), key=lambda c: c.max_d)
     if single:
         return single[0]

@@ -15,11 +15,14 @@ import torch
 import triton
 from torch import Tensor
 
+from . import support
 from .configs import KernelConfig, pick_config
 from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_fwd_kernel
 
 #: test hook: a KernelConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
 FORCE_CONFIG: Optional[KernelConfig] = None
+#: fp32 tl.dot precisions a caller may ask for (support.fp32_precision)
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def interpreted() -> bool:
@@ -37,18 +40,30 @@ def _launcher(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def launch(kernel, grid, device: torch.device, *args, **meta):
+    """``kernel[grid](*args, **meta)`` with ``device`` current (support.device_guard), through wrap_triton on
+    GPUs. An empty grid launches nothing (callers allocate their outputs so that nothing is left unwritten)."""
+    if 0 in grid:
+        return
+    with support.device_guard(device):
+        _launcher(kernel)[grid](*args, **meta)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _config(M: int, N: int, D: int, dtype: torch.dtype) -> KernelConfig:
+def _config(M: int, N: int, D: int, dtype: torch.dtype, family: str = "rowstats") -> KernelConfig:
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
-    return pick_config(M, N, D, dtype, interpreted())
+    return pick_config(M, N, D, dtype, interpreted(), family)
 
 
-def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+def _precision(dtype: torch.dtype, precision: str) -> str:
+    """PREC constexpr of a launch: ``precision`` (one of PRECISIONS) for fp32 inputs, "ieee" otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"triton: fp32 precision must be one of {PRECISIONS}, got {precision!r}")
+    return support.dot_precision(dtype, precision)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -57,9 +72,8 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
-                        bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int,
-                        focal: bool, allow_tf32: bool
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int, focal: bool,
+              precision: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(lse, pos_sum, fpos, fneg, upos, uneg, top, lrest): the contract forward, [M] each."""
     M, D = A.shape
     N = C.shape[0]
@@ -69,53 +83,55 @@ def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     lrest = torch.empty(M, dtype=acc, device=A.device)
     top = torch.empty(M, dtype=torch.int64, device=A.device)
     fpos, fneg, upos, uneg = (torch.zeros(M, dtype=acc, device=A.device) for _ in range(4))
-    params = torch.tensor([inv_tau, gamma], dtype=acc, device=A.device)
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
     cfg = _config(M, N, D, A.dtype).fwd
-    grid = (triton.cdiv(M, cfg.BLOCK_M),)
-    _launcher(rowstats_fwd_kernel)[grid](
-        A, C, a_lab, c_lab, bs, bo, params, lse, pos, fpos, fneg, upos, uneg, top, lrest,
-        M, N, D, A.stride(0), C.stride(0), self_offset,
-        HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
-        PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(rowstats_fwd_kernel, (triton.cdiv(M, cfg.BLOCK_M),), A.device,
+           A, C, a_lab, c_lab, bs, bo, lse, pos, fpos, fneg, upos, uneg, top, lrest,
+           M, N, D, A.stride(0), C.stride(0), self_offset, support.kernel_param(inv_tau, acc),
+           support.kernel_param(gamma, acc),
+           HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
+           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
+           PREC=_precision(A.dtype, precision), UPCAST=_upcast(A.dtype),
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lse, pos, fpos, fneg, upos, uneg, top, lrest
 
 
 def _bwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
-                        bias_other: Optional[Tensor], lse: Tensor, top: Tensor, lrest: Tensor, cpos: Tensor,
-                        cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor, inv_tau: float, gamma: float,
-                        self_offset: int, focal: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+              bias_other: Optional[Tensor], lse: Tensor, top: Tensor, lrest: Tensor, cpos: Tensor,
+              cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor, inv_tau: float, gamma: float,
+              self_offset: int, focal: bool, precision: str) -> Tuple[Tensor, Tensor]:
     """(dA [M, D], dC [N, D]) in the input dtype: the contract backward."""
     M, D = A.shape
     N = C.shape[0]
+    if M == 0 or N == 0:  # an empty (e.g. distributed ring) block: no pair, exact zeros (no workspace read)
+        return torch.zeros_like(A), torch.zeros_like(C)
     acc = _acc(A.dtype)
-    dA = torch.empty(M, D, dtype=acc, device=A.device)
-    dC = torch.empty(N, D, dtype=acc, device=A.device)
-    params = torch.tensor([inv_tau, gamma], dtype=acc, device=A.device)
+    # zero-initialised: the chunked-D kernels accumulate into them (read-modify-write of a program's own rows)
+    dA = torch.zeros(M, D, dtype=acc, device=A.device)
+    dC = torch.zeros(N, D, dtype=acc, device=A.device)
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
     cfg = _config(M, N, D, A.dtype).bwd
     common = dict(HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0), BLOCK_D=cfg.BLOCK_D,
-                  SINGLE_D=cfg.single_d(D), PREC=_precision(A.dtype, allow_tf32), UPCAST=_upcast(A.dtype),
+                  SINGLE_D=cfg.single_d(D), PREC=_precision(A.dtype, precision), UPCAST=_upcast(A.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (A, C, a_lab, c_lab, bs, bo, params, lse, top, lrest, cpos, cposf, cneg, r, rt)
+    args = (A, C, a_lab, c_lab, bs, bo, lse, top, lrest, cpos, cposf, cneg, r, rt)
+    scalars = (self_offset, support.kernel_param(inv_tau, acc), support.kernel_param(gamma, acc))
     # dA: a program owns BLOCK_M anchor rows and sweeps column tiles of BLOCK_N
-    _launcher(rowstats_bwd_da_kernel)[(triton.cdiv(M, cfg.BLOCK_M),)](
-        *args, dA, M, N, D, A.stride(0), C.stride(0), self_offset,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common)
+    launch(rowstats_bwd_da_kernel, (triton.cdiv(M, cfg.BLOCK_M),), A.device,
+           *args, dA, M, N, D, A.stride(0), C.stride(0), *scalars,
+           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common)
     # dC: a program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps row tiles of BLOCK_N (kernel's BLOCK_M)
-    _launcher(rowstats_bwd_dc_kernel)[(triton.cdiv(N, cfg.BLOCK_M),)](
-        *args, dC, M, N, D, A.stride(0), C.stride(0), self_offset,
-        BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **common)
+    launch(rowstats_bwd_dc_kernel, (triton.cdiv(N, cfg.BLOCK_M),), A.device,
+           *args, dC, M, N, D, A.stride(0), C.stride(0), *scalars,
+           BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M, **common)
     return dA.to(A.dtype), dC.to(C.dtype)
 
 
-def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_offset, focal, allow_tf32):
+def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_offset, focal, precision):
     M = A.shape[0]
     acc = _acc(A.dtype)
     outs = [A.new_empty(M, dtype=acc) for _ in range(6)]
@@ -123,7 +139,7 @@ def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_of
 
 
 def _bwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, inv_tau, gamma,
-              self_offset, focal, allow_tf32):
+              self_offset, focal, precision):
     return torch.empty_like(A), torch.empty_like(C)
 
 

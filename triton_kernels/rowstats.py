@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
+#: XOR mask of the fp64 parameter bit patterns (see _param and ops.kernel_param)
+PARAM_XOR = tl.constexpr(0x7FFC000000000000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,9 +95,30 @@ def _masks(rows, cols, rmask, cmask, alab, clab, self_offset):
 
 
 @triton.jit
-def _mma(x, y, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """x @ y (+ acc) accumulated in ACC. UPCAST (interpreter only: its bf16 tl.dot is wrong) multiplies
-    the same bf16 values in fp32, which is exact, so the numerics match the bf16 tensor-core path."""
+def _param(x, ACC: tl.constexpr):
+    """A float parameter of the kernel (τ⁻¹, γ, …) as the host passes it (``ops.kernel_param``): fp32 kernels
+    get the Python float itself (Triton types it fp32); fp64 kernels get its IEEE-754 bit pattern XOR PARAM_XOR
+    as an int64 (exact, and one compiled signature for every value: see support.kernel_param)."""
+    if ACC == tl.float64:
+        v = (x.to(tl.int64) ^ PARAM_XOR).to(tl.float64, bitcast=True)
+    else:
+        v = x
+    return v
+
+
+@triton.jit
+def _mma(x, y, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """x @ y accumulated in ACC. UPCAST (interpreter only: its bf16 tl.dot is wrong) multiplies the same
+    bf16 values in fp32, which is exact, so the numerics match the bf16 tensor-core path."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _mma_acc(x, y, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x @ y in ACC (as _mma; a separate function because Triton <= 3.3 rejects a None accumulator)."""
     if UPCAST:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
@@ -103,44 +126,53 @@ def _mma(x, y, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr)
 
 
 @triton.jit
-def _accumulate_gy(g, Y, yi, ymask, stride_y, OUT, oi, omask, not_first, acc, D, ACC: tl.constexpr,
-                   BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One tile's share of a backward product: ``out_o += Σ_y G_oy Y_y`` (dA: Y = C; dC: G transposed, Y = A).
-
-    SINGLE_D: into the register accumulator ``acc`` (returned). Otherwise D is swept in BLOCK_D chunks and
-    the program's own rows ``oi`` of the fp32/fp64 workspace OUT are read, added to and written back (no
-    other program touches them: deterministic, no atomics); ``not_first`` is False on the first tile."""
+def _gy_registers(g, Y, yi, ymask, stride_y, acc, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile's share of a backward product held in registers (SINGLE_D): ``acc + Σ_y G_oy Y_y``
+    (dA: Y = C; dC: G transposed, Y = A)."""
     offs_d = tl.arange(0, BLOCK_D)
-    if SINGLE_D:
-        y = tl.load(Y + yi[:, None] * stride_y + offs_d[None, :], mask=ymask[:, None] & (offs_d[None, :] < D),
-                    other=0.0)
-        acc = _mma(g.to(y.dtype), y, acc, ACC, PREC, UPCAST)
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            dm = dd[None, :] < D
-            y = tl.load(Y + yi[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dm, other=0.0)
-            part = _mma(g.to(y.dtype), y, None, ACC, PREC, UPCAST)
-            optr = OUT + oi[:, None] * D + dd[None, :]
-            om = omask[:, None] & dm
-            prev = tl.load(optr, mask=om & not_first, other=0.0)
-            tl.store(optr, prev + part, mask=om)
-        tl.debug_barrier()
-    return acc
+    y = tl.load(Y + yi[:, None] * stride_y + offs_d[None, :], mask=ymask[:, None] & (offs_d[None, :] < D), other=0.0)
+    return _mma_acc(g.to(y.dtype), y, acc, ACC, PREC, UPCAST)
 
 
 @triton.jit
-def _store_scaled(OUT, oi, omask, acc, D, inv_tau, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
-    """``OUT[oi] = inv_tau · (accumulated product)``: from registers (SINGLE_D) or the workspace in place."""
+def _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, t0, D, ACC: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The same share with D swept in BLOCK_D chunks: ``OUT[oi] += Σ_y G_oy Y_y`` in the fp32/fp64 workspace
+    OUT, whose rows ``oi`` belong to this program only (deterministic, no atomics). ``t0`` is the swept tile's
+    first index: OUT is not read on the first tile (t0 = 0; the host zero-initialises it all the same).
+    Returns nothing (Triton <= 3.6 rejects a None return)."""
+    # as a tensor: the interpreter of Triton 3.3 cannot mask with a Python bool
+    not_first = ((oi * 0 + t0) > 0)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
-    if SINGLE_D:
-        tl.store(OUT + oi[:, None] * D + offs_d[None, :], acc * inv_tau, mask=omask[:, None] & (offs_d[None, :] < D))
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            optr = OUT + oi[:, None] * D + dd[None, :]
-            om = omask[:, None] & (dd[None, :] < D)
-            tl.store(optr, tl.load(optr, mask=om, other=0.0) * inv_tau, mask=om)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        dm = dd[None, :] < D
+        y = tl.load(Y + yi[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dm, other=0.0)
+        part = _mma(g.to(y.dtype), y, ACC, PREC, UPCAST)
+        optr = OUT + oi[:, None] * D + dd[None, :]
+        om = omask[:, None] & dm
+        prev = tl.load(optr, mask=om & not_first, other=0.0)
+        tl.store(optr, prev + part, mask=om)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _store_rows(OUT, oi, omask, val, D, BLOCK_D: tl.constexpr):
+    """``OUT[oi] = val`` for a [rows, BLOCK_D] register tile (SINGLE_D)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(OUT + oi[:, None] * D + offs_d[None, :], val, mask=omask[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _scale_rows(OUT, oi, omask, D, scale, BLOCK_D: tl.constexpr):
+    """``OUT[oi] *= scale`` in place, D swept in BLOCK_D chunks (the chunked-D workspace)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        optr = OUT + oi[:, None] * D + dd[None, :]
+        om = omask[:, None] & (dd[None, :] < D)
+        tl.store(optr, tl.load(optr, mask=om, other=0.0) * scale, mask=om)
 
 
 @triton.jit
@@ -155,7 +187,7 @@ def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.co
     if SINGLE_D:
         y = tl.load(Y + yi[:, None] * stride_y + offs_d[None, :], mask=ymask[:, None] & (offs_d[None, :] < D),
                     other=0.0)
-        acc = _mma(x_res, tl.trans(y), None, ACC, PREC, UPCAST)
+        acc = _mma(x_res, tl.trans(y), ACC, PREC, UPCAST)
     else:
         acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
@@ -163,7 +195,7 @@ def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.co
             dm = dd[None, :] < D
             x = tl.load(X + xi[:, None] * stride_x + dd[None, :], mask=xmask[:, None] & dm, other=0.0)
             y = tl.load(Y + yi[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dm, other=0.0)
-            acc = _mma(x, tl.trans(y), acc, ACC, PREC, UPCAST)
+            acc = _mma_acc(x, tl.trans(y), acc, ACC, PREC, UPCAST)
     return acc
 
 
@@ -210,8 +242,8 @@ def _row_top_terms(lrest):
 #   pass 2 (FOCAL): with log p_ij = x_ij − lse_i (j ≠ top) or −softplus(lrest_i) (j = top),
 #           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_{N, j≠top} u⁻(p_ij)
 @triton.jit
-def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
-                        M, N, D, stride_a, stride_c, self_offset,
+def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
+                        M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
                         HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -220,8 +252,8 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    gamma = tl.load(PARAMS + 1)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)
     a_res = None
     if SINGLE_D:
@@ -319,8 +351,8 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, POS, FPOS, FNEG, 
 # dA_i = inv_tau · Σ_j G_ij C_j   (program = BLOCK_M anchor rows, sweep over column tiles; S recomputed),
 # G_ij of the backward contract (see _grad_tile). OUT: [M, D] in the accumulation dtype, cast by the host.
 @triton.jit
-def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
-                           M, N, D, stride_a, stride_c, self_offset,
+def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
+                           M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
                            HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -329,8 +361,8 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    gamma = tl.load(PARAMS + 1)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)[:, None]
     lse = tl.load(LSE + ri, mask=rmask, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[:, None]
@@ -375,12 +407,13 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
                        rt, gamma, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D,
-                                 SINGLE_D, PREC, UPCAST)
+            acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
-                           PREC, UPCAST)
-    _store_scaled(OUT, ri, rmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
+            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
+    if SINGLE_D:
+        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +422,8 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
 # dC_j = inv_tau · Σ_i G_ij A_i   (program = BLOCK_N columns, sweep over anchor-row tiles of BLOCK_M;
 # the tile is formed transposed, Gᵀ [BLOCK_N, BLOCK_M], from the saved per-row statistics)
 @triton.jit
-def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
-                           M, N, D, stride_a, stride_c, self_offset,
+def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
+                           M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
                            HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -399,8 +432,8 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     ci = cols.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    gamma = tl.load(PARAMS + 1)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
     clab = tl.load(CLAB + ci, mask=cmask, other=-1)[:, None]
     bs = inv_tau
     bo = inv_tau
@@ -449,9 +482,10 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, PARAMS, LSE, TOP, LREST, CP
         g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
                        rt, gamma, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D,
-                                 SINGLE_D, PREC, UPCAST)
+            acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
-                           PREC, UPCAST)
-    _store_scaled(OUT, ci, cmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
+            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
+    if SINGLE_D:
+        _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, ci, cmask, D, inv_tau, BLOCK_D)

@@ -39,7 +39,8 @@ LOSS_VARIANTS = (
 
 def jobs(full: bool = False):
     """(kernel, config name, dtype, cc, variant) for every compiled case."""
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("ssl")
     out = []
     for name, cfg in SHIPPED.items():
         dts = [d for d in cfg.dtypes if full or d != "fp64"]
@@ -68,7 +69,8 @@ def compile_one(job):
 def _compile_one(job):
     k, cfg_name, dt, cc, (var_name, flags) = job
     from . import ssl_rowstats
-    from .configs import SHIPPED
+    from .configs import shipped
+    SHIPPED = shipped("ssl")
     from .ssl_ops import BAYES_CONFIG, bwd_config
     kernel = getattr(ssl_rowstats, k)
     acc = "fp64" if dt == "fp64" else "fp32"
@@ -95,6 +97,8 @@ def _compile_one(job):
             sig[n] = "constexpr"
         elif n in INT_ARGS:
             sig[n] = "i32"
+        elif n.startswith("p_"):  # a float parameter (support.kernel_param): fp32, or fp64 bits as an int64
+            sig[n] = "i64" if acc == "fp64" else "fp32"
         elif n in ("A", "C"):
             sig[n] = "*" + dt
         elif n == "PARTNER":

@@ -28,7 +28,8 @@ import triton
 from torch import Tensor
 
 from .configs import BlockConfig
-from .ops import _acc, _config, _launcher, _precision, _upcast, interpreted
+from . import support
+from .ops import _acc, _config, _precision, _upcast, interpreted, launch
 from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_fwd_kernel
 
 #: elements of one Bayesian row block's strip (rows = BAYES_BLOCK_ELEMENTS // N, at least one kernel
@@ -55,17 +56,20 @@ def bwd_config(bc: BlockConfig, g_strip: bool) -> BlockConfig:
     return bc
 
 
-def _params(inv_tau, c0, c1, lower, upper, bayes, acc, device):
-    """PARAMS of the kernels: [inv_tau, c0, c1, lower, upper] + (Bayesian) the constants of ω (see _bayes_logw)."""
-    p = [inv_tau, c0, c1, lower, upper]
-    if bayes:
-        alpha, beta, tau_plus = bayes
-        tau_minus = 1.0 - tau_plus
-        a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
-        b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
-        p += [b * b, 4.0 * a, b, alpha, 1.0 - alpha, alpha * (1.0 - beta), (1.0 - alpha) * beta,
-              alpha * (1.0 - beta) + (1.0 - alpha) * beta + 1e-3, tau_minus, tau_plus]
-    return torch.tensor(p, dtype=acc, device=device)
+def _params(inv_tau, c0, c1, lower, upper, acc):
+    """Float arguments (inv_tau, c0, c1, lower, upper) of the forward and dA/dC kernels (support.kernel_param)."""
+    return [support.kernel_param(x, acc) for x in (inv_tau, c0, c1, lower, upper)]
+
+
+def _bayes_params(c, bayes, acc):
+    """Float arguments of ssl_bayes_kernel: the scale c and the constants of ω (_bayes_logw), from (α, β, τ⁺)."""
+    alpha, beta, tau_plus = bayes
+    tau_minus = 1.0 - tau_plus
+    a = (1.0 - 2.0 * alpha) * (tau_minus - tau_plus) + 1e-3
+    b = 2.0 * (alpha * tau_minus + (1.0 - alpha) * tau_plus)
+    p = [c, b * b, 4.0 * a, b, alpha, 1.0 - alpha, alpha * (1.0 - beta), (1.0 - alpha) * beta,
+         alpha * (1.0 - beta) + (1.0 - alpha) * beta + 1e-3, tau_minus, tau_plus]
+    return [support.kernel_param(x, acc) for x in p]
 
 
 def _groups(scales: List[float]):
@@ -93,11 +97,11 @@ def _strip(A_blk, C, partner_blk, self_off, params, pos, pos_in, filter_mode, ex
     acc = pos.dtype
     V = torch.empty(bm, N, dtype=acc, device=A_blk.device)
     nset = torch.empty(bm, dtype=torch.int32, device=A_blk.device)
-    _launcher(ssl_fwd_kernel)[(triton.cdiv(bm, cfg.BLOCK_M),)](
-        A_blk, C, partner_blk, params, pos, pos, pos_in, V, nset, bm, N, D, A_blk.stride(0), C.stride(0), self_off,
-        K2=False, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=True,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
-        UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(ssl_fwd_kernel, (triton.cdiv(bm, cfg.BLOCK_M),), A_blk.device,
+           A_blk, C, partner_blk, pos, pos, pos_in, V, nset, bm, N, D, A_blk.stride(0), C.stride(0), self_off, *params,
+           K2=False, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=True,
+           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
+           UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     srt = torch.sort(V, dim=1).values
     return V, srt, nset
 
@@ -109,7 +113,7 @@ def _lifting(N: int):
 
 def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: float, scales: List[float],
               exclude_partner: bool, include_self: bool, filter_mode: int, lower: float, upper: float,
-              bayes: List[float], allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+              bayes: List[float], precision: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(lse [K, M], pos [M], pos_in [M]) of the SSL contract."""
     M, D = A.shape
     N = C.shape[0]
@@ -118,22 +122,23 @@ def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
     lse = torch.empty(K, M, dtype=acc, device=A.device)
     pos = torch.empty(M, dtype=acc, device=A.device)
     pos_in = torch.empty(M, dtype=acc, device=A.device)
-    cfg = _config(M, N, D, A.dtype).fwd
-    prec, upcast = _precision(A.dtype, allow_tf32), _upcast(A.dtype)
+    cfg = _config(M, N, D, A.dtype, "ssl").fwd
+    prec, upcast = _precision(A.dtype, precision), _upcast(A.dtype)
     if M == 0:
         return lse, pos, pos_in
     if not bayes:
         for k, c0, c1, two in _groups(scales):
-            params = _params(inv_tau, c0, c1, lower, upper, None, acc, A.device)
-            _launcher(ssl_fwd_kernel)[(triton.cdiv(M, cfg.BLOCK_M),)](
-                A, C, partner, params, lse[k], pos, pos_in, lse, lse, M, N, D, A.stride(0), C.stride(0), self_offset,
-                K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=False,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
-                UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            launch(ssl_fwd_kernel, (triton.cdiv(M, cfg.BLOCK_M),), A.device,
+                   A, C, partner, lse[k], pos, pos_in, lse, lse, M, N, D, A.stride(0), C.stride(0), self_offset,
+                   *_params(inv_tau, c0, c1, lower, upper, acc),
+                   K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, STRIP=False,
+                   BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
+                   UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return lse, pos, pos_in
     if K != 1:
         raise ValueError("triton ssl: the Bayesian weights are defined for one scale only")
-    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
+    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, acc)
+    bparams = _bayes_params(float(scales[0]), bayes, acc)
     bc = _bayes_cfg()
     top, steps = _lifting(N)
     rows = _bayes_rows(M, N)
@@ -143,9 +148,9 @@ def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         V, srt, nset = _strip(A[r0:r1], C, partner[r0:r1], so, params, pos[r0:r1], pos_in[r0:r1], filter_mode,
                               exclude_partner, include_self, cfg, prec, upcast)
         bm = r1 - r0
-        _launcher(ssl_bayes_kernel)[(triton.cdiv(bm, bc.BLOCK_M),)](
-            V, srt, nset, params, partner[r0:r1], lse[0, r0:r1], lse, lse, V, bm, N, top, steps,
-            BWD=False, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+        launch(ssl_bayes_kernel, (triton.cdiv(bm, bc.BLOCK_M),), A.device,
+               V, srt, nset, partner[r0:r1], lse[0, r0:r1], lse, lse, V, bm, N, top, steps, *bparams,
+               BWD=False, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
     return lse, pos, pos_in
 
 
@@ -153,22 +158,22 @@ def _bwd_launch(kernel, grid, A, C, partner, params, lse, coef, cpos, gs, out, s
                 exclude_partner, include_self, g_strip, bm, bn, cfg, prec, upcast):
     M, D = A.shape
     N = C.shape[0]
-    _launcher(kernel)[grid](
-        A, C, partner, params, lse, coef, cpos, gs, out, M, N, D, A.stride(0), C.stride(0), self_offset,
-        K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, G_STRIP=g_strip,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec, UPCAST=upcast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(kernel, grid, A.device,
+           A, C, partner, lse, coef, cpos, gs, out, M, N, D, A.stride(0), C.stride(0), self_offset, *params,
+           K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self, G_STRIP=g_strip,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec, UPCAST=upcast,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: float, scales: List[float],
               exclude_partner: bool, include_self: bool, filter_mode: int, lower: float, upper: float,
-              bayes: List[float], allow_tf32: bool, lse: Tensor, coef: Tensor, cpos: Tensor) -> Tuple[Tensor, Tensor]:
+              bayes: List[float], precision: str, lse: Tensor, coef: Tensor, cpos: Tensor) -> Tuple[Tensor, Tensor]:
     """(dA [M, D], dC [N, D]) in the input dtype: the SSL contract backward."""
     M, D = A.shape
     N = C.shape[0]
     acc = _acc(A.dtype)
-    cfg = bwd_config(_config(M, N, D, A.dtype).bwd, bool(bayes))
-    prec, upcast = _precision(A.dtype, allow_tf32), _upcast(A.dtype)
+    cfg = bwd_config(_config(M, N, D, A.dtype, "ssl").bwd, bool(bayes))
+    prec, upcast = _precision(A.dtype, precision), _upcast(A.dtype)
     da_grid = (triton.cdiv(M, cfg.BLOCK_M),)
     dc_grid = (triton.cdiv(N, cfg.BLOCK_M),)
     # dA: a program owns BLOCK_M anchor rows and sweeps column tiles of BLOCK_N;
@@ -179,10 +184,10 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         dA = dC = None
         zero = torch.zeros_like(cpos)
         for k, c0, c1, two in _groups(scales):
-            params = _params(inv_tau, c0, c1, lower, upper, None, acc, A.device)
+            params = _params(inv_tau, c0, c1, lower, upper, acc)
             cp = cpos if k == 0 else zero  # the partner term once
-            ga = torch.empty(M, D, dtype=acc, device=A.device)
-            gc = torch.empty(N, D, dtype=acc, device=A.device)
+            ga = torch.zeros(M, D, dtype=acc, device=A.device)  # zero-initialised: chunked-D accumulation
+            gc = torch.zeros(N, D, dtype=acc, device=A.device)
             common = (partner, params, lse[k], coef[k], cp, lse)
             _bwd_launch(ssl_bwd_da_kernel, da_grid, A, C, *common, ga, self_offset, two, filter_mode,
                         exclude_partner, include_self, False, cfg.BLOCK_M, cfg.BLOCK_N, cfg, prec, upcast)
@@ -191,12 +196,13 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
             dA = ga if dA is None else dA.add_(ga)
             dC = gc if dC is None else dC.add_(gc)
         return dA.to(A.dtype), dC.to(C.dtype)
-    fcfg = _config(M, N, D, A.dtype).fwd
-    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, bayes, acc, A.device)
+    fcfg = _config(M, N, D, A.dtype, "ssl").fwd
+    params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, acc)
+    bparams = _bayes_params(float(scales[0]), bayes, acc)
     bc = _bayes_cfg()
     top, steps = _lifting(N)
     rows = _bayes_rows(M, N)
-    dA = torch.empty(M, D, dtype=acc, device=A.device)
+    dA = torch.zeros(M, D, dtype=acc, device=A.device)  # zero-initialised: chunked-D accumulation
     dC = torch.zeros(N, D, dtype=acc, device=A.device)
     gc = torch.empty(N, D, dtype=acc, device=A.device)
     scratch = torch.empty(2, rows, dtype=acc, device=A.device)
@@ -208,13 +214,14 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         V, srt, nset = _strip(A_blk, C, p_blk, so, params, scratch[0, :bm], scratch[1, :bm], filter_mode,
                               exclude_partner, include_self, fcfg, prec, upcast)
         G = torch.empty_like(V)
-        _launcher(ssl_bayes_kernel)[(triton.cdiv(bm, bc.BLOCK_M),)](
-            V, srt, nset, params, p_blk, lse[0, r0:r1], coef[0, r0:r1], cpos[r0:r1], G, bm, N, top, steps,
-            BWD=True, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+        launch(ssl_bayes_kernel, (triton.cdiv(bm, bc.BLOCK_M),), A.device,
+               V, srt, nset, p_blk, lse[0, r0:r1], coef[0, r0:r1], cpos[r0:r1], G, bm, N, top, steps, *bparams,
+               BWD=True, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
         del V, srt
         _bwd_launch(ssl_bwd_da_kernel, (triton.cdiv(bm, cfg.BLOCK_M),), A_blk, C, p_blk, params, lse, coef, cpos, G,
                     dA[r0:r1], so, False, filter_mode, exclude_partner, include_self, True, cfg.BLOCK_M, cfg.BLOCK_N,
                     cfg, prec, upcast)
+        gc.zero_()  # the chunked-D kernels accumulate into it
         _bwd_launch(ssl_bwd_dc_kernel, dc_grid, A_blk, C, p_blk, params, lse, coef, cpos, G, gc, so, False,
                     filter_mode, exclude_partner, include_self, True, cfg.BLOCK_N, cfg.BLOCK_M, cfg, prec, upcast)
         dC.add_(gc)
@@ -222,14 +229,14 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
 
 
 def _fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper,
-              bayes, allow_tf32):
+              bayes, precision):
     M = A.shape[0]
     acc = _acc(A.dtype)
     return A.new_empty(len(scales), M, dtype=acc), A.new_empty(M, dtype=acc), A.new_empty(M, dtype=acc)
 
 
 def _bwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper,
-              bayes, allow_tf32, lse, coef, cpos):
+              bayes, precision, lse, coef, cpos):
     return torch.empty_like(A), torch.empty_like(C)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rowstats import _accumulate_gy, _s_tile, _store_scaled
+from .rowstats import _gy_registers, _gy_workspace, _param, _s_tile, _scale_rows, _store_rows
 
 INF = tl.constexpr(float("inf"))
 
@@ -91,21 +91,11 @@ def _ssl_grad(s, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2: tl.constexpr):
 
 
 @triton.jit
-def _bayes_logw(cnt, nset, P):
+def _bayes_logw(cnt, nset, bb, a4, b, al, al1, h1, h2, hden, tm, tp):
     """log ω(u), u = cnt / nset (SPEC.md section 5, the operations in the order of ``bayes_omega``); −inf where ω = 0.
 
-    P: PARAMS pointer: [inv_tau, c, c1, lower, upper, b·b, 4a, b, α, 1−α, α(1−β), (1−α)β, den_htn, τ⁻, τ⁺].
+    The constants (``ssl_ops._params``): b·b, 4a, b, α, 1−α, α(1−β), (1−α)β, den_htn, τ⁻, τ⁺.
     """
-    bb = tl.load(P + 5)
-    a4 = tl.load(P + 6)
-    b = tl.load(P + 7)
-    al = tl.load(P + 8)
-    al1 = tl.load(P + 9)
-    h1 = tl.load(P + 10)
-    h2 = tl.load(P + 11)
-    hden = tl.load(P + 12)
-    tm = tl.load(P + 13)
-    tp = tl.load(P + 14)
     u = cnt / nset
     x = 2.0 * u / (b + tl.sqrt(bb + a4 * u))  # = (−b + sqrt(b² + 4au))/(2a) without the cancellation
     phi1 = 2.0 * (1.0 - x)
@@ -121,8 +111,8 @@ def _bayes_logw(cnt, nset, P):
 # forward (and the Bayesian strip)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
-                   M, N, D, stride_a, stride_c, self_offset,
+def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
+                   M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
                    K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
                    STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -132,11 +122,11 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    c0 = tl.load(PARAMS + 1)
-    c1 = tl.load(PARAMS + 2)
-    lower = tl.load(PARAMS + 3)
-    upper = tl.load(PARAMS + 4)
+    inv_tau = _param(p_inv_tau, ACC)
+    c0 = _param(p_c0, ACC)
+    c1 = _param(p_c1, ACC)
+    lower = _param(p_lower, ACC)
+    upper = _param(p_upper, ACC)
     part = tl.load(PARTNER + ri, mask=rmask, other=-1)
     a_res = None
     if SINGLE_D:
@@ -185,7 +175,8 @@ def ssl_fwd_kernel(A, C, PARTNER, PARAMS, LSE, POS, POS_IN, V, NSET,
 # Bayesian weighting pass (exact ranks by binary lifting in the sorted rows of a strip)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, n_steps,
+def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, n_steps, p_c, p_bb, p_a4, p_b,
+                     p_al, p_al1, p_h1, p_h2, p_hden, p_tm, p_tp,
                      BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Strip rows [M, N]: V (s on the set, +inf elsewhere), SRT = V sorted along each row, NSET [M] set sizes
     (−1 for a poisoned row: its LSE is NaN).
@@ -199,7 +190,17 @@ def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, to
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
-    c = tl.load(PARAMS + 1)
+    c = _param(p_c, ACC)
+    bb = _param(p_bb, ACC)
+    a4 = _param(p_a4, ACC)
+    b = _param(p_b, ACC)
+    al = _param(p_al, ACC)
+    al1 = _param(p_al1, ACC)
+    h1 = _param(p_h1, ACC)
+    h2 = _param(p_h2, ACC)
+    hden = _param(p_hden, ACC)
+    tm = _param(p_tm, ACC)
+    tp = _param(p_tp, ACC)
     nset = tl.load(NSET + ri, mask=rmask, other=1).to(ACC)
     poisoned = nset < 0.0  # a NaN or ±inf dot product in the row (set by the strip pass)
     nset = tl.where(nset > 0.0, nset, 1.0)[:, None]
@@ -227,7 +228,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, to
             q = tl.load(SRT + roff + (probe - 1).to(tl.int64), mask=ok, other=INF)
             cnt = tl.where(ok & (q <= v), probe, cnt)
             step = step // 2
-        logw = tl.where(in_set, _bayes_logw(cnt.to(ACC), nset, PARAMS), -INF)
+        logw = tl.where(in_set, _bayes_logw(cnt.to(ACC), nset, bb, a4, b, al, al1, h1, h2, hden, tm, tp), -INF)
         live = logw > -INF
         x = tl.where(live, logw + c * tl.where(live, v, 0.0), -INF)
         if BWD:
@@ -244,8 +245,8 @@ def ssl_bayes_kernel(V, SRT, NSET, PARAMS, PARTNER, LSE, COEF, CPOS, G, M, N, to
 # backward, row-parallel part: dA_i = inv_tau · Σ_j G_ij C_j
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def ssl_bwd_da_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
-                      M, N, D, stride_a, stride_c, self_offset,
+def ssl_bwd_da_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
+                      M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
                       K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
                       G_STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -256,11 +257,11 @@ def ssl_bwd_da_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    c0 = tl.load(PARAMS + 1)
-    c1 = tl.load(PARAMS + 2)
-    lower = tl.load(PARAMS + 3)
-    upper = tl.load(PARAMS + 4)
+    inv_tau = _param(p_inv_tau, ACC)
+    c0 = _param(p_c0, ACC)
+    c1 = _param(p_c1, ACC)
+    lower = _param(p_lower, ACC)
+    upper = _param(p_upper, ACC)
     part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
     l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
     l1 = l0
@@ -293,20 +294,21 @@ def ssl_bwd_da_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
                                       self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
             g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D,
-                                 SINGLE_D, PREC, UPCAST)
+            acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _accumulate_gy(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
-                           PREC, UPCAST)
-    _store_scaled(OUT, ri, rmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
+            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
+    if SINGLE_D:
+        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward, column-parallel part: dC_j = inv_tau · Σ_i G_ij A_i (the tile is formed transposed, Gᵀ)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def ssl_bwd_dc_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
-                      M, N, D, stride_a, stride_c, self_offset,
+def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
+                      M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
                       K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
                       G_STRIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
@@ -316,11 +318,11 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     ci = cols.to(tl.int64)
-    inv_tau = tl.load(PARAMS)
-    c0 = tl.load(PARAMS + 1)
-    c1 = tl.load(PARAMS + 2)
-    lower = tl.load(PARAMS + 3)
-    upper = tl.load(PARAMS + 4)
+    inv_tau = _param(p_inv_tau, ACC)
+    c0 = _param(p_c0, ACC)
+    c1 = _param(p_c1, ACC)
+    lower = _param(p_lower, ACC)
+    upper = _param(p_upper, ACC)
     offs_d = tl.arange(0, BLOCK_D)
     c_res = None
     acc = None
@@ -351,9 +353,10 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, PARAMS, LSE, COEF, CPOS, GS, OUT,
             g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0[None, :], k0[None, :], c0, l1[None, :], k1[None, :],
                           c1, K2)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D,
-                                 SINGLE_D, PREC, UPCAST)
+            acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
-            _accumulate_gy(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0 > 0, acc, D, ACC, BLOCK_D, SINGLE_D,
-                           PREC, UPCAST)
-    _store_scaled(OUT, ci, cmask, acc, D, inv_tau, BLOCK_D, SINGLE_D)
+            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
+    if SINGLE_D:
+        _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, ci, cmask, D, inv_tau, BLOCK_D)

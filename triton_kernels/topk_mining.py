@@ -5,9 +5,13 @@ similarity block with ``tl.dot`` (over D in BLOCK_D chunks), turns every candida
 that packs an order-preserving image of its value (high bits) with its key index (low bits), and merges
 the tile into a per-row state of the best KP packed keys (KP = next power of two >= k):
 
-    top  = tl.topk(tile, KP)                 # the tile's best KP, descending
+    top  = topk(tile, KP)                    # the tile's best KP, descending
     state = bitonic_merge(max(state, top))   # state kept ascending: max(ascending, descending) is a
                                              # bitonic sequence holding the best KP of both (Batcher)
+
+The network is Triton's own (``tl.topk`` / ``tl.bitonic_merge``, NATIVE_SORT: the GPU's path, Triton >= 3.4)
+or the same network written with masked sums (``_net_topk`` / ``_net_merge_asc``: the interpreter's path).
+On Triton 3.3 a GPU launch raises one line (no tl.topk; the compiler aborts on the network's reshapes).
 
 A tile in which no candidate beats any row's current k-th best is skipped. Memory: the state lives in
 registers, the output is [M, k]; the M × Q similarity matrix never exists.
@@ -25,12 +29,13 @@ one for a given target without a GPU (tests/test_mining_triton_codegen.py).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import support
 
 INT64_MIN = tl.constexpr(-(2 ** 63))
 INT64_MAX = tl.constexpr(2 ** 63 - 1)
@@ -93,6 +98,21 @@ def _net_merge_asc(x, LOG_M: tl.constexpr, LOG_K: tl.constexpr):
     return tl.reshape(h, [2 ** LOG_M, 2 ** LOG_K])
 
 
+if hasattr(tl, "topk") and hasattr(tl, "bitonic_merge"):
+    @triton.jit
+    def _native_merge(state, packed, KP: tl.constexpr):
+        """Merge a tile's packed keys into the ascending state with Triton's sorting network (Triton >= 3.4)."""
+        top = tl.topk(packed, KP)                   # descending
+        return tl.bitonic_merge(tl.maximum(state, top))  # ascending
+else:
+    @triton.jit
+    def _native_merge(state, packed, KP: tl.constexpr):
+        """Triton < 3.4 has no tl.topk (its compiler resolves every name the kernel mentions, taken branch or
+        not): never compiled, the host refuses NATIVE_SORT there (support.FEATURES["native_sort"])."""
+        tl.static_assert(False, "the native sort needs Triton >= 3.4")
+        return state
+
+
 @triton.jit
 def _pack(val, cols, IS_FP64: tl.constexpr, IDX_BITS: tl.constexpr):
     """Order-preserving int64 sort key of (val, col): larger val -> larger key; ties -> larger col."""
@@ -140,7 +160,8 @@ def topk_mining_kernel(A, K, ALAB, KLAB, OUT, M, Q, D, stride_am, stride_kq, str
             if UPCAST:  # the interpreter's bf16 tl.dot is inexact (numpy has no bf16)
                 a = a.to(tl.float32)
                 kt = kt.to(tl.float32)
-            s = tl.dot(a, tl.trans(kt), s, input_precision=PRECISION)
+            # out_dtype = the accumulator's (fp64 for fp64 inputs: Triton <= 3.8 rejects the fp32 default there)
+            s = tl.dot(a, tl.trans(kt), s, input_precision=PRECISION, out_dtype=s.dtype)
         same = alab[:, None] == klab[None, :]
         if SAME:
             cand = same
@@ -154,9 +175,8 @@ def topk_mining_kernel(A, K, ALAB, KLAB, OUT, M, Q, D, stride_am, stride_kq, str
         kth = tl.min(tl.where(slot[None, :] >= KP - k_out, state, INT64_MAX), axis=1)
         best = tl.max(packed, axis=1)
         if tl.max((best > kth).to(tl.int32), axis=0) > 0:
-            if NATIVE_SORT:  # Triton's sorting network (GPU)
-                top = tl.topk(packed, KP)                          # descending
-                state = tl.bitonic_merge(tl.maximum(state, top))   # ascending
+            if NATIVE_SORT:  # Triton's sorting network (GPU, Triton >= 3.4)
+                state = _native_merge(state, packed, KP)
             else:            # the same network through masked sums (fast under the interpreter)
                 top = _net_topk(packed, LOG_M, LOG_N, LOG_K)
                 state = _net_merge_asc(tl.maximum(state, top), LOG_M, LOG_K)
@@ -209,7 +229,8 @@ def _log2(n: int) -> int:
     return int(n).bit_length() - 1
 
 
-#: test hook: True = tl.topk/tl.bitonic_merge, False = the masked-sum network; None = native on GPU only
+#: test hook: True = tl.topk/tl.bitonic_merge, False = the masked-sum network; None = native on a GPU (which
+#: needs Triton >= 3.4), the network under the interpreter
 NATIVE_SORT = None
 
 
@@ -235,9 +256,15 @@ def pick_config(k: int, D: int, interpret: bool) -> MiningConfig:
     return cfg._replace(BLOCK_D=max(16, min(cfg.BLOCK_D, _next_pow2(D))))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    tf32 = os.environ.get("LTCL_TRITON_TF32", "0").lower() in ("1", "true", "yes")
-    return "tf32" if (tf32 and dtype == torch.float32) else "ieee"
+def _native_sort(interp: bool) -> bool:
+    """NATIVE_SORT of a launch: the native sort on a GPU, the masked-sum network under the interpreter (or as
+    the test hook says). A GPU launch needs Triton >= 3.4: Triton 3.3 has no tl.topk and its compiler aborts on
+    the network's rank-9+ reshapes, so there it raises one line (``support.FEATURES["native_sort"]``)."""
+    native = (not interp) if NATIVE_SORT is None else bool(NATIVE_SORT)
+    reason = support.feature_reason("native_sort") if native else None
+    if reason is not None:
+        raise RuntimeError(f"triton mining: {reason}")
+    return native
 
 
 def _launch(A, a_lab, K, k_lab, k, same):
@@ -254,13 +281,14 @@ def _launch(A, a_lab, K, k_lab, k, same):
     is_fp64 = A.dtype == torch.float64
     idx_bits = max(1, (Q - 1).bit_length()) if is_fp64 else 32
     grid = (triton.cdiv(M, cfg.BLOCK_M),)
-    topk_mining_kernel[grid](
-        A, K, a_lab, k_lab, out, M, Q, D, A.stride(0), K.stride(0), out.stride(0), k,
-        SAME=same, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, KP=_next_pow2(k),
-        IS_FP64=is_fp64, IDX_BITS=idx_bits, UPCAST=(interp and A.dtype == torch.bfloat16),
-        PRECISION=_precision(A.dtype), NATIVE_SORT=(not interp) if NATIVE_SORT is None else NATIVE_SORT,
-        LOG_M=_log2(cfg.BLOCK_M), LOG_N=_log2(cfg.BLOCK_N), LOG_K=_log2(_next_pow2(k)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with support.device_guard(A.device):
+        topk_mining_kernel[grid](
+            A, K, a_lab, k_lab, out, M, Q, D, A.stride(0), K.stride(0), out.stride(0), k,
+            SAME=same, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, KP=_next_pow2(k),
+            IS_FP64=is_fp64, IDX_BITS=idx_bits, UPCAST=(interp and A.dtype == torch.bfloat16),
+            PRECISION=support.dot_precision(A.dtype, support.fp32_precision()), NATIVE_SORT=_native_sort(interp),
+            LOG_M=_log2(cfg.BLOCK_M), LOG_N=_log2(cfg.BLOCK_N), LOG_K=_log2(_next_pow2(k)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -274,6 +302,9 @@ def topk_mining(A, a_lab, K, k_lab, k_pos: int, k_neg: int):
         raise TypeError(f"triton mining: anchors and keys must share a float dtype, got {A.dtype} and {K.dtype}")
     if K.shape[0] >= 2 ** 31:
         raise ValueError("triton mining: at most 2^31 - 1 keys")
+    reason = support.dtype_reason(A.dtype)
+    if reason is not None:
+        raise RuntimeError(f"triton mining: {reason}")
     A = A.contiguous()
     K = K.contiguous()
     a_lab = a_lab.to(torch.int64).contiguous()
@@ -288,12 +319,18 @@ def topk_mining(A, a_lab, K, k_lab, k_pos: int, k_neg: int):
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def compile_config(KP: int, dtype: torch.dtype, same: bool, capability: int, D: int = 128,
-                   native_sort: bool = True):
-    """``triton.compile`` the kernel for KP and dtype with the shipped configuration, for ``cuda:capability``."""
+def compile_config(KP: int, dtype: torch.dtype, same: bool, capability: int, D: int = 128, native_sort=None,
+                   precision: str = "ieee"):
+    """``triton.compile`` the kernel for KP and dtype with the shipped configuration, for ``cuda:capability``
+    (``native_sort=None``: the GPU's native sort, which raises the one-line gate on Triton < 3.4)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if native_sort is None:
+        native_sort = _native_sort(False)
+    reason = support.dtype_reason(dtype)
+    if reason is not None:
+        raise RuntimeError(f"triton mining: {reason}")
     cfg = pick_config(KP, D, False)
     t = "*" + _TL_DTYPE[dtype]
     signature = {"A": t, "K": t, "ALAB": "*i64", "KLAB": "*i64", "OUT": "*i64", "M": "i32", "Q": "i32", "D": "i32",
@@ -304,7 +341,7 @@ def compile_config(KP: int, dtype: torch.dtype, same: bool, capability: int, D: 
                  "LOG_K": "constexpr"}
     is_fp64 = dtype == torch.float64
     constexprs = {"SAME": same, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": cfg.BLOCK_D, "KP": KP,
-                  "IS_FP64": is_fp64, "IDX_BITS": 20 if is_fp64 else 32, "UPCAST": False, "PRECISION": "ieee",
+                  "IS_FP64": is_fp64, "IDX_BITS": 20 if is_fp64 else 32, "UPCAST": False, "PRECISION": precision,
                   "NATIVE_SORT": native_sort, "LOG_M": _log2(cfg.BLOCK_M), "LOG_N": _log2(cfg.BLOCK_N),
                   "LOG_K": _log2(KP)}
     src = ASTSource(fn=topk_mining_kernel, signature=signature, constexprs=constexprs)

@@ -38,16 +38,18 @@ def auto_order(device: torch.device):
     return ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
 
 
-def resolve(backend: str, device: torch.device, op: str, fn: str) -> Optional[Engine]:
-    """The engine that runs ``op`` for a call of ``fn`` on ``device``; None means "reference"."""
-    name = _resolve_name(backend, device.type, device.index, op, fn)
+def resolve(backend: str, device: torch.device, op: str, fn: str, dtype: Optional[torch.dtype] = None
+            ) -> Optional[Engine]:
+    """The engine that runs ``op`` for a call of ``fn`` on ``device`` (and inputs of ``dtype``, when given: an
+    engine whose ``dtype_reason`` refuses it counts as unavailable); None means "reference"."""
+    name = _resolve_name(backend, device.type, device.index, op, fn, dtype)
     return None if name is None else _cache[name]
 
 
-def _resolve_name(backend: str, device_type: str, device_index, op: str, fn: str) -> Optional[str]:
+def _resolve_name(backend: str, device_type: str, device_index, op: str, fn: str, dtype=None) -> Optional[str]:
     # Runs eagerly even under torch.compile (the choice is a constant of the compiled graph).
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    return _resolve(backend, device, op, fn).name if backend != "reference" else None
+    return _resolve(backend, device, op, fn, dtype).name if backend != "reference" else None
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (~1 s) at import time;
@@ -55,11 +57,19 @@ def _resolve_name(backend: str, device_type: str, device_index, op: str, fn: str
 _resolve_name._dynamo_marked_constant = True
 
 
-def _resolve(backend: str, device: torch.device, op: str, fn: str) -> Engine:
+def _reason(eng: Engine, device: torch.device, op: str, dtype) -> Optional[str]:
+    reason = eng.unavailable_reason(device)
+    gate = getattr(eng, "dtype_reason", None)  # Engine's default accepts every dtype (duck-typed engines too)
+    if reason is None and dtype is not None and op in eng.ops and gate is not None:
+        reason = gate(op, dtype)
+    return reason
+
+
+def _resolve(backend: str, device: torch.device, op: str, fn: str, dtype=None) -> Engine:
     check_backend_name(backend, fn)
     if backend != "auto":
         eng = get_engine(backend)
-        reason = eng.unavailable_reason(device)
+        reason = _reason(eng, device, op, dtype)
         if reason is not None:
             raise BackendUnavailable(f"{fn}: backend {backend!r} is unavailable: {reason}")
         if op not in eng.ops:
@@ -71,7 +81,7 @@ def _resolve(backend: str, device: torch.device, op: str, fn: str) -> Engine:
         eng = get_engine(name)
         if op not in eng.ops:
             continue
-        reason = eng.unavailable_reason(device)
+        reason = _reason(eng, device, op, dtype)
         if reason is None:
             return eng
         if (name, reason) not in _warned:

@@ -26,6 +26,11 @@ class Engine:
         """None when this backend can run on tensors of ``device``, else a one-line reason."""
         raise NotImplementedError
 
+    def dtype_reason(self, op: str, dtype: torch.dtype) -> Optional[str]:
+        """None when this backend runs ``op`` on ``dtype`` inputs here, else a one-line reason (a feature gated on
+        a library version, e.g. Triton's fp64 tl.dot): the dispatcher then treats it as unavailable."""
+        return None
+
     # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
     def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
         raise NotImplementedError

@@ -4,7 +4,9 @@ The kernels live in ``ltcl_fused.triton_kernels`` (source folder ``triton_kernel
 repository root, mapped into the package by setup.py). From a source checkout that was not
 installed, that folder is loaded under the same module name.
 
-fp32 ``tl.dot`` uses ``input_precision="ieee"`` unless ``LTCL_TRITON_TF32=1`` is set (opt-in TF32).
+Needs Triton >= 3.3 and torch >= 2.6; float64 needs Triton >= 3.5 (``dtype_reason``, so ``auto`` falls
+back). fp32 ``tl.dot`` follows ``torch.get_float32_matmul_precision()`` (highest -> ieee, high -> tf32x3,
+medium -> tf32; ``LTCL_TRITON_TF32`` overrides), see docs/triton.md and ``triton_kernels/support.py``.
 On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported): that is how the tests run them.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from .base import Engine
 _KERNELS = "ltcl_fused.triton_kernels"
 
 
-def _load_kernels():
-    """``ltcl_fused.triton_kernels.ops`` (installed package, or the source folder of a checkout)."""
+def _load_kernels(module: str = "ops"):
+    """``ltcl_fused.triton_kernels.<module>`` (installed package, or the source folder of a checkout)."""
     try:
-        return importlib.import_module(_KERNELS + ".ops")
+        return importlib.import_module(f"{_KERNELS}.{module}")
     except ModuleNotFoundError as e:
         if e.name != _KERNELS:
             raise
@@ -43,11 +44,7 @@ def _load_kernels():
     except BaseException:
         sys.modules.pop(_KERNELS, None)
         raise
-    return importlib.import_module(_KERNELS + ".ops")
-
-
-def _allow_tf32() -> bool:
-    return os.environ.get("LTCL_TRITON_TF32", "0").lower() in ("1", "true", "yes")
+    return importlib.import_module(f"{_KERNELS}.{module}")
 
 
 class TritonEngine(Engine):
@@ -57,6 +54,7 @@ class TritonEngine(Engine):
     def __init__(self):
         self._ops = None
         self._ssl_ops = None
+        self._support = None
         self._reason = None
 
     def _kernels(self):
@@ -67,9 +65,15 @@ class TritonEngine(Engine):
                 self._reason = f"Triton is not importable ({type(e).__name__}: {e})"
                 return None
             try:
-                self._ops = _load_kernels()
-                # imported now, not on the first ssl call: torch.compile cannot trace an import
-                self._ssl_ops = importlib.import_module(_KERNELS + ".ssl_ops")
+                support = _load_kernels("support")
+                # versions first: a Triton too old for the kernels may fail to even define them
+                self._reason = support.version_reason()
+                if self._reason is None:
+                    ops = _load_kernels("ops")
+                    self._reason = support.interpreter_reason() if ops.interpreted() else None
+                    self._support, self._ops = support, (ops if self._reason is None else None)
+                    if self._ops is not None:  # imported now, not on the first ssl call: torch.compile cannot trace an import
+                        self._ssl_ops = importlib.import_module(_KERNELS + ".ssl_ops")
             except Exception as e:
                 self._reason = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
         return self._ops
@@ -92,6 +96,26 @@ class TritonEngine(Engine):
                     "(set TRITON_INTERPRET=1 before importing triton); use backend='cpu' or 'torch'")
         return f"Triton kernels need CUDA tensors, got {device.type} tensors"
 
+    def dtype_reason(self, op, dtype):
+        """None when this Triton compiles ``op`` for ``dtype`` here, else one line: float64 needs Triton >= 3.5,
+        hard-pair mining on a GPU Triton >= 3.4 (its native sort; the interpreter runs a network of its own)."""
+        ops = self._kernels()
+        if ops is None:
+            return self._reason
+        reason = self._support.dtype_reason(dtype)
+        if reason is None and op == "mining" and not ops.interpreted():
+            reason = self._support.feature_reason("native_sort")
+        return reason
+
+    def _check_dtype(self, op, dtype):
+        reason = self.dtype_reason(op, dtype)
+        if reason is not None:
+            from .base import BackendUnavailable
+            raise BackendUnavailable(f"backend 'triton' is unavailable: {reason}")
+
+    def _precision(self):
+        return self._support.fp32_precision()
+
     # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
     @staticmethod
     def _prep(A, C, a_lab, c_lab, bias_same, bias_other):
@@ -110,22 +134,24 @@ class TritonEngine(Engine):
     def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
         if self._kernels() is None:
             self._fail()
+        self._check_dtype("rowstats", A.dtype)
         A, C, a_lab, c_lab, bias_same, bias_other = self._prep(A, C, a_lab, c_lab, bias_same, bias_other)
         return torch.ops.ltcl_fused.triton_rowstats_fwd(
             A, C, a_lab, c_lab, bias_same, bias_other, float(inv_tau), float(gamma), int(self_offset),
-            bool(focal), _allow_tf32())
+            bool(focal), self._precision())
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
                           lse, top, lrest, cpos, cposf, cneg, r, rt):
         if self._kernels() is None:
             self._fail()
+        self._check_dtype("rowstats", A.dtype)
         A, C, a_lab, c_lab, bias_same, bias_other = self._prep(A, C, a_lab, c_lab, bias_same, bias_other)
         acc = acc_dtype(A.dtype)
         lse, lrest, cpos, cposf, cneg, r, rt = (t.to(acc).contiguous() for t in (lse, lrest, cpos, cposf, cneg, r, rt))
         top = top.to(torch.int64).contiguous()
         return torch.ops.ltcl_fused.triton_rowstats_bwd(
             A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, float(inv_tau),
-            float(gamma), int(self_offset), bool(focal), _allow_tf32())
+            float(gamma), int(self_offset), bool(focal), self._precision())
 
     # --- the "ssl" operation (see ltcl_fused/engine/ssl_contract.py; kernels in triton_kernels/ssl_rowstats.py) ---
     def _ssl(self):
@@ -135,12 +161,12 @@ class TritonEngine(Engine):
             self._ssl_ops = importlib.import_module(_KERNELS + ".ssl_ops")
         return self._ssl_ops
 
-    @staticmethod
-    def _ssl_args(A, C, partner, self_offset, inv_tau, cfg, ssl_ops):
+    def _ssl_args(self, A, C, partner, self_offset, inv_tau, cfg, ssl_ops):
+        self._check_dtype("ssl", A.dtype)
         return (A.contiguous(), C.contiguous(), partner.to(torch.int64).contiguous(), int(self_offset),
                 float(inv_tau), [float(c) for c in cfg.scales], bool(cfg.exclude_partner), bool(cfg.include_self),
                 ssl_ops.FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper),
-                [] if cfg.bayes is None else [float(x) for x in cfg.bayes], _allow_tf32())
+                [] if cfg.bayes is None else [float(x) for x in cfg.bayes], self._precision())
 
     def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
         from ..engine.ssl_contract import SSLStats

@@ -182,7 +182,7 @@ def supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, tem
     _check_common(fn, mode, grad_sync, backend, group)
     pb = _Problem(fn, features, labels, ref_features, ref_labels, contrast_mode, normalize, check_finite, group)
     P = pb.P
-    eng = backends.resolve(backend, P.X.device, "rowstats", fn)
+    eng = backends.resolve(backend, P.X.device, "rowstats", fn, dtype=P.X.dtype)
     st = _stats(eng, mode, P.A, P.C, pb.a_lab, pb.c_lab_glob, pb.col_sizes, pb.rank, 1.0 / tau, group)
     loss = supcon_from_stats(st.lse, st.pos_sum, match_counts(pb.a_lab, pb.c_lab_glob) - 1, tau / tau_b)
     return _reduce(loss, reduction, pb.m_global, grad_sync, group)
@@ -207,7 +207,7 @@ def afcl(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, gamma
     _check_common(fn, mode, grad_sync, backend, group)
     pb = _Problem(fn, features, labels, ref_features, ref_labels, contrast_mode, normalize, check_finite, group)
     P = pb.P
-    eng = backends.resolve(backend, P.X.device, "rowstats", fn)
+    eng = backends.resolve(backend, P.X.device, "rowstats", fn, dtype=P.X.dtype)
     focal = gamma > 0 or eta > 0
     st = _stats(eng, mode, P.A, P.C, pb.a_lab, pb.c_lab_glob, pb.col_sizes, pb.rank, 1.0 / tau, group,
                 gamma=gamma, focal=focal)
@@ -278,7 +278,7 @@ def bcl(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, 
     def biases(c_lab):
         return (-torch.log((cnt - 1).clamp(min=1)))[c_lab].to(acc), (-torch.log(cnt))[c_lab].to(acc)
 
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     inv_tau = 1.0 / tau
     if mode == "gather":
         C = torch.cat([all_gather_rows(X, sizes, group), prototypes], 0)
@@ -359,7 +359,7 @@ def rescom(features: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, qu
     keys = queue.detach()
     pos_idx, neg_idx = hard_pair_mining(X.detach(), lab, keys, q_lab, k_pos=k_pos, k_neg=k_neg, backend=backend,
                                         allow_fewer=allow_fewer, check_finite=False)
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     st = _stats(eng, mode, X, X, lab, lab_glob, sizes, rank, inv_tau, group)
     loss = rescom_from_stats(st, match_counts(lab, lab_glob) - 1, sum(sizes) - 1, X, lab, keys, pos_idx, neg_idx,
                              inv_tau, w)

@@ -45,7 +45,7 @@ def _afcl(fn, features, labels, gamma, eta, temperature, normalize_by, contrast_
                                        normalize_by=normalize_by, contrast_mode=contrast_mode, normalize=normalize,
                                        ref_features=ref_features, ref_labels=ref_labels, reduction=reduction),
                                 features)
-    eng = backends.resolve(backend, features.device, "rowstats", fn)
+    eng = backends.resolve(backend, features.device, "rowstats", fn, dtype=P.A.dtype)
     focal = gamma > 0 or eta > 0
     st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, gamma=gamma, focal=focal,
                    fn=fn)

@@ -49,7 +49,7 @@ def bcl(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, 
     bias_other = (-torch.log(cnt))[c_lab]
     bias_same = (-torch.log((cnt - 1).clamp(min=1)))[c_lab]  # own class: anchor i itself is not counted
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     st = row_stats(eng, X, C, lab, c_lab, self_offset=0, inv_tau=1.0 / tau,
                    bias_same=bias_same.to(acc), bias_other=bias_other.to(acc), fn=fn)
     npos = (cnt[lab] - 1).to(acc)  # every other column of the class, prototype included (>= 1)

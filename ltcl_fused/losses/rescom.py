@@ -96,27 +96,28 @@ def _impl(name: str):
     return _MINERS[name][0]
 
 
-def resolve_mining(backend: str, device: torch.device, fn: str):
-    """The mining function for ``backend`` on ``device``; None means the dense reference.
+def resolve_mining(backend: str, device: torch.device, fn: str, dtype=None):
+    """The mining function for ``backend`` on ``device`` (for inputs of ``dtype``, when given: an engine whose
+    ``dtype_reason("mining", dtype)`` refuses it counts as unavailable); None means the dense reference.
 
     An engine that lists ``"mining"`` in its ``ops`` and has a ``mine`` method (same contract) takes
     precedence over the built-in table, so the engines can take the op over without changes here.
     """
-    name = _resolve_mining_name(backend, device, fn)
+    name = _resolve_mining_name(backend, device, fn, dtype)
     return None if name is None else _impl(name)
 
 
-def _mining_name(backend: str, device_type: str, device_index, fn: str):
+def _mining_name(backend: str, device_type: str, device_index, fn: str, dtype=None):
     # Runs eagerly even under torch.compile (the choice is a constant of the compiled graph), like
     # backends._resolve_name; the C++ extension is built or loaded here, never while tracing.
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    return _resolve_mining_name(backend, device, fn)
+    return _resolve_mining_name(backend, device, fn, dtype)
 
 
 _mining_name._dynamo_marked_constant = True
 
 
-def _resolve_mining_name(backend: str, device: torch.device, fn: str):
+def _resolve_mining_name(backend: str, device: torch.device, fn: str, dtype=None):
     backends.check_backend_name(backend, fn)
     if backend == "reference":
         return None
@@ -132,6 +133,8 @@ def _resolve_mining_name(backend: str, device: torch.device, fn: str):
                 raise NotImplementedError(f"{fn}: backend {name!r} does not implement hard-pair mining yet; "
                                           f"use backend='torch', 'triton', 'cpu' or 'auto'")
             continue
+        if reason is None and dtype is not None and hasattr(eng, "dtype_reason"):
+            reason = eng.dtype_reason("mining", dtype)
         if reason is None:
             return name
         if backend != "auto":
@@ -285,7 +288,7 @@ def hard_pair_mining(anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: t
     _candidates(fn, a_lab, k_lab, k_pos, k_neg, allow_fewer and not reference, chk,
                 note=" (backend='reference' cannot pad)" if reference and allow_fewer else "")
     chk.run()
-    name = _mining_name(backend, anchors.device.type, anchors.device.index, fn)
+    name = _mining_name(backend, anchors.device.type, anchors.device.index, fn, anchors.dtype)
     if name is None:
         from .. import reference as R
         return R.hard_pair_mining(anchors, a_lab, keys, k_lab, k_pos=k_pos, k_neg=k_neg)
@@ -383,8 +386,8 @@ def rescom(features: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, qu
                                                     temperature=tau, class_weights=w, reduction=reduction),
                                            features))
 
-    miner = _mining_name(backend, dev.type, dev.index, fn)
-    eng = backends.resolve(backend, dev, "rowstats", fn)
+    miner = _mining_name(backend, dev.type, dev.index, fn, X.dtype)
+    eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
     keys = queue.detach()
     pos_idx, neg_idx = _mine(miner, X, lab, keys, q_lab, k_pos, k_neg)
 

@@ -18,9 +18,9 @@ from .. import backends
 from ..engine.ssl_contract import SSLConfig, ssl_row_stats
 from ._common import reduce, reference_output
 
-def _engine(backend, device, fn):
+def _engine(backend, device, fn, dtype=None):
     """The engine for the "ssl" operation; None means the dense reference."""
-    return backends.resolve(backend, device, "ssl", fn)
+    return backends.resolve(backend, device, "ssl", fn, dtype=dtype)
 
 
 def _two_views(fn, z1, z2, check_finite):
@@ -186,7 +186,7 @@ def dcl(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.5, tau_plu
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
     t, tau_plus = check_dcl_args(fn, temperature, tau_plus, debiased, reduction)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if eng is None:
         from .. import reference as R
         return reference_output(R.dcl(z1, z2, temperature=t, tau_plus=tau_plus, debiased=debiased,
@@ -207,7 +207,7 @@ def hcl(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.5, tau_plu
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
     t, tau_plus, beta = check_hcl_args(fn, temperature, tau_plus, beta, reduction)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if eng is None:
         from .. import reference as R
         return reference_output(R.hcl(z1, z2, temperature=t, tau_plus=tau_plus, beta=beta, reduction=reduction),
@@ -231,7 +231,7 @@ def bayesian_cl(z1: torch.Tensor, z2: torch.Tensor, *, alpha: float = 0.5, beta:
     backends.check_backend_name(backend, fn)
     _two_views(fn, z1, z2, check_finite)
     alpha, beta, tau_plus, t = check_bayes_args(fn, alpha, beta, tau_plus, temperature, reduction)
-    eng = _engine(backend, z1.device, fn)
+    eng = _engine(backend, z1.device, fn, z1.dtype)
     if eng is None:
         from .. import reference as R
         return reference_output(R.bayesian_cl(z1, z2, alpha=alpha, beta=beta, tau_plus=tau_plus, temperature=t,
@@ -259,7 +259,7 @@ def mttv(embeddings: torch.Tensor, *, lower: float = 0.1, upper: float = 0.9, te
     backends.check_backend_name(backend, fn)
     check_mttv_embeddings(fn, embeddings, check_finite)
     lower, upper, t = check_mttv_args(fn, lower, upper, temperature, filter, official_self_term, reduction)
-    eng = _engine(backend, embeddings.device, fn)
+    eng = _engine(backend, embeddings.device, fn, embeddings.dtype)
     if eng is None:
         from .. import reference as R
         return reference_output(R.mttv(embeddings, lower=lower, upper=upper, temperature=t, filter=filter,

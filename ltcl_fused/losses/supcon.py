@@ -36,7 +36,7 @@ def supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, *, tem
         return reference_output(R.supcon(features, labels, temperature=tau, base_temperature=base_temperature,
                                          contrast_mode=contrast_mode, normalize=normalize, ref_features=ref_features,
                                          ref_labels=ref_labels, reduction=reduction), features)
-    eng = backends.resolve(backend, features.device, "rowstats", fn)
+    eng = backends.resolve(backend, features.device, "rowstats", fn, dtype=P.A.dtype)
     st = row_stats(eng, P.A, P.C, P.a_lab, P.c_lab, self_offset=0, inv_tau=1.0 / tau, fn=fn)
     return reduce(supcon_from_stats(st.lse, st.pos_sum, match_counts(P.a_lab, P.c_lab) - 1, tau / tau_b), reduction)
 
