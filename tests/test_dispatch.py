@@ -162,7 +162,7 @@ def test_bayesian_cl_runs_on_the_engine_auto_resolves_even_when_it_is_cuda(monke
             return super().ssl_forward(*a, **k)
 
     spy = _Spy()
-    monkeypatch.setattr(backends, "resolve", lambda backend, device, op, fn: spy)
+    monkeypatch.setattr(backends, "resolve", lambda backend, device, op, fn, **kw: spy)
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
     v = lf.bayesian_cl(z1, z2, alpha=0.7, beta=0.6)
