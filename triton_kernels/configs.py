@@ -49,15 +49,17 @@ SHIPPED = {
 
 #: Older Triton allocates registers differently: with some SHIPPED shapes the codegen sweeps of Triton 3.3.1 and
 #: 3.6.0 found 8-64 B stack frames (spills): the 16-bit row-statistics dA/dC kernels at the 255-register limit
-#: with the 64x32 tile (3.3, 3.6), the fp32 forward with 8 warps on sm_90 (3.3) and the fp32 SSL dA of MTTV's
-#: "low" filter on sm_80 (3.6). Entries (below this Triton, kernel family, config name, replaced fields) adapt
+#: with the 64x32 tile (3.3, 3.6), the fp32 forward of f_large with 4 or 8 warps and 32-wide D chunks and the
+#: fp32 dC of f_d32 with 8 warps (3.3, once the forward carried the second maximum of the dominant column) and
+#: the fp32 SSL dA of MTTV's "low" filter on sm_80 (3.6). Entries (below this Triton, kernel family, config name, replaced fields) adapt
 #: SHIPPED for those versions (``shipped()``); names, dtypes and D classes stay. Swept: 3.3.1, 3.6.0, 3.9.0
 #: (docs/triton.md).
 LEGACY = (
     ((3, 7), "rowstats", "h_d64", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
     ((3, 7), "rowstats", "h_d128", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
     ((3, 7), "rowstats", "h_large", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
-    ((3, 4), "rowstats", "f_large", dict(fwd=BlockConfig(32, 32, 32, 4, 1))),
+    ((3, 4), "rowstats", "f_d32", dict(bwd=BlockConfig(32, 32, 32, 4, 2))),
+    ((3, 4), "rowstats", "f_large", dict(fwd=BlockConfig(32, 32, 16, 4, 1))),
     ((3, 7), "ssl", "f_large", dict(bwd=BlockConfig(32, 32, 32, 4, 1))),
 )
 FAMILIES = ("rowstats", "ssl")
