@@ -211,6 +211,24 @@ def _run_ddp(W, rank, group):
     return out
 
 
+def _run_double_backward(W, rank, group):
+    """A second derivative through a ring loss raises the first-order error (never a silent wrong number)."""
+    import ltcl_fused.distributed as lfd
+    z1, z2 = (t.clone().requires_grad_(True) for t in _two_view_data(W, 3, False)[rank])
+    out = {}
+    for loss in ("dcl", "bayesian_cl"):
+        for m in ("ring", "ring-cpu"):
+            mode, _, backend = m.partition("-")
+            v = getattr(lfd, loss)(z1, z2, mode=mode, backend=backend or "torch", group=group)
+            g, = torch.autograd.grad(v, z1, create_graph=True)  # first order with a graph: fine
+            try:
+                torch.autograd.grad(g.sum(), z1, allow_unused=True)
+                out[(loss, m)] = None
+            except RuntimeError as e:
+                out[(loss, m)] = str(e)
+    return out
+
+
 def _worker(rank, port, outdir):
     if "GLOO_SOCKET_IFNAME" not in os.environ and any(n == "lo" for _, n in socket.if_nameindex()):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -230,7 +248,7 @@ def _worker(rank, port, outdir):
                         res[(name, mode)] = _run_case(name, mode, W, grank, group)
                     except Exception:  # noqa: BLE001 - reported by the test of that case
                         res[(name, mode)] = {"error": traceback.format_exc()}
-            for key, fn in (("errors", _run_errors), ("ddp", _run_ddp)):
+            for key, fn in (("errors", _run_errors), ("ddp", _run_ddp), ("double_backward", _run_double_backward)):
                 try:
                     res[key] = fn(W, grank, group)
                 except Exception:  # noqa: BLE001
@@ -335,6 +353,13 @@ def test_ddp_step_matches_single_process(results, W):
             for m in ("gather", "ring-cpu"):
                 for n, p in model.named_parameters():
                     torch.testing.assert_close(res[(loss, m)][n], p.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("W", WORLDS)
+def test_second_derivative_through_the_ring_raises(results, W):
+    for res in (_ok(r["double_backward"]) for r in results(W)):
+        for key, msg in res.items():
+            assert msg is not None and "first-order gradients only" in msg, (key, msg)
 
 
 def test_requires_initialised_process_group_and_names_bad_arguments():

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from ..engine.contract import acc_dtype
+from ..engine.first_order import first_order
 from ..engine.ssl_contract import SSLConfig, SSLStats, combine_blocks, merge_set_values
 from .gather import world
 from .ring import _Ring
@@ -121,25 +122,35 @@ class _RingSSLFn(torch.autograd.Function):
         ring = _Ring(group, sizes)
         bayes = cfg.bayes is not None
         dA = torch.zeros(A.shape, dtype=acc_dtype(A.dtype), device=A.device)
-        dX = None
-        for r0, r1 in _row_groups(ring, anchor_sizes, bayes):
-            A_g, p_g = A[r0:r1], partner[r0:r1]
-            ref = _rank_sweep(ring, engine, A_g, X, p_g, anchor_offset, r0, inv_tau, cfg) if bayes else None
-            lse_g, coef_g, cpos_g = lse[:, r0:r1].contiguous(), coef[:, r0:r1].contiguous(), cpos[r0:r1].contiguous()
-
-            def grad_step(k, owner, blk):
-                if A_g.shape[0] == 0:
-                    return torch.zeros(blk.shape, dtype=X.dtype, device=X.device)
-                p, so = _in_block(ring, owner, p_g, anchor_offset, r0)
-                kw = {} if ref is None else {"rank_ref": ref}
-                dA_k, dC_k = engine.ssl_backward(A_g, blk, p, so, inv_tau, cfg, lse_g, coef_g, cpos_g, **kw)
-                dA[r0:r1].add_(dA_k)
-                return dC_k.to(X.dtype)
-
-            d = ring.grad_sweep(X, grad_step)
-            dX = d if dX is None else dX.add_(d)
-        return (dA.to(A.dtype) if ctx.needs_input_grad[0] else None, dX if ctx.needs_input_grad[1] else None,
+        with torch.no_grad():  # first-order only (ltcl_fused/engine/first_order.py)
+            dX = _backward_groups(ring, engine, A, X, partner, anchor_sizes, anchor_offset, inv_tau, cfg, lse,
+                                  coef, cpos, dA, bayes)
+        dA, dX = first_order("ltcl_fused.distributed (mode='ring')", engine.name, (dA.to(A.dtype), dX), (A, X))
+        return (dA if ctx.needs_input_grad[0] else None, dX if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None, None)
+
+
+def _backward_groups(ring, engine, A, X, partner, anchor_sizes, anchor_offset, inv_tau, cfg, lse, coef, cpos, dA,
+                     bayes):
+    """The ring backward over the row groups: accumulates dA in place, returns dX."""
+    dX = None
+    for r0, r1 in _row_groups(ring, anchor_sizes, bayes):
+        A_g, p_g = A[r0:r1], partner[r0:r1]
+        ref = _rank_sweep(ring, engine, A_g, X, p_g, anchor_offset, r0, inv_tau, cfg) if bayes else None
+        lse_g, coef_g, cpos_g = lse[:, r0:r1].contiguous(), coef[:, r0:r1].contiguous(), cpos[r0:r1].contiguous()
+
+        def grad_step(k, owner, blk):
+            if A_g.shape[0] == 0:
+                return torch.zeros(blk.shape, dtype=X.dtype, device=X.device)
+            p, so = _in_block(ring, owner, p_g, anchor_offset, r0)
+            kw = {} if ref is None else {"rank_ref": ref}
+            dA_k, dC_k = engine.ssl_backward(A_g, blk, p, so, inv_tau, cfg, lse_g, coef_g, cpos_g, **kw)
+            dA[r0:r1].add_(dA_k)
+            return dC_k.to(X.dtype)
+
+        d = ring.grad_sweep(X, grad_step)
+        dX = d if dX is None else dX.add_(d)
+    return dX
 
 
 def ring_ssl_row_stats(engine, A: torch.Tensor, X: torch.Tensor, partner: torch.Tensor, sizes: Sequence[int],
