@@ -107,6 +107,13 @@ def _extra_includes() -> List[str]:
     return inc
 
 
+def _local_archs(with_cuda: bool) -> str:
+    """The compute capabilities of the visible GPUs ("" without CUDA): what a default CUDA build targets."""
+    if not with_cuda or not torch.cuda.is_available():
+        return ""
+    return ",".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+
+
 def _build_config():
     root = csrc_dir()
     with_cuda = _with_cuda()
@@ -122,8 +129,12 @@ def _build_config():
                 h.update(os.path.relpath(p, root).encode())
                 with open(p, "rb") as fh:
                     h.update(fh.read())
+    # the ninja that will build it: two ninjas (pip's in a venv, the system's) rebuild each other's build.ninja
+    # otherwise; and, for CUDA builds without TORCH_CUDA_ARCH_LIST, the GPUs torch targets by default (a build
+    # cached on another GPU model must not be reused)
     h.update(repr((cflags, cuda_flags, torch.__version__, torch.version.cuda, with_cuda,
-                   os.environ.get("TORCH_CUDA_ARCH_LIST", ""), sys.version_info[:2])).encode())
+                   os.environ.get("TORCH_CUDA_ARCH_LIST", "") or _local_archs(with_cuda), shutil.which("ninja"),
+                   sys.version_info[:2])).encode())
     name = f"ltcl_fused_ext_{h.hexdigest()[:12]}"
     return dict(name=name, sources=srcs, cflags=cflags, cuda_flags=cuda_flags, with_cuda=with_cuda,
                 includes=[root] + _extra_includes())

@@ -106,3 +106,16 @@ def test_two_source_roots_never_share_a_build_folder(tmp_path, monkeypatch):
     assert names[0] != names[1]
     dirs = {cpp_extension._get_build_directory(n, False) for n in names}
     assert len(dirs) == 2
+
+
+def test_the_ninja_in_use_is_part_of_the_name(monkeypatch):
+    """pip's ninja (in a venv) and the system's write incompatible build files: each gets its own build, so
+    switching PATH between them never rebuilds the other's (a ~2 minute rebuild each time before)."""
+    from ltcl_fused import ext
+    real_which = shutil.which
+    names = set()
+    for ninja in ("/usr/bin/ninja", "/opt/venv/bin/ninja"):
+        monkeypatch.setattr(shutil, "which", lambda cmd, *a, ninja=ninja, **k: ninja if cmd == "ninja"
+                            else real_which(cmd, *a, **k))
+        names.add(ext._build_config()["name"])
+    assert len(names) == 2
