@@ -7,24 +7,17 @@ last rank holds a class no other rank has. Inputs are float64 so tolerances are 
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import tempfile
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ltcl_fused as lf
 
-from _hang import HANG_GUARD_S
+from _dist import WORLDS, ok, run_worlds, spawn_results
+
 
 D = 5
 V = 2
-WORLDS = (2, 3)
 MODES = ("gather", "ring", "ring-cpu")  # "ring-cpu": ring mode on the C++ engine (the CPU default)
 ATOL = 1e-10
 
@@ -162,20 +155,6 @@ def _global_reference(name, W):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank, W, port):
-    if "GLOO_SOCKET_IFNAME" not in os.environ and any(n == "lo" for _, n in socket.if_nameindex()):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=HANG_GUARD_S))  # a hang guard only
-
-
 def _run_case(name, mode, W, rank, group):
     import ltcl_fused.distributed as lfd
     loss, args, kw, leaves = _local_inputs(name, W, rank)
@@ -262,46 +241,13 @@ def _run_errors(W, rank, group):
 
 
 def _worker(rank, port, outdir):
-    """World of 3 ranks: every case runs on all three (default group), then on the subgroup of global ranks
-    [1, 2] as a world of 2 (group rank 0 = global rank 1, which exercises the rank mapping of ``group=``)."""
-    _init(rank, max(WORLDS), port)
-    sub = dist.new_group([1, 2])
-    try:
-        for W, group, members in ((3, None, [0, 1, 2]), (2, sub, [1, 2])):
-            if rank not in members:
-                continue
-            grank = members.index(rank)
-            res = {}
-            for name in CASES:
-                for mode in MODES:
-                    try:
-                        res[(name, mode)] = _run_case(name, mode, W, grank, group)
-                    except Exception:  # noqa: BLE001 - reported by the test of that case
-                        res[(name, mode)] = {"error": traceback.format_exc()}
-            for key, fn in (("trap", _run_gather_trap), ("queue", _run_queue), ("ddp", _run_ddp),
-                            ("errors", _run_errors)):
-                try:
-                    res[key] = fn(W, grank, group)
-                except Exception:  # noqa: BLE001
-                    res[key] = {"error": traceback.format_exc()}
-            torch.save(res, os.path.join(outdir, f"w{W}_rank{grank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_worlds(rank, port, outdir, CASES, MODES, _run_case, (("trap", _run_gather_trap), ("queue", _run_queue), ("ddp", _run_ddp),
+                                                                ("errors", _run_errors)))
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d), nprocs=max(WORLDS), join=True)
-        out = {W: [torch.load(os.path.join(d, f"w{W}_rank{r}.pt"), weights_only=False) for r in range(W)]
-               for W in WORLDS}
-    return out.__getitem__
-
-
-def _ok(res):
-    if "error" in res:
-        pytest.fail("worker raised:\n" + res["error"])
-    return res
+    return spawn_results(_worker)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +259,7 @@ def _ok(res):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_single_process_reference(results, W, mode, name):
-    per_rank = [_ok(r[(name, mode)]) for r in results(W)]
+    per_rank = [ok(r[(name, mode)]) for r in results(W)]
     ref_loss, _, ref_grads = _global_reference(name, W)
     loss, kw, ex = CASES[name]
     sizes = _sizes(W)
@@ -340,7 +286,7 @@ def test_matches_single_process_reference(results, W, mode, name):
 @pytest.mark.parametrize("W", WORLDS)
 def test_gather_noncontiguous_grad(results, W):
     """The torch 2.13 Gloo trap: a strided gradient at the gathered [B, V, D] output must not corrupt dx."""
-    per_rank = [_ok(r["trap"]) for r in results(W)]
+    per_rank = [ok(r["trap"]) for r in results(W)]
     for even in (True, False):
         xs = _trap_feats(W, even)
         X = torch.cat(xs, 0).requires_grad_(True)
@@ -358,7 +304,7 @@ def test_gather_noncontiguous_grad(results, W):
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_queue_same_on_every_rank(results, W):
-    per_rank = [_ok(r["queue"]) for r in results(W)]
+    per_rank = [ok(r["queue"]) for r in results(W)]
     q = lf.reference.ClassBalancedQueue(5, 3, D, dtype=torch.float64)
     for step in range(3):
         q.enqueue(torch.cat(_feats(W, 500 + step, views=1), 0)[:, 0], torch.cat(_labels(W, 500 + step)))
@@ -370,7 +316,7 @@ def test_queue_same_on_every_rank(results, W):
 @pytest.mark.parametrize("W", WORLDS)
 def test_ddp_step_matches_single_process(results, W):
     """grad_sync="mean" (default) + DDP's gradient averaging = the single-process gradient of the global loss."""
-    per_rank = [_ok(r["ddp"]) for r in results(W)]
+    per_rank = [ok(r["ddp"]) for r in results(W)]
     torch.manual_seed(0)
     model = torch.nn.Linear(D, 4).double()
     z = model(torch.cat(_feats(W, 900), 0))
@@ -383,7 +329,7 @@ def test_ddp_step_matches_single_process(results, W):
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_bad_input_on_one_rank_raises_everywhere(results, W):
-    per_rank = [_ok(r["errors"]) for r in results(W)]
+    per_rank = [ok(r["errors"]) for r in results(W)]
     assert per_rank[1]["type"] == "ValueError" and "`labels`" in per_rank[1]["msg"]
     for r, res in enumerate(per_rank):
         if r != 1:

@@ -10,21 +10,16 @@ gather and ring, each on the torch and the cpu engine.
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ltcl_fused as lf
 
+from _dist import WORLDS, ok, run_worlds, spawn_results
+
 D = 4
-WORLDS = (2, 3)
 MODES = ("gather", "gather-cpu", "ring", "ring-cpu")
 ATOL, RTOL = 1e-10, 1e-9
 
@@ -127,12 +122,6 @@ def _global_reference(name, W):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_case(name, mode, W, rank, group):
     import ltcl_fused.distributed as lfd
     from ltcl_fused.distributed import ssl_ring
@@ -230,32 +219,8 @@ def _run_double_backward(W, rank, group):
 
 
 def _worker(rank, port, outdir):
-    if "GLOO_SOCKET_IFNAME" not in os.environ and any(n == "lo" for _, n in socket.if_nameindex()):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=max(WORLDS),
-                            timeout=datetime.timedelta(seconds=60))
-    sub = dist.new_group([1, 2])
-    try:
-        for W, group, members in ((3, None, [0, 1, 2]), (2, sub, [1, 2])):
-            if rank not in members:
-                continue
-            grank = members.index(rank)
-            res = {}
-            for name in CASES:
-                for mode in MODES:
-                    try:
-                        res[(name, mode)] = _run_case(name, mode, W, grank, group)
-                    except Exception:  # noqa: BLE001 - reported by the test of that case
-                        res[(name, mode)] = {"error": traceback.format_exc()}
-            for key, fn in (("errors", _run_errors), ("ddp", _run_ddp), ("double_backward", _run_double_backward)):
-                try:
-                    res[key] = fn(W, grank, group)
-                except Exception:  # noqa: BLE001
-                    res[key] = {"error": traceback.format_exc()}
-            torch.save(res, os.path.join(outdir, f"w{W}_rank{grank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_worlds(rank, port, outdir, CASES, MODES, _run_case, (("errors", _run_errors), ("ddp", _run_ddp),
+                                                                ("double_backward", _run_double_backward)))
 
 
 @pytest.fixture(scope="module")
@@ -264,17 +229,7 @@ def results():
     reason = ext.unavailable_reason()  # build once here, not in three workers at a time
     if reason is not None:
         pytest.fail(f"the C++ extension does not build here: {reason}")
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d), nprocs=max(WORLDS), join=True)
-        out = {W: [torch.load(os.path.join(d, f"w{W}_rank{r}.pt"), weights_only=False) for r in range(W)]
-               for W in WORLDS}
-    return out.__getitem__
-
-
-def _ok(res):
-    if "error" in res:
-        pytest.fail("worker raised:\n" + res["error"])
-    return res
+    return spawn_results(_worker)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +241,7 @@ def _ok(res):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_single_process_reference(results, W, mode, name):
-    per_rank = [_ok(r[(name, mode)]) for r in results(W)]
+    per_rank = [ok(r[(name, mode)]) for r in results(W)]
     ref_loss, ref_grads = _global_reference(name, W)
     loss, kw, _ = CASES[name]
     scale = W if kw.get("grad_sync") == "mean" else 1  # "mean": each rank's share is W times its slice
@@ -324,7 +279,7 @@ def test_row_group_case_uses_several_groups():
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_bad_or_disagreeing_inputs_raise_on_every_rank(results, W):
-    per_rank = [_ok(r["errors"]) for r in results(W)]
+    per_rank = [ok(r["errors"]) for r in results(W)]
     last = W - 1
     for r, res in enumerate(per_rank):
         # one bad input: ValueError naming it where it is, RuntimeError naming that rank elsewhere
@@ -342,7 +297,7 @@ def test_bad_or_disagreeing_inputs_raise_on_every_rank(results, W):
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_ddp_step_matches_single_process(results, W):
-    per_rank = [_ok(r["ddp"]) for r in results(W)]
+    per_rank = [ok(r["ddp"]) for r in results(W)]
     for loss in ("hcl", "bayesian_cl"):
         torch.manual_seed(0)
         model = torch.nn.Linear(D, 3).double()
@@ -357,7 +312,7 @@ def test_ddp_step_matches_single_process(results, W):
 
 @pytest.mark.parametrize("W", WORLDS)
 def test_second_derivative_through_the_ring_raises(results, W):
-    for res in (_ok(r["double_backward"]) for r in results(W)):
+    for res in (ok(r["double_backward"]) for r in results(W)):
         for key, msg in res.items():
             assert msg is not None and "first-order gradients only" in msg, (key, msg)
 
