@@ -96,49 +96,24 @@ struct OrderedKey<double> {
   static constexpr uint64_t kSign = 0x8000000000000000ull;
 };
 
-LTCL_HD uint32_t value_bits(float v) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(v);
-#else
-  uint32_t u;
+// The bits of a float/double and back (memcpy: well defined, and one register move in host and device code).
+template <typename To, typename From>
+LTCL_HD To bit_cast_value(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_value: sizes differ");
+  To u;
   memcpy(&u, &v, sizeof(u));
   return u;
-#endif
 }
-LTCL_HD uint64_t value_bits(double v) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(v));
-#else
-  uint64_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-#endif
-}
+LTCL_HD uint32_t value_bits(float v) { return bit_cast_value<uint32_t>(v); }
+LTCL_HD uint64_t value_bits(double v) { return bit_cast_value<uint64_t>(v); }
+LTCL_HD float value_from_bits(uint32_t u) { return bit_cast_value<float>(u); }
+LTCL_HD double value_from_bits(uint64_t u) { return bit_cast_value<double>(u); }
 
 template <typename T>
 LTCL_HD typename OrderedKey<T>::type ordered_key(T v) {
   using K = typename OrderedKey<T>::type;
   const K u = value_bits(v == T(0) ? T(0) : v);  // -0 -> +0
   return (u & OrderedKey<T>::kSign) ? static_cast<K>(~u) : static_cast<K>(u | OrderedKey<T>::kSign);
-}
-
-LTCL_HD float value_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float v;
-  memcpy(&v, &u, sizeof(v));
-  return v;
-#endif
-}
-LTCL_HD double value_from_bits(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double v;
-  memcpy(&v, &u, sizeof(v));
-  return v;
-#endif
 }
 
 template <typename T>
