@@ -12,9 +12,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
+#include <type_traits>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -153,6 +160,253 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
         at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
                       view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
       }
+    });
+  }
+}
+
+
+// ---------------------------------------------------------------- symmetric tiles (the anchors ARE the columns)
+//
+// When C is A (S = X Xᵀ, self_offset 0, one label vector) S is symmetric: one GEMM per pair of row blocks
+// I <= J gives the tile S_IJ, whose rows serve the statistics of rows I (columns J) and whose transpose
+// serves rows J (columns I). Tiles are b x b, b a multiple of the vector width (so every tile's column
+// range starts on a vector boundary of the Npad-padded per-column arrays).
+//   forward: every pair once (0.5 GEMM-equivalent per pass); the contract stores partial statistics per
+//            (row, column block) and merges them in column-block order: bit-identical for any thread count.
+//   backward: per super-block of consecutive row blocks, phase A (parallel over the tiles (I, J), I in the
+//            super-block, J >= I) recomputes S_IJ, forms G_IJ (rows I) and G_JI (rows J, on the transposed
+//            tile) and stores H_IJ = G_IJ + G_JIᵀ; phase B (one task per output block K, a fixed order of
+//            GEMMs inside it) adds dX_K += alpha·H_K,[K..] X_[K..] (K in the super-block) and
+//            dX_K += alpha·H_[SB, <K],Kᵀ X_[SB, <K]. 0.5 GEMM recompute + 1 GEMM of products.
+
+// Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 grown until there are at most 64 blocks;
+// rounded up to the vector width.
+template <typename T>
+int64_t sym_block(int64_t N) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t b = env_int("LTCL_CPU_SYM_BLOCK", env_int("LTCL_CPU_BLOCK_ROWS", 0));
+  if (b <= 0) {
+    b = 256;
+    while ((N + b - 1) / b > 64) b *= 2;
+  }
+  return std::max<int64_t>(W, (b + W - 1) / W * W);
+}
+
+// Whether the symmetric path's buffers (b rows of H per super-block at least, 64 partial slots per row) stay
+// within about 96 MB; larger problems take the general path.
+template <typename T>
+bool sym_fits(int64_t N, int64_t Npad) {
+  const int64_t b = sym_block<T>(N);
+  return b * Npad * static_cast<int64_t>(sizeof(T)) <= (int64_t(96) << 20);
+}
+
+// A per-thread buffer of at least n elements kept from call to call (slot: which one), so that the large
+// buffers of the symmetric path (H, the partial statistics) are not faulted in and zeroed by the kernel on
+// every call. Contents are unspecified on entry.
+template <typename T>
+T* workspace(size_t n, int slot) {
+  thread_local std::vector<T> ws[4];
+  if (ws[slot].size() < n) {
+    ws[slot].clear();
+    ws[slot].shrink_to_fit();
+    ws[slot].resize(n);
+  }
+  return ws[slot].data();
+}
+
+struct SymGrid {
+  int64_t N, b, nb;
+  explicit SymGrid(int64_t N_, int64_t b_) : N(N_), b(b_), nb((N_ + b_ - 1) / b_) {}
+  int64_t r0(int64_t I) const { return I * b; }
+  int64_t len(int64_t I) const { return std::min(b, N - I * b); }
+};
+
+// tile (rows x cols, leading dimension ld) = X_I X_Jᵀ
+template <typename T>
+void gemm_tile(const T* X, int64_t D, const SymGrid& g, int64_t I, int64_t J, T* tile, int64_t ld) {
+  const int64_t nr = g.len(I), nc = g.len(J);
+  if (D == 0) {
+    for (int64_t r = 0; r < nr; ++r) std::fill(tile + r * ld, tile + r * ld + nc, T(0));
+    return;
+  }
+  at::Tensor o = view2d(tile, nr, nc, ld, 1);
+  at::mm_out(o, view2d(X + g.r0(I) * D, nr, D, D, 1), view2d(X + g.r0(J) * D, nc, D, D, 1).t());
+}
+
+// 16 x 16 float block, in registers (the unpack / shuffle sequence of FBGEMM's transpose):
+// dst[c][r] = src[r][c] (+ add[c][r] when ADD).
+#if defined(CPU_CAPABILITY_AVX512)
+template <bool ADD>
+inline void tr16x16(const float* src, int64_t ls, float* dst, int64_t ld, const float* add, int64_t la) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0x88);
+      t[8 * i + k + 4] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (ADD) r[i] = _mm512_add_ps(r[i], _mm512_loadu_ps(add + i * la));
+    _mm512_storeu_ps(dst + i * ld, r[i]);
+  }
+}
+#endif
+
+// dst (cols x rows, ld_dst) = srcᵀ (+ add, cols x rows, ld_add, when ADD); src: rows x cols, ld_src.
+template <bool ADD, typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst,
+                    const T* add = nullptr, int64_t ld_add = 0) {
+  constexpr int64_t K = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += K)
+    for (int64_t c0 = 0; c0 < cols; c0 += K) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same<T, float>::value) {
+        if (r0 + K <= rows && c0 + K <= cols) {
+          tr16x16<ADD>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
+                       ADD ? add + c0 * ld_add + r0 : nullptr, ld_add);
+          continue;
+        }
+      }
+#endif
+      const int64_t r1 = std::min(rows, r0 + K), c1 = std::min(cols, c0 + K);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r)
+          dst[c * ld_dst + r] = src[r * ld_src + c] + (ADD ? add[c * ld_add + r] : T(0));
+    }
+}
+
+template <typename T>
+void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  transpose_into<false, T>(src, rows, cols, ld_src, dst, ld_dst);
+}
+
+// h (rows x cols, ld_h) = a + btᵀ (a: rows x cols, ld_a; bt: cols x rows, ld_b)
+template <typename T>
+void add_transposed(const T* a, int64_t ld_a, const T* bt, int64_t ld_b, int64_t rows, int64_t cols, T* h,
+                    int64_t ld_h) {
+  transpose_into<true, T>(bt, cols, rows, ld_b, h, ld_h, a, ld_a);
+}
+
+// Forward driver: rows(scratch, r0, nr, c0, nc, J, x, ld) reduces rows r0..r0+nr of S over the columns
+// c0..c0+nc (column block J), x their raw similarities (nr x ld, clobbered). Every ordered block pair is
+// visited once, each unordered pair by one task (one GEMM).
+template <typename T, typename MakeScratch, typename Rows>
+void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows rows) {
+  const SymGrid g(N, sym_block<T>(N));
+  const int64_t b = g.b, ld = b + 16;  // not a power of two: the transposes' rows fall in different cache sets
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t I = 0; I < g.nb; ++I)
+    for (int64_t J = I; J < g.nb; ++J) pairs.emplace_back(I, J);
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 0, [&](int64_t p0, int64_t p1) {
+    SequentialBlas seq;
+    std::vector<T> buf(static_cast<size_t>(b * ld)), tbuf(static_cast<size_t>(b * ld));
+    auto scratch = make();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t I = pairs[p].first, J = pairs[p].second;
+      gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
+      if (I != J) transpose_tile<T>(buf.data(), g.len(I), g.len(J), ld, tbuf.data(), ld);
+      rows(scratch, g.r0(I), g.len(I), g.r0(J), g.len(J), J, buf.data(), ld);
+      if (I != J) rows(scratch, g.r0(J), g.len(J), g.r0(I), g.len(I), I, tbuf.data(), ld);
+    }
+  });
+}
+
+// Backward driver: rows(scratch, r0, nr, c0, nc, x, ld) turns the raw similarities x (nr x ld) of rows
+// r0.. over columns c0..c0+nc into G in place (0 at every column it does not own: self, padding).
+// dX (N x D, zeroed by the caller) += alpha · (G + Gᵀ) X.
+template <typename T, typename MakeScratch, typename Rows>
+void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t Npad, T alpha, T* dX, MakeScratch make, Rows rows) {
+  const SymGrid g(N, sym_block<T>(N));
+  const int64_t b = g.b, nb = g.nb, ld = b + 16;
+  const int64_t hld = Npad + 16;  // H's leading dimension: not a power of two (cache sets of the transposes)
+  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
+  // blocks per super-block: a function of N and the dtype only (the dX sums depend on it)
+  const int64_t gsb = std::max<int64_t>(1, sb_budget / (b * hld * static_cast<int64_t>(sizeof(T))));
+  T* const Hbuf = workspace<T>(static_cast<size_t>(std::min(gsb, nb) * b * hld), 0);  // entries read are written first
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t K0 = 0; K0 < nb; K0 += gsb) {
+    const int64_t K1 = std::min(nb, K0 + gsb);
+    // phase A: tiles (I, J), I in [K0, K1), J >= I
+    std::vector<std::pair<int64_t, int64_t>> tiles;
+    for (int64_t I = K0; I < K1; ++I)
+      for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 0, [&](int64_t t0, int64_t t1) {
+      SequentialBlas seq;
+      std::vector<T> buf(static_cast<size_t>(b * ld)), tbuf(static_cast<size_t>(b * ld));
+      auto scratch = make();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t I = tiles[t].first, J = tiles[t].second;
+        const int64_t nI = g.len(I), nJ = g.len(J);
+        T* h = Hbuf + (I - K0) * b * hld + g.r0(J);  // H_IJ: rows of I, columns of J, ld hld
+        gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
+        if (I == J) {
+          rows(scratch, g.r0(I), nI, g.r0(I), nI, buf.data(), ld);
+          add_transposed<T>(buf.data(), ld, buf.data(), ld, nI, nI, h, hld);
+        } else {
+          transpose_tile<T>(buf.data(), nI, nJ, ld, tbuf.data(), ld);
+          rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf.data(), ld);
+          rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf.data(), ld);
+          add_transposed<T>(buf.data(), ld, tbuf.data(), ld, nI, nJ, h, hld);
+        }
+      }
+    });
+    // phase B: output block K; its work in rows of H times D
+    std::vector<int64_t> outs;
+    std::vector<double> work;
+    for (int64_t K = K0; K < nb; ++K) {
+      const int64_t own = K < K1 ? (N - g.r0(K)) : 0;
+      const int64_t pre = (std::min(K, K1) - K0) * b;  // rows of the super-block's blocks < K
+      if (own + pre > 0) {
+        outs.push_back(K);
+        work.push_back(static_cast<double>(own + pre));
+      }
+    }
+    // longest-first greedy bins (which thread computes a block never changes its bits)
+    std::vector<int64_t> order(outs.size());
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work[a] > work[c]; });
+    const int64_t nbins = std::min<int64_t>(nthreads, static_cast<int64_t>(outs.size()));
+    std::vector<std::vector<int64_t>> bins(static_cast<size_t>(std::max<int64_t>(nbins, 1)));
+    std::vector<double> load(bins.size(), 0.0);
+    for (int64_t k : order) {
+      const size_t best = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      bins[best].push_back(outs[k]);
+      load[best] += work[k];
+    }
+    at::parallel_for(0, nbins, 1, [&](int64_t q0, int64_t q1) {
+      SequentialBlas seq;
+      for (int64_t q = q0; q < q1; ++q)
+        for (int64_t K : bins[q]) {
+          const int64_t nK = g.len(K);
+          at::Tensor out = view2d(dX + g.r0(K) * D, nK, D, D, 1);
+          if (K < K1) {  // dX_K += alpha · H_K,[K..N) X_[K..N)
+            const int64_t c0 = g.r0(K);
+            at::addmm_out(out, out, view2d<T>(Hbuf + (K - K0) * b * hld + c0, nK, N - c0, hld, 1),
+                          view2d(X + c0 * D, N - c0, D, D, 1), /*beta=*/1, /*alpha=*/alpha);
+          }
+          const int64_t pre = (std::min(K, K1) - K0) * b;
+          if (pre > 0) {  // dX_K += alpha · H_[K0..K),Kᵀ X_[K0..K)
+            at::addmm_out(out, out, view2d<T>(Hbuf + g.r0(K), nK, pre, 1, hld),
+                          view2d(X + g.r0(K0) * D, pre, D, D, 1), /*beta=*/1, /*alpha=*/alpha);
+          }
+        }
     });
   }
 }
