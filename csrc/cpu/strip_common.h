@@ -173,11 +173,10 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
 // range starts on a vector boundary of the Npad-padded per-column arrays).
 //   forward: every pair once (0.5 GEMM-equivalent per pass); the contract stores partial statistics per
 //            (row, column block) and merges them in column-block order: bit-identical for any thread count.
-//   backward: per super-block of consecutive row blocks, phase A (parallel over the tiles (I, J), I in the
-//            super-block, J >= I) recomputes S_IJ, forms G_IJ (rows I) and G_JI (rows J, on the transposed
-//            tile) and stores H_IJ = G_IJ + G_JIᵀ; phase B (one task per output block K, a fixed order of
-//            GEMMs inside it) adds dX_K += alpha·H_K,[K..] X_[K..] (K in the super-block) and
-//            dX_K += alpha·H_[SB, <K],Kᵀ X_[SB, <K]. 0.5 GEMM recompute + 1 GEMM of products.
+//   backward: the pairs in the rounds of a round-robin tournament (disjoint row blocks within a round, rounds
+//            in a fixed order: no races, the same sums for any thread count); per tile S_IJ, G_IJ (rows I),
+//            G_JI (rows J, on the transposed tile), H = G_IJ + G_JIᵀ, dX_I += H X_J, dX_J += Hᵀ X_I, all in
+//            the worker's L2. 0.5 GEMM recompute + 1 GEMM of products.
 
 // Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 grown until there are at most 64 blocks;
 // rounded up to the vector width.
@@ -331,82 +330,59 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
 // Backward driver: rows(scratch, r0, nr, c0, nc, x, ld) turns the raw similarities x (nr x ld) of rows
 // r0.. over columns c0..c0+nc into G in place (0 at every column it does not own: self, padding).
 // dX (N x D, zeroed by the caller) += alpha · (G + Gᵀ) X.
+//
+// Schedule: the tile pairs (I, J), I < J, in the rounds of a round-robin tournament (circle method), then
+// one round of the diagonal tiles. The tiles of a round touch disjoint row blocks of dX, so a round runs in
+// parallel without races, and every dX_K receives its contributions in round order: the same sums for any
+// thread count. Per tile everything stays in the worker's L2: S_IJ (one GEMM), G_IJ on it and G_JI on its
+// transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I (two b x b x D GEMMs).
 template <typename T, typename MakeScratch, typename Rows>
-void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t Npad, T alpha, T* dX, MakeScratch make, Rows rows) {
+void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t /*Npad*/, T alpha, T* dX, MakeScratch make,
+                        Rows rows) {
   const SymGrid g(N, sym_block<T>(N));
   const int64_t b = g.b, nb = g.nb, ld = b + 16;
-  const int64_t hld = Npad + 16;  // H's leading dimension: not a power of two (cache sets of the transposes)
-  const int64_t sb_budget = env_int("LTCL_CPU_SUPER_BYTES", int64_t(32) << 20);
-  // blocks per super-block: a function of N and the dtype only (the dX sums depend on it)
-  const int64_t gsb = std::max<int64_t>(1, sb_budget / (b * hld * static_cast<int64_t>(sizeof(T))));
-  T* const Hbuf = workspace<T>(static_cast<size_t>(std::min(gsb, nb) * b * hld), 0);  // entries read are written first
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  for (int64_t K0 = 0; K0 < nb; K0 += gsb) {
-    const int64_t K1 = std::min(nb, K0 + gsb);
-    // phase A: tiles (I, J), I in [K0, K1), J >= I
-    std::vector<std::pair<int64_t, int64_t>> tiles;
-    for (int64_t I = K0; I < K1; ++I)
-      for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 0, [&](int64_t t0, int64_t t1) {
+  const int64_t np = nb + (nb & 1);  // even number of players (the last one a bye when nb is odd)
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  for (int64_t r = 0; r + 1 < np; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> pr;
+    auto add = [&](int64_t u, int64_t v) {
+      if (u < nb && v < nb && u != v) pr.emplace_back(std::min(u, v), std::max(u, v));
+    };
+    add(r, np - 1);
+    for (int64_t k = 1; k < np / 2; ++k) add((r + k) % (np - 1), (r - k + (np - 1)) % (np - 1));
+    rounds.push_back(std::move(pr));
+  }
+  {
+    std::vector<std::pair<int64_t, int64_t>> diag;
+    for (int64_t I = 0; I < nb; ++I) diag.emplace_back(I, I);
+    rounds.push_back(std::move(diag));
+  }
+  for (const auto& pr : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(pr.size()), 0, [&](int64_t t0, int64_t t1) {
       SequentialBlas seq;
-      std::vector<T> buf(static_cast<size_t>(b * ld)), tbuf(static_cast<size_t>(b * ld));
+      T* buf = workspace<T>(static_cast<size_t>(3 * b * ld), 3);  // S / G_IJ, S^T / G_JI, H
+      T* tbuf = buf + b * ld;
+      T* h = tbuf + b * ld;
       auto scratch = make();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t I = tiles[t].first, J = tiles[t].second;
+        const int64_t I = pr[t].first, J = pr[t].second;
         const int64_t nI = g.len(I), nJ = g.len(J);
-        T* h = Hbuf + (I - K0) * b * hld + g.r0(J);  // H_IJ: rows of I, columns of J, ld hld
-        gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
+        gemm_tile<T>(X, D, g, I, J, buf, ld);
+        at::Tensor outI = view2d(dX + g.r0(I) * D, nI, D, D, 1);
         if (I == J) {
-          rows(scratch, g.r0(I), nI, g.r0(I), nI, buf.data(), ld);
-          add_transposed<T>(buf.data(), ld, buf.data(), ld, nI, nI, h, hld);
-        } else {
-          transpose_tile<T>(buf.data(), nI, nJ, ld, tbuf.data(), ld);
-          rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf.data(), ld);
-          rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf.data(), ld);
-          add_transposed<T>(buf.data(), ld, tbuf.data(), ld, nI, nJ, h, hld);
+          rows(scratch, g.r0(I), nI, g.r0(I), nI, buf, ld);
+          add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
+          at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+          continue;
         }
+        transpose_tile<T>(buf, nI, nJ, ld, tbuf, ld);
+        rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf, ld);
+        rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf, ld);
+        add_transposed<T>(buf, ld, tbuf, ld, nI, nJ, h, ld);
+        at::Tensor outJ = view2d(dX + g.r0(J) * D, nJ, D, D, 1);
+        at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1), 1, alpha);
+        at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
       }
-    });
-    // phase B: output block K; its work in rows of H times D
-    std::vector<int64_t> outs;
-    std::vector<double> work;
-    for (int64_t K = K0; K < nb; ++K) {
-      const int64_t own = K < K1 ? (N - g.r0(K)) : 0;
-      const int64_t pre = (std::min(K, K1) - K0) * b;  // rows of the super-block's blocks < K
-      if (own + pre > 0) {
-        outs.push_back(K);
-        work.push_back(static_cast<double>(own + pre));
-      }
-    }
-    // longest-first greedy bins (which thread computes a block never changes its bits)
-    std::vector<int64_t> order(outs.size());
-    std::iota(order.begin(), order.end(), int64_t(0));
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work[a] > work[c]; });
-    const int64_t nbins = std::min<int64_t>(nthreads, static_cast<int64_t>(outs.size()));
-    std::vector<std::vector<int64_t>> bins(static_cast<size_t>(std::max<int64_t>(nbins, 1)));
-    std::vector<double> load(bins.size(), 0.0);
-    for (int64_t k : order) {
-      const size_t best = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-      bins[best].push_back(outs[k]);
-      load[best] += work[k];
-    }
-    at::parallel_for(0, nbins, 1, [&](int64_t q0, int64_t q1) {
-      SequentialBlas seq;
-      for (int64_t q = q0; q < q1; ++q)
-        for (int64_t K : bins[q]) {
-          const int64_t nK = g.len(K);
-          at::Tensor out = view2d(dX + g.r0(K) * D, nK, D, D, 1);
-          if (K < K1) {  // dX_K += alpha · H_K,[K..N) X_[K..N)
-            const int64_t c0 = g.r0(K);
-            at::addmm_out(out, out, view2d<T>(Hbuf + (K - K0) * b * hld + c0, nK, N - c0, hld, 1),
-                          view2d(X + c0 * D, N - c0, D, D, 1), /*beta=*/1, /*alpha=*/alpha);
-          }
-          const int64_t pre = (std::min(K, K1) - K0) * b;
-          if (pre > 0) {  // dX_K += alpha · H_[K0..K),Kᵀ X_[K0..K)
-            at::addmm_out(out, out, view2d<T>(Hbuf + g.r0(K), nK, pre, 1, hld),
-                          view2d(X + g.r0(K0) * D, pre, D, D, 1), /*beta=*/1, /*alpha=*/alpha);
-          }
-        }
     });
   }
 }
