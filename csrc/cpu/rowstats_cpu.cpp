@@ -87,6 +87,9 @@ struct Problem {
   int64_t self_offset;
   T inv_tau, gamma;
   bool focal;
+  // symmetric path: blk[k * (nblk + 1) + J] = offset in label k's run of its first column >= J * bsz
+  const int64_t* blk = nullptr;
+  int64_t bsz = 0, nblk = 0;
 
   int64_t self_col(int64_t i) const {
     if (self_offset < 0) return -1;
@@ -109,6 +112,12 @@ struct Problem {
     if (np == 0) {
       *n = 0;
       return nullptr;
+    }
+    if (blk != nullptr && c0 % bsz == 0) {  // a tile's columns: two table reads
+      const int32_t id = ix->aid[i];
+      const int64_t J0 = c0 / bsz, J1 = std::min(nblk, (c1 + bsz - 1) / bsz);
+      *n = blk[id * (nblk + 1) + J1] - blk[id * (nblk + 1) + J0];
+      return pl + blk[id * (nblk + 1) + J0];
     }
     const int64_t* a = std::lower_bound(pl, pl + np, c0);
     const int64_t* b = std::lower_bound(a, pl + np, c1);
@@ -333,37 +342,46 @@ static void sym_pass1_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
   const T* lab_p = P.clabf + c0;
   const Vec vinv(P.inv_tau), vli(static_cast<T>(aid));
-  Vec vmax[4] = {Vec(ninf), Vec(ninf), Vec(ninf), Vec(ninf)};  // four chains: max latency, not throughput
-  for (int64_t j = 0, q = 0; j < ncp; j += W, q = (q + 1) & 3) {  // x = s * inv_tau + bias (in place), max
+  auto logit = [&](int64_t j) {  // x = s * inv_tau + bias, stored in place
     Vec v = Vec::loadu(x + j) * vinv;
     if (P.bs != nullptr) {
       const Vec same = (Vec::loadu(lab_p + j) == vli);
       v = v + Vec::blendv(Vec::loadu(P.bo + c0 + j), Vec::loadu(P.bs + c0 + j), same);
     }
     v.store(x + j);
-    vmax[q] = at::vec::maximum(vmax[q], v);
+    return v;
+  };
+  Vec vmax0(ninf), vmax1(ninf);  // two chains (max latency, not throughput), in registers
+  int64_t j = 0;
+  for (; j + 2 * W <= ncp; j += 2 * W) {
+    vmax0 = at::vec::maximum(vmax0, logit(j));
+    vmax1 = at::vec::maximum(vmax1, logit(j + W));
   }
-  const T m = hmax(at::vec::maximum(at::vec::maximum(vmax[0], vmax[1]), at::vec::maximum(vmax[2], vmax[3])));
+  if (j < ncp) vmax0 = at::vec::maximum(vmax0, logit(j));
+  const T m = hmax(at::vec::maximum(vmax0, vmax1));
   T m2 = ninf, s2 = T(0);
   int64_t top = -1;
   if (m > ninf && m < -ninf) {
     const Vec vm(m);
-    for (int64_t j = 0; j < ncp && top < 0; j += W) {
-      if (any_lane<T>(Vec::loadu(x + j) == vm)) {
-        for (int64_t l = 0; l < W; ++l) {
-          if (x[j + l] == m) {
-            top = j + l;
-            break;
-          }
-        }
+    constexpr int full = static_cast<int>((W >= 32) ? -1 : ((1u << W) - 1u));
+    for (int64_t jj = 0; jj < ncp; jj += W) {  // first lane equal to m: the lowest clear bit of the zero mask
+      const int eq = ~(Vec::loadu(x + jj) == vm).zero_mask() & full;
+      if (eq != 0) {
+        top = jj + __builtin_ctz(static_cast<unsigned>(eq));
+        break;
       }
     }
     x[top] = ninf;
     auto sum_exp = [&](T ref) {
       const Vec vr(ref);
-      Vec acc[2] = {Vec(T(0)), Vec(T(0))};
-      for (int64_t j = 0, q = 0; j < ncp; j += W, q ^= 1) acc[q] = acc[q] + (Vec::loadu(x + j) - vr).exp();
-      return hsum(acc[0] + acc[1]);
+      Vec acc0(T(0)), acc1(T(0));
+      int64_t jj = 0;
+      for (; jj + 2 * W <= ncp; jj += 2 * W) {
+        acc0 = acc0 + (Vec::loadu(x + jj) - vr).exp();
+        acc1 = acc1 + (Vec::loadu(x + jj + W) - vr).exp();
+      }
+      if (jj < ncp) acc0 = acc0 + (Vec::loadu(x + jj) - vr).exp();
+      return hsum(acc0 + acc1);
     };
     // (m2, s2) with m2 = m as the reference; redone from the block's own second max when tiny (see forward_row)
     m2 = m;
@@ -427,8 +445,28 @@ static void sym_pass2_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   S.un[slot] = un;
 }
 
+// P with the block table of pos_range for tiles of b columns (table: its storage)
 template <typename T>
-static void sym_forward_impl(const Problem<T>& P, const FwdOut& o) {
+static Problem<T> with_block_index(const Problem<T>& P0, int64_t b, std::vector<int64_t>* table) {
+  Problem<T> P = P0;
+  const int64_t nb = (P.N + b - 1) / b, nl = static_cast<int64_t>(P.ix->start.size()) - 1;
+  table->assign(static_cast<size_t>(std::max<int64_t>(nl, 0) * (nb + 1)), 0);
+  for (int64_t k = 0; k < nl; ++k) {
+    const int64_t* run = P.ix->perm.data() + P.ix->start[k];
+    const int64_t len = P.ix->start[k + 1] - P.ix->start[k];
+    for (int64_t J = 0; J <= nb; ++J)
+      (*table)[k * (nb + 1) + J] = std::lower_bound(run, run + len, std::min(J * b, P.N)) - run;
+  }
+  P.blk = table->data();
+  P.bsz = b;
+  P.nblk = nb;
+  return P;
+}
+
+template <typename T>
+static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
+  std::vector<int64_t> table;
+  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
   const int64_t N = P.N;
   const int64_t nb = strip::SymGrid(N, strip::sym_block<T>(N)).nb;
   SymParts<T> S;
@@ -643,7 +681,9 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
 // Symmetric backward (C is A): dX = inv_tau (G + Gᵀ) X on the tiles of strip::sym_backward_tiles, G's rows
 // formed by the same backward_cols as the general path.
 template <typename T>
-static void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
+static void sym_backward_impl(const Problem<T>& P0, const BwdIn<T>& in, T* dX) {
+  std::vector<int64_t> table;
+  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
   strip::sym_backward_tiles<T>(
       P.A, P.N, P.D, P.Npad, P.inv_tau, dX, [&] { return std::vector<T>(static_cast<size_t>(P.N)); },
       [&](std::vector<T>& posg, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {

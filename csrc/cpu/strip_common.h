@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <numeric>
@@ -67,6 +68,20 @@ at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1
   return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 horizontal reductions (fixed tree order: deterministic); hmax keeps the NaN rule below.
+inline float hsum(const at::vec::Vectorized<float>& v) { return _mm512_reduce_add_ps(v); }
+inline double hsum(const at::vec::Vectorized<double>& v) { return _mm512_reduce_add_pd(v); }
+inline float hmax(const at::vec::Vectorized<float>& v) {
+  if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(v);
+}
+inline double hmax(const at::vec::Vectorized<double>& v) {
+  if (_mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) != 0) return std::numeric_limits<double>::quiet_NaN();
+  return _mm512_reduce_max_pd(v);
+}
+#endif
 
 template <typename T>
 T hsum(const at::vec::Vectorized<T>& v) {
