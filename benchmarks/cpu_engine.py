@@ -17,9 +17,10 @@ Compares, at D=128, 100 classes, fp32, forward+backward:
   * ``cpu_general``: the same call with the symmetric path switched off (``CPUEngine.symmetric_ops`` emptied
     in the worker): the engine's general path, as before the symmetric one existed.
 Every (case, N) runs in a fresh subprocess, so ``peak_rss_mb`` is the whole process's peak resident
-memory (VmHWM) for that case alone. Times are medians of ``--repeats`` runs after one warm-up; ``mm1`` is
-measured at each N in the same run, and ``ratio_vs_mm`` = median / mm1's median. The machine is shared:
-run it when ``uptime`` shows a low load. Output: benchmarks/results/cpu_engine.csv (plot: --plot).
+memory (VmHWM) for that case alone. Times are medians of ``--repeats`` runs after one warm-up. Every
+timed run is followed by one ``mm1`` in the same process (``mm1_same_process_s``: their median), and
+``ratio_vs_mm`` = median / that median: a ratio that survives the load changes of a shared machine (run it
+when ``uptime`` shows a low load all the same). Output: benchmarks/results/cpu_engine.csv (plot: --plot).
 """
 from __future__ import annotations
 
@@ -92,13 +93,16 @@ def _worker(spec):
     N, D, provider, loss, repeats = spec["N"], spec["D"], spec["provider"], spec["loss"], spec["repeats"]
     X0 = torch.nn.functional.normalize(torch.randn(N, D), dim=1)
     y = torch.randint(0, 100, (N,))
-    if provider == "mm1":
-        bm = 1024
-        S = torch.empty(min(bm, N), N)
+    bm = 1024
+    # (allocated only where mm1 runs: it counts in peak_rss_mb, 4 * 1024 * N bytes)
+    S1 = torch.empty(min(bm, N), N) if provider == "mm1" or spec["paired_mm"] else None
 
-        def run():
-            for r in range(0, N, bm):
-                torch.mm(X0[r:r + bm], X0.T, out=S[:min(bm, N - r)])
+    def mm1():  # one N x N x D product, row-blocked into a reused buffer: the unit of ratio_vs_mm
+        for r in range(0, N, bm):
+            torch.mm(X0[r:r + bm], X0.T, out=S1[:min(bm, N - r)])
+
+    if provider == "mm1":
+        run = mm1
     elif provider == "gemm4":
         S = torch.empty(N, N)
         out = torch.empty(N, D)
@@ -124,15 +128,22 @@ def _worker(spec):
         def run():
             x = X0.clone().requires_grad_(True)
             fn(x).backward()
-    times = []
+    times, mm_times = [], []
     for k in range(repeats + (1 if spec["warmup"] else 0)):
         t0 = time.perf_counter()
         run()
         dt = time.perf_counter() - t0
+        if spec["paired_mm"]:  # one mm1 right after every run, in this process: a ratio robust to load changes
+            t1 = time.perf_counter()
+            mm1()
+            dm = time.perf_counter() - t1
         if k > 0 or not spec["warmup"]:
             times.append(dt)
+            if spec["paired_mm"]:
+                mm_times.append(dm)
     peak_mb = _vm_hwm_mb()
     print(json.dumps(dict(median_s=statistics.median(times), times=times, peak_rss_mb=peak_mb,
+                          mm_median_s=statistics.median(mm_times) if mm_times else None,
                           threads=torch.get_num_threads())))
 
 
@@ -161,11 +172,15 @@ def main():
     timing_Ns = (2048,) if args.quick else (8192, 16384)
     rows = []
 
-    def record(loss, N, provider, repeats, warmup=True):
-        res = _spawn(dict(N=N, D=D, provider=provider, loss=loss, repeats=repeats, warmup=warmup))
+    def record(loss, N, provider, repeats, warmup=True, paired=False):
+        res = _spawn(dict(N=N, D=D, provider=provider, loss=loss, repeats=repeats, warmup=warmup,
+                          paired_mm=paired))
         row = dict(loss=loss, N=N, D=D, provider=provider, median_s=round(res["median_s"], 4),
                    peak_rss_mb=round(res["peak_rss_mb"], 1), threads=res["threads"],
                    times=" ".join(f"{t:.4f}" for t in res["times"]))
+        if res.get("mm_median_s"):
+            row["mm1_same_process_s"] = round(res["mm_median_s"], 4)
+            row["ratio_vs_mm"] = round(res["median_s"] / res["mm_median_s"], 2)
         rows.append(row)
         print(f"{loss:7s} N={N:6d} {provider:11s} median {row['median_s']:.3f} s  peak RSS {row['peak_rss_mb']:.0f} MB",
               flush=True)
@@ -173,24 +188,22 @@ def main():
 
     for N in timing_Ns:
         mm = record("-", N, "mm1", args.repeats)
-        gemm = record("-", N, "gemm4", args.repeats)
+        mm["ratio_vs_mm"] = 1.0
+        gemm = record("-", N, "gemm4", args.repeats, paired=True)
         for loss in ("supcon", "afcl"):
-            dense = record(loss, N, "dense", args.repeats) if N <= 8192 else None
+            dense = record(loss, N, "dense", args.repeats, paired=True) if N <= 8192 else None
             for prov in ("cpu", "cpu_general"):
-                r = record(loss, N, prov, args.repeats)
+                r = record(loss, N, prov, args.repeats, paired=True)
                 if dense is not None:
                     r["speedup_vs_dense"] = round(dense["median_s"] / r["median_s"], 2)
                 r["ratio_vs_gemm4"] = round(r["median_s"] / gemm["median_s"], 2)
-        for r in rows:
-            if r["N"] == N:
-                r["ratio_vs_mm"] = round(r["median_s"] / mm["median_s"], 2)
     if not (args.quick or args.no_memory):
         for N in (32768, 65536):
             for loss in ("supcon", "afcl"):
                 record(loss, N, "cpu", 1, warmup=False)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    fields = ["loss", "N", "D", "provider", "median_s", "ratio_vs_mm", "speedup_vs_dense", "ratio_vs_gemm4",
-              "peak_rss_mb", "threads", "times"]
+    fields = ["loss", "N", "D", "provider", "median_s", "ratio_vs_mm", "mm1_same_process_s", "speedup_vs_dense",
+              "ratio_vs_gemm4", "peak_rss_mb", "threads", "times"]
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
