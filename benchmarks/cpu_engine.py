@@ -2,7 +2,8 @@
 
     python benchmarks/cpu_engine.py                      # full run: N=8192 and 16384 timings, N=32768/65536 memory
     python benchmarks/cpu_engine.py --quick              # N=2048 only
-    python benchmarks/cpu_engine.py --no-memory          # timings only (the run committed in results/)
+    python benchmarks/cpu_engine.py --repeats 5 --no-memory --plot benchmarks/results/cpu_engine.png
+                                                         # timings only: the run committed in results/
 
 Compares, at D=128, 100 classes, fp32, forward+backward:
   * ``mm1``: ONE N x N x D matrix product, row-blocked (torch.mm of 1024-row blocks of X against Xᵀ into one
