@@ -13,6 +13,12 @@
 // dC_cols += inv_tau * G_sb[:, cols]^T A_sb. Every GEMM has a shape that does not depend on the
 // number of threads and every output element is reduced in a fixed order, so results are
 // bit-identical for any thread count.
+//
+// Symmetric path (symmetric=True: C is A, c_lab equal to a_lab, self_offset 0): the tiles of
+// strip::sym_forward_tiles / sym_backward_tiles, one GEMM per pair of row blocks; the per-element
+// epilogues (backward_cols, neg_focal_acc, the ltcl_math.h terms) are the general path's.
+// GEMM-equivalents forward+backward: general 4, symmetric 2 (focal 2.5: the general forward, whose pass C
+// reuses pass B's exponentials, then the symmetric backward). docs/performance_cpu.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
