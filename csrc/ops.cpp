@@ -7,10 +7,12 @@ TORCH_LIBRARY(ltcl_fused, m) {
   // (lse, pos_sum, fpos, fneg, upos, uneg, top, lrest), [M] each, top int64, the rest in the accumulation dtype.
   m.def(
       "rowstats_fwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
-      "int self_offset, float inv_tau, float gamma, bool focal) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Gradient (dA, dC) of sum_ij G_ij s_ij for the G of the contract, recomputing S.
+      "int self_offset, float inv_tau, float gamma, bool focal, bool symmetric=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // symmetric=True (C is A, c_lab equal to a_lab, self_offset 0; CPU only): one GEMM per pair of row blocks.
+  // Gradient (dA, dC) of sum_ij G_ij s_ij for the G of the contract, recomputing S; symmetric=True returns
+  // (dX, an empty [0, D] tensor) with dX the whole gradient of the one input.
   m.def(
       "rowstats_bwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
       "int self_offset, float inv_tau, float gamma, bool focal, Tensor lse, Tensor top, Tensor lrest, Tensor cpos, Tensor cposf, "
-      "Tensor cneg, Tensor r, Tensor rt) -> (Tensor, Tensor)");
+      "Tensor cneg, Tensor r, Tensor rt, bool symmetric=False) -> (Tensor, Tensor)");
 }

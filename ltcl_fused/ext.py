@@ -82,7 +82,9 @@ def _openmp_flags() -> List[str]:
 
 def _cpu_flags() -> List[str]:
     """Vector ISA of the at::vec code: the capability torch itself dispatches to on this CPU."""
-    flags = ["-O3"] + _openmp_flags()
+    # -ffp-contract=off: every product rounded as written, so the backward recomputes the forward's logits
+    # bit for bit (an fma in one of them only breaks x - lse consistency at |x| ~ 1e7)
+    flags = ["-O3", "-ffp-contract=off"] + _openmp_flags()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return flags + ["-DCPU_CAPABILITY=DEFAULT"]
     try:
@@ -163,7 +165,7 @@ def _register_python_side() -> None:
     """Fake (meta) kernels and the autograd formula of the ops, so opcheck and torch.compile work."""
 
     @torch.library.register_fake("ltcl_fused::rowstats_fwd")
-    def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal):
+    def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, symmetric=False):
         acc = torch.float64 if A.dtype == torch.float64 else torch.float32
         M = A.shape[0]
         stats = [A.new_empty((M,), dtype=acc) for _ in range(6)]
@@ -171,29 +173,34 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("ltcl_fused::rowstats_bwd")
     def _bwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal,
-                  lse, top, lrest, cpos, cposf, cneg, r, rt):
+                  lse, top, lrest, cpos, cposf, cneg, r, rt, symmetric=False):
+        if symmetric:  # (dX, an empty [0, D]): dX is the gradient through both A and C
+            return A.new_empty(A.shape), C.new_empty((0, C.shape[1]))
         return A.new_empty(A.shape), C.new_empty(C.shape)
 
     def _setup(ctx, inputs, output):
-        A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal = inputs
+        A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, *rest = inputs
+        symmetric = bool(rest[0]) if rest else False
         lse, _, _, _, upos, uneg, top, lrest = output
         ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest)
-        ctx.cfg = (self_offset, inv_tau, gamma, focal)
+        ctx.cfg = (self_offset, inv_tau, gamma, focal, symmetric)
 
     def _backward(ctx, g_lse, g_pos, g_fpos, g_fneg, g_upos, g_uneg, g_top, g_lrest):
         # upos, uneg, top, lrest are auxiliary outputs (inputs of the backward formula): not differentiated.
         A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
-        self_offset, inv_tau, gamma, focal = ctx.cfg
+        self_offset, inv_tau, gamma, focal, symmetric = ctx.cfg
         from .engine.function import backward_coefficients, dominant_is_negative
         cpos, cposf, cneg, r, rt = backward_coefficients(
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
         with torch.no_grad():  # first-order only: a second differentiation raises (engine/first_order.py)
             dA, dC = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, self_offset,
                                                        inv_tau, gamma, focal, lse, top, lrest, cpos, cposf, cneg,
-                                                       r, rt)
+                                                       r, rt, symmetric)
+        if symmetric:  # A and C are one tensor: its whole gradient goes to A
+            dC = None
         from .engine.first_order import first_order
         dA, dC = first_order("torch.ops.ltcl_fused.rowstats_fwd", A.device.type, (dA, dC), (A, C))
-        return dA, dC, None, None, None, None, None, None, None, None
+        return dA, dC, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ltcl_fused::rowstats_fwd", _backward, setup_context=_setup)
     _register_ssl_python_side()

@@ -153,6 +153,60 @@ LTCL_HD void focal_pos(T logp, T log1mp, bool is_top, T lrest, T gamma, T* f, T*
   *u = -w * (T(1) + gamma * rho);
 }
 
+// (1-p)^gamma for 1 - p = q: repeated squaring for an integer gamma in [1, 16] (no libm call), else
+// exp(gamma log1p(-p)) (p <= 1/2 here, so q and log1p(-p) are accurate to rounding).
+template <typename T>
+LTCL_HD T pow_1mp(T p, T gamma) {
+  const int n = static_cast<int>(gamma);
+  if (static_cast<T>(n) == gamma && n >= 1 && n <= 16) {
+    T base = T(1) - p, w = T(1);
+    for (int k = n; k > 0; k >>= 1) {
+      if (k & 1) w *= base;
+      base *= base;
+    }
+    return w;
+  }
+  return f_exp(gamma * f_log1p(-p));
+}
+
+// focal_pos off the dominant column (p <= 1/2) given p = e^logp: w = pow_1mp(p, gamma), rho = -p log p / (1 - p),
+// f+ = -w log p, u+ = -w (1 + gamma rho); gamma == 0: -log p and -1. No libm call for an integer gamma <= 16
+// (focal_pos spends two: exp(gamma log(1-p)) and p again, after log1mexp's two for log(1-p)).
+template <typename T>
+LTCL_HD void focal_pos_offtop(T logp, T p, T gamma, T* f, T* u) {
+  if (gamma == T(0)) {
+    *f = -logp;
+    *u = T(-1);
+    return;
+  }
+  const T w = pow_1mp(p, gamma);
+  const T rho = -p * logp / (T(1) - p);
+  *f = -w * logp;
+  *u = -w * (T(1) + gamma * rho);
+}
+
+// grad_element for a column off the dominant one from log p alone (log(1 - p) is not needed: p <= 1/2):
+// one exp, a second one only for the dominant negative's share (rt != 0). Same formula as grad_element.
+template <typename T>
+LTCL_HD T grad_element_offtop(T logp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r,
+                              T rt) {
+  const T p = f_exp(logp);
+  T g = -r * p;
+  if (!focal) return is_pos ? g + cpos : g;
+  if (rt != T(0)) g -= rt * f_exp(logp - lrest);
+  if (is_pos) {
+    g += cpos;
+    if (cposf != T(0)) {
+      T f, u;
+      focal_pos_offtop(logp, p, gamma, &f, &u);
+      g += cposf * u;
+    }
+  } else if (cneg != T(0)) {
+    g += cneg * (p / (T(1) - p));
+  }
+  return g;
+}
+
 // Negative-pair terms: f-(q) = -log(1-q), u-(q) = q f-'(q) = q / (1-q).
 template <typename T>
 LTCL_HD void focal_neg(T logp, T log1mp, T* f, T* u) {

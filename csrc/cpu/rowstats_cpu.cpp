@@ -13,6 +13,12 @@
 // dC_cols += inv_tau * G_sb[:, cols]^T A_sb. Every GEMM has a shape that does not depend on the
 // number of threads and every output element is reduced in a fixed order, so results are
 // bit-identical for any thread count.
+//
+// Symmetric path (symmetric=True: C is A, c_lab equal to a_lab, self_offset 0): the tiles of
+// strip::sym_forward_tiles / sym_backward_tiles, one GEMM per pair of row blocks; the per-element
+// epilogues (backward_cols, neg_focal_acc, the ltcl_math.h terms) are the general path's.
+// GEMM-equivalents forward+backward: general 4, symmetric 2 (focal 2.5: the general forward, whose pass C
+// reuses pass B's exponentials, then the symmetric backward). docs/performance_cpu.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -87,6 +93,9 @@ struct Problem {
   int64_t self_offset;
   T inv_tau, gamma;
   bool focal;
+  // symmetric path: blk[k * (nblk + 1) + J] = offset in label k's run of its first column >= J * bsz
+  const int64_t* blk = nullptr;
+  int64_t bsz = 0, nblk = 0;
 
   int64_t self_col(int64_t i) const {
     if (self_offset < 0) return -1;
@@ -102,6 +111,25 @@ struct Problem {
     *n = ix->start[id + 1] - ix->start[id];
     return ix->perm.data() + ix->start[id];
   }
+  // the positives of anchor i among the columns [c0, c1) (a sub-run: a run is sorted by column index)
+  const int64_t* pos_range(int64_t i, int64_t c0, int64_t c1, int64_t* n) const {
+    int64_t np = 0;
+    const int64_t* pl = pos_list(i, &np);
+    if (np == 0) {
+      *n = 0;
+      return nullptr;
+    }
+    if (blk != nullptr && c0 % bsz == 0) {  // a tile's columns: two table reads
+      const int32_t id = ix->aid[i];
+      const int64_t J0 = c0 / bsz, J1 = std::min(nblk, (c1 + bsz - 1) / bsz);
+      *n = blk[id * (nblk + 1) + J1] - blk[id * (nblk + 1) + J0];
+      return pl + blk[id * (nblk + 1) + J0];
+    }
+    const int64_t* a = std::lower_bound(pl, pl + np, c0);
+    const int64_t* b = std::lower_bound(a, pl + np, c1);
+    *n = b - a;
+    return a;
+  }
 };
 
 template <typename T>
@@ -109,6 +137,45 @@ static inline bool any_lane(const Vectorized<T>& mask) {
   constexpr int W = Vectorized<T>::size();
   const int full = static_cast<int>((W >= 32) ? -1 : ((1u << W) - 1u));
   return mask.zero_mask() != full;
+}
+
+// f- = -log1p(-p) and u- = p / (1 - p) summed into fa, ua for the lanes of pn (the negatives' p <= 1/2, 0 on
+// every other lane). When every lane is below 2^-7 (the common case: p ~ 1/N; measured: all but 5e-5 of
+// the vectors of the N = 8192 benchmark), both are series cut where the next term is below rounding:
+// -log1p(-p) = p (1 + p/2 + p^2/3 + ...) and p / (1 - p) = p (1 + p + p^2 + ...), K terms (fp32: 5, the
+// first term left out p^5 / 6 < 2^-35 relative; fp64: 8): no Sleef call and no division. Otherwise Sleef's
+// log1p and a division. NaN lanes take that branch (NaN in, NaN out).
+template <typename T>
+static inline void neg_focal_acc(const Vectorized<T>& pn, Vectorized<T>& fa, Vectorized<T>& ua) {
+  using Vec = Vectorized<T>;
+  const Vec one(T(1));
+  const Vec small = pn < Vec(T(0.0078125));
+  if (small.zero_mask() == 0) {
+    constexpr int K = sizeof(T) == 4 ? 5 : 8;
+    Vec f(T(1) / T(K)), u(one);
+    for (int k = K - 1; k >= 1; --k) {
+      f = at::vec::fmadd(f, pn, Vec(T(1) / T(k)));
+      u = at::vec::fmadd(u, pn, one);
+    }
+    fa = at::vec::fmadd(f, pn, fa);
+    ua = at::vec::fmadd(u, pn, ua);
+  } else {
+    fa = fa - (Vec(T(0)) - pn).log1p();
+    ua = ua + pn / (one - pn);
+  }
+}
+
+// u- = p / (1 - p) of the lanes of pn (p <= 1/2; 0 elsewhere): the series of neg_focal_acc when every lane
+// is below 2^-7, else a division.
+template <typename T>
+static inline Vectorized<T> neg_u(const Vectorized<T>& pn) {
+  using Vec = Vectorized<T>;
+  const Vec one(T(1));
+  if ((pn < Vec(T(0.0078125))).zero_mask() != 0) return pn / (one - pn);
+  constexpr int K = sizeof(T) == 4 ? 5 : 8;
+  Vec u(one);
+  for (int k = K - 1; k >= 1; --k) u = at::vec::fmadd(u, pn, one);
+  return u * pn;
 }
 
 // ---------------------------------------------------------------- forward
@@ -224,22 +291,26 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
   for (int64_t k = 0; k < np; ++k) {
     const int64_t j = pl[k];
     if (j == self) continue;
-    T lp, l1, f, u;
-    cm::elem_logp<T>(x[j], lse, j == top, lrest, &lp, &l1);
-    cm::focal_pos<T>(lp, l1, j == top, lrest, P.gamma, &f, &u);
+    T f, u;
+    if (j == top) {
+      T lp, l1;
+      cm::elem_logp<T>(x[j], lse, true, lrest, &lp, &l1);
+      cm::focal_pos<T>(lp, l1, true, lrest, P.gamma, &f, &u);
+    } else {
+      const T lp = x[j] - lse;
+      cm::focal_pos_offtop<T>(lp, std::exp(lp), P.gamma, &f, &u);
+    }
     fp += f;
     up += u;
   }
   // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e exp(m2 - lse)
   T fn = T(0), un = T(0);
   if (m2 > ninf) {
-    const Vec vis(std::exp(m2 - lse)), zero(T(0)), one(T(1));
+    const Vec vis(std::exp(m2 - lse)), zero(T(0));
     Vec fa(T(0)), ua(T(0));
     for (int64_t j = 0; j < P.Npad; j += W) {  // e[top] = 0 and e[self] = 0 contribute 0
       const Vec p = Vec::loadu(e + j) * vis;
-      const Vec neg = (Vec::loadu(P.clabf + j) != vli);
-      fa = fa + Vec::blendv(zero, zero - (zero - p).log1p(), neg);
-      ua = ua + Vec::blendv(zero, p / (one - p), neg);
+      neg_focal_acc<T>(Vec::blendv(zero, p, Vec::loadu(P.clabf + j) != vli), fa, ua);
     }
     fn = hsum(fa);
     un = hsum(ua);
@@ -263,6 +334,269 @@ static void forward_impl(const Problem<T>& P, const FwdOut& o) {
       [&](std::vector<T>& ebuf, int64_t i, T* x) { forward_row(P, i, x, ebuf.data(), o); });
 }
 
+// ---------------------------------------------------------------- symmetric forward (C is A, self_offset 0)
+//
+// Pass 1 (every unordered tile pair once, strip::sym_forward_tiles): per (row i, column block J) the partial
+// state of the contract's streaming form, (m, top, m2, s2) over the block's columns and the positives' raw
+// sum; merged per row in column-block order (top_rest_step): lse, lrest, top. Pass 2 (focal only, the tiles
+// recomputed): per (row, block) the sums of f+, u+ (positives), f-, u- (negatives) off the dominant column,
+// merged in block order, plus the dominant column's own terms from lrest.
+
+template <typename T>
+struct SymParts {  // [nb * N] each, slot J * N + i; per-thread workspaces (strip::workspace), every slot written
+  T *m, *m2, *s2, *ps, *fp, *up, *fn, *un;
+  int64_t* top;
+};
+
+// Pass 1 of row i over the columns [c0, c0 + nc) (x: raw similarities, clobbered).
+template <typename T>
+static void sym_pass1_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc, T* x, SymParts<T>& S,
+                          int64_t slot) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
+  const T ninf = cm::neg_inf<T>();
+  const int32_t aid = P.ix->aid[i];
+  const int64_t self = (i >= c0 && i < c0 + nc) ? i - c0 : -1;
+  int64_t np = 0;
+  const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
+  T psum = T(0);
+  for (int64_t k = 0; k < np; ++k)
+    if (pl[k] != i) psum += x[pl[k] - c0] * P.inv_tau;
+  if (self >= 0) x[self] = ninf;
+  for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
+  const T* lab_p = P.clabf + c0;
+  const Vec vinv(P.inv_tau), vli(static_cast<T>(aid));
+  auto logit = [&](int64_t j) {  // x = s * inv_tau + bias, stored in place
+    Vec v = Vec::loadu(x + j) * vinv;
+    if (P.bs != nullptr) {
+      const Vec same = (Vec::loadu(lab_p + j) == vli);
+      v = v + Vec::blendv(Vec::loadu(P.bo + c0 + j), Vec::loadu(P.bs + c0 + j), same);
+    }
+    v.store(x + j);
+    return v;
+  };
+  Vec vmax0(ninf), vmax1(ninf);  // two chains (max latency, not throughput), in registers
+  int64_t j = 0;
+  for (; j + 2 * W <= ncp; j += 2 * W) {
+    vmax0 = at::vec::maximum(vmax0, logit(j));
+    vmax1 = at::vec::maximum(vmax1, logit(j + W));
+  }
+  if (j < ncp) vmax0 = at::vec::maximum(vmax0, logit(j));
+  const T m = hmax(at::vec::maximum(vmax0, vmax1));
+  T m2 = ninf, s2 = T(0);
+  int64_t top = -1;
+  if (m > ninf && m < -ninf) {
+    const Vec vm(m);
+    constexpr int full = static_cast<int>((W >= 32) ? -1 : ((1u << W) - 1u));
+    for (int64_t jj = 0; jj < ncp; jj += W) {  // first lane equal to m: the lowest clear bit of the zero mask
+      const int eq = ~(Vec::loadu(x + jj) == vm).zero_mask() & full;
+      if (eq != 0) {
+        top = jj + __builtin_ctz(static_cast<unsigned>(eq));
+        break;
+      }
+    }
+    x[top] = ninf;
+    auto sum_exp = [&](T ref) {
+      const Vec vr(ref);
+      Vec acc0(T(0)), acc1(T(0));
+      int64_t jj = 0;
+      for (; jj + 2 * W <= ncp; jj += 2 * W) {
+        acc0 = acc0 + (Vec::loadu(x + jj) - vr).exp();
+        acc1 = acc1 + (Vec::loadu(x + jj + W) - vr).exp();
+      }
+      if (jj < ncp) acc0 = acc0 + (Vec::loadu(x + jj) - vr).exp();
+      return hsum(acc0 + acc1);
+    };
+    // (m2, s2) with m2 = m as the reference; redone from the block's own second max when tiny (see forward_row)
+    m2 = m;
+    s2 = sum_exp(m);
+    if (s2 < (sizeof(T) == 4 ? T(1e-20) : T(1e-200))) {
+      Vec vm2(ninf);
+      for (int64_t j = 0; j < ncp; j += W) vm2 = at::vec::maximum(vm2, Vec::loadu(x + j));
+      m2 = hmax(vm2);
+      s2 = m2 > ninf ? sum_exp(m2) : T(0);
+    }
+    top += c0;
+  }
+  S.m[slot] = m;
+  S.top[slot] = top;
+  S.m2[slot] = m2;
+  S.s2[slot] = s2;
+  S.ps[slot] = psum;
+}
+
+// Pass 2 of row i over the columns [c0, c0 + nc), given its finished lse, lrest and top.
+template <typename T>
+static void sym_pass2_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc, T* x, T lse, int64_t top,
+                          SymParts<T>& S, int64_t slot) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
+  const T ninf = cm::neg_inf<T>();
+  T fp = T(0), up = T(0), fn = T(0), un = T(0);
+  if (lse > ninf && lse < -ninf && top >= 0) {  // else the row's sums are set at the merge
+    const int32_t aid = P.ix->aid[i];
+    int64_t np = 0;
+    const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
+    for (int64_t k = 0; k < np; ++k) {  // positives off self and the dominant column
+      const int64_t j = pl[k];
+      if (j == i || j == top) continue;
+      const T lp = x[j - c0] * P.inv_tau + (P.bs != nullptr ? P.bs[j] : T(0)) - lse;
+      T f, u;
+      cm::focal_pos_offtop<T>(lp, std::exp(lp), P.gamma, &f, &u);
+      fp += f;
+      up += u;
+    }
+    if (i >= c0 && i < c0 + nc) x[i - c0] = ninf;
+    if (top >= c0 && top < c0 + nc) x[top - c0] = ninf;
+    for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
+    const T* lab_p = P.clabf + c0;
+    const Vec vinv(P.inv_tau), vli(static_cast<T>(aid)), vl(lse), zero(T(0));
+    Vec fa(T(0)), ua(T(0));
+    for (int64_t j = 0; j < ncp; j += W) {  // negatives: p = exp(x - lse) <= 1/2
+      const Vec neg = (Vec::loadu(lab_p + j) != vli);
+      Vec v = Vec::loadu(x + j) * vinv;
+      if (P.bo != nullptr) v = v + Vec::loadu(P.bo + c0 + j);
+      if (!any_lane<T>(neg)) continue;
+      neg_focal_acc<T>(Vec::blendv(zero, (v - vl).exp(), neg), fa, ua);
+    }
+    fn = hsum(fa);
+    un = hsum(ua);
+  }
+  S.fp[slot] = fp;
+  S.up[slot] = up;
+  S.fn[slot] = fn;
+  S.un[slot] = un;
+}
+
+// P with the block table of pos_range for tiles of b columns (table: its storage)
+template <typename T>
+static Problem<T> with_block_index(const Problem<T>& P0, int64_t b, std::vector<int64_t>* table) {
+  Problem<T> P = P0;
+  const int64_t nb = (P.N + b - 1) / b, nl = static_cast<int64_t>(P.ix->start.size()) - 1;
+  table->assign(static_cast<size_t>(std::max<int64_t>(nl, 0) * (nb + 1)), 0);
+  for (int64_t k = 0; k < nl; ++k) {
+    const int64_t* run = P.ix->perm.data() + P.ix->start[k];
+    const int64_t len = P.ix->start[k + 1] - P.ix->start[k];
+    for (int64_t J = 0; J <= nb; ++J)
+      (*table)[k * (nb + 1) + J] = std::lower_bound(run, run + len, std::min(J * b, P.N)) - run;
+  }
+  P.blk = table->data();
+  P.bsz = b;
+  P.nblk = nb;
+  return P;
+}
+
+template <typename T>
+static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
+  std::vector<int64_t> table;
+  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
+  const int64_t N = P.N;
+  const int64_t nb = strip::SymGrid(N, strip::sym_block<T>(N)).nb;
+  SymParts<T> S;
+  const size_t slots = static_cast<size_t>(nb * N);
+  T* ws = strip::workspace<T>(slots * (P.focal ? 8 : 4), 1);
+  S.m = ws;
+  S.m2 = ws + slots;
+  S.s2 = ws + 2 * slots;
+  S.ps = ws + 3 * slots;
+  S.fp = P.focal ? ws + 4 * slots : nullptr;
+  S.up = P.focal ? ws + 5 * slots : nullptr;
+  S.fn = P.focal ? ws + 6 * slots : nullptr;
+  S.un = P.focal ? ws + 7 * slots : nullptr;
+  S.top = strip::workspace<int64_t>(slots, 2);
+  auto none = [] { return 0; };
+  strip::sym_forward_tiles<T>(P.A, N, P.D, none,
+                              [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+                                for (int64_t r = 0; r < nr; ++r)
+                                  sym_pass1_row(P, r0 + r, c0, nc, x + r * ld, S, J * N + r0 + r);
+                              });
+  T* out_lse = static_cast<T*>(o.lse);
+  T* out_lrest = static_cast<T*>(o.lrest);
+  T* out_pos = static_cast<T*>(o.pos);
+  T* out_f[4] = {static_cast<T*>(o.fpos), static_cast<T*>(o.fneg), static_cast<T*>(o.upos), static_cast<T*>(o.uneg)};
+  const T ninf = cm::neg_inf<T>();
+  const bool has_valid = N > 1;
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T m = ninf, m2 = ninf, s2 = T(0), psum = T(0);
+      int64_t top = -1;
+      bool bad = false;
+      for (int64_t J = 0; J < nb; ++J) {
+        const int64_t sl = J * N + i;
+        psum += S.ps[sl];
+        const T tm = S.m[sl];
+        if (!(tm == tm) || tm == -ninf) {
+          bad = true;
+          continue;
+        }
+        cm::top_rest_step<T>(&m, &top, &m2, &s2, tm, S.top[sl], S.m2[sl], S.s2[sl]);
+      }
+      out_pos[i] = psum;
+      for (T* f : out_f) f[i] = T(0);
+      o.top[i] = -1;
+      T lse, lrest;
+      if (bad || !(m > ninf)) {  // poisoned (a NaN or +inf logit) or every logit -inf / no column
+        if (bad) s2 = cm::quiet_nan<T>();
+        if (!bad) m2 = ninf;
+        if (cm::top_rest_finish<T>(m, m2, bad ? s2 : T(0), has_valid, &lse, &lrest)) {
+          out_lse[i] = out_lrest[i] = lse;
+        } else {
+          out_lse[i] = out_lrest[i] = lse;
+          for (T* f : out_f) f[i] = lse;
+        }
+        continue;
+      }
+      if (!cm::top_rest_finish<T>(m, m2, s2, has_valid, &lse, &lrest)) {
+        out_lse[i] = out_lrest[i] = lse;
+        for (T* f : out_f) f[i] = lse;
+        continue;
+      }
+      o.top[i] = top;
+      out_lse[i] = lse;
+      out_lrest[i] = lrest;
+    }
+  });
+  if (!P.focal) return;
+  const int64_t* tops = o.top;
+  strip::sym_forward_tiles<T>(P.A, N, P.D, none,
+                              [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+                                for (int64_t r = 0; r < nr; ++r)
+                                  sym_pass2_row(P, r0 + r, c0, nc, x + r * ld, out_lse[r0 + r], tops[r0 + r], S,
+                                                J * N + r0 + r);
+                              });
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t top = tops[i];
+      if (top < 0) continue;  // empty or poisoned row: set above
+      T fp = T(0), up = T(0), fn = T(0), un = T(0);
+      for (int64_t J = 0; J < nb; ++J) {
+        const int64_t sl = J * N + i;
+        fp += S.fp[sl];
+        up += S.up[sl];
+        fn += S.fn[sl];
+        un += S.un[sl];
+      }
+      const T lse = out_lse[i], lrest = out_lrest[i];
+      T lp, l1, f, u;
+      cm::elem_logp<T>(T(0), lse, true, lrest, &lp, &l1);  // the dominant column: from lrest
+      if (P.ix->cid[top] == P.ix->aid[i]) {
+        cm::focal_pos<T>(lp, l1, true, lrest, P.gamma, &f, &u);
+        fp += f;
+        up += u;
+      } else {  // its f- counts, its u- does not
+        cm::focal_neg<T>(lp, l1, &f, &u);
+        fn += f;
+      }
+      static_cast<T*>(o.fpos)[i] = fp;
+      static_cast<T*>(o.upos)[i] = up;
+      static_cast<T*>(o.fneg)[i] = fn;
+      static_cast<T*>(o.uneg)[i] = un;
+    }
+  });
+}
+
 // ---------------------------------------------------------------- backward
 
 template <typename T>
@@ -271,45 +605,63 @@ struct BwdIn {
   const int64_t* top;
 };
 
-// On entry x holds the raw similarities of row i (Npad wide); on exit G_i (0 at self and padding).
+// G of row i over the columns [c0, c0 + nc): on entry x holds their raw similarities (padded to a multiple
+// of W, c0 a multiple of W), on exit G_ij (0 at self and padding). The general path passes the whole row
+// (c0 = 0, nc = N), the symmetric path one tile's columns. posg: scratch, one entry per positive column.
+//   G = 1[P] (cpos + cposf u+) + 1[N] cneg u- - r p - rt p / rest   (contract: engine/contract.py)
 template <typename T>
-static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& in, T* posg) {
+static void backward_cols(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc, T* x, const BwdIn<T>& in,
+                          T* posg) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
+  const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
   const T ninf = cm::neg_inf<T>();
   const T lse = in.lse[i];
   const int64_t top = in.top[i];
   if (lse == ninf) {  // empty row: no valid column, zero gradient (a NaN lse, a poisoned row, gives NaN)
     // (top < 0 with a finite lse: the row's dominant column lies outside these columns, as when the
     // distributed ring passes one block of columns; every column then takes the generic formula)
-    std::fill(x, x + P.Npad, T(0));
+    std::fill(x, x + ncp, T(0));
     return;
   }
   const T lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
   const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
   const T rt = P.focal ? in.rt[i] : T(0);
-  const int64_t self = P.self_col(i);
+  const int64_t self_g = P.self_col(i);
+  const int64_t self = (self_g >= c0 && self_g < c0 + nc) ? self_g - c0 : -1;  // local
+  const bool top_here = top >= c0 && top < c0 + nc;
   const int32_t aid = P.ix->aid[i];
   int64_t np = 0;
-  const int64_t* pl = P.pos_list(i, &np);
-  auto xval = [&](int64_t j) { return x[j] * P.inv_tau + (P.bs != nullptr ? (P.ix->cid[j] == aid ? P.bs[j] : P.bo[j]) : T(0)); };
+  const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
+  auto xval = [&](int64_t jg) {
+    return x[jg - c0] * P.inv_tau + (P.bs != nullptr ? (P.ix->cid[jg] == aid ? P.bs[jg] : P.bo[jg]) : T(0));
+  };
+  // log p = x - lse with x = s inv_tau + b rounded exactly as the forward rounded it (the file is compiled
+  // without fp contraction): at large |x| (big norms, small tau) that consistency is what keeps x - lse exact
+  auto logp_of = [&](int64_t jg) { return xval(jg) - lse; };
   for (int64_t k = 0; k < np; ++k) {
     const int64_t j = pl[k];
-    if (j == self) continue;
-    T lp, l1;
-    cm::elem_logp<T>(xval(j), lse, j == top, lrest, &lp, &l1);
-    posg[k] = j == top ? cm::grad_top<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r)
-                       : cm::grad_element<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r, rt);
+    if (j == self_g) continue;
+    if (j == top) {
+      T lp, l1;
+      cm::elem_logp<T>(xval(j), lse, true, lrest, &lp, &l1);
+      posg[k] = cm::grad_top<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r);
+    } else {
+      posg[k] = cm::grad_element_offtop<T>(logp_of(j), lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r, rt);
+    }
   }
-  const bool top_neg = top >= 0 && top < P.N && P.ix->cid[top] != aid;
+  const bool top_neg = top_here && P.ix->cid[top] != aid;
   T gtop = T(0);
   if (top_neg) {
     T lp, l1;
     cm::elem_logp<T>(xval(top), lse, true, lrest, &lp, &l1);
     gtop = cm::grad_top<T>(lp, l1, lrest, false, P.focal, P.gamma, cpos, cposf, cneg, r);
   }
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+  for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
   const T li = static_cast<T>(aid);
+  const T* lab_p = P.clabf + c0;
+  const T* bs_p = P.bs != nullptr ? P.bs + c0 : nullptr;
+  const T* bo_p = P.bo != nullptr ? P.bo + c0 : nullptr;
   const Vec vinv(P.inv_tau), vli(li), vnr(-r), vcn(cneg), zero(T(0)), one(T(1));
   const bool negterm = cneg != T(0);
   // top, positives, self and padding are overwritten below. G = -r p [+ cneg p / (1 - p) on negatives]
@@ -318,10 +670,10 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
   // would round away the small difference when |lse| is large.
   const bool spread = rt != T(0) && lrest > ninf;
   const Vec vl(lse), vlr(spread ? lrest : T(0)), vrest(spread ? std::exp(lrest) : T(1)), vnrt(-rt);
-  for (int64_t j = 0; j < P.Npad; j += W) {
+  for (int64_t j = 0; j < ncp; j += W) {
     Vec xv = Vec::loadu(x + j) * vinv;
-    const Vec lab = Vec::loadu(P.clabf + j);
-    if (P.bs != nullptr) xv = xv + Vec::blendv(Vec::loadu(P.bo + j), Vec::loadu(P.bs + j), lab == vli);
+    const Vec lab = Vec::loadu(lab_p + j);
+    if (bs_p != nullptr) xv = xv + Vec::blendv(Vec::loadu(bo_p + j), Vec::loadu(bs_p + j), lab == vli);
     const Vec d = xv - vl;  // log p
     Vec p, g;
     if (spread) {
@@ -332,23 +684,36 @@ static void backward_row(const Problem<T>& P, int64_t i, T* x, const BwdIn<T>& i
       p = d.exp();
       g = vnr * p;
     }
-    if (negterm) g = g + Vec::blendv(zero, vcn * (p / (one - p)), lab != vli);
+    if (negterm) g = g + vcn * neg_u<T>(Vec::blendv(zero, p, lab != vli));
     g.store(x + j);
   }
   for (int64_t k = 0; k < np; ++k) {
     const int64_t j = pl[k];
-    if (j != self) x[j] = posg[k];
+    if (j != self_g) x[j - c0] = posg[k];
   }
-  if (top_neg) x[top] = gtop;
+  if (top_neg) x[top - c0] = gtop;
   if (self >= 0) x[self] = T(0);
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
+  for (int64_t j = nc; j < ncp; ++j) x[j] = T(0);
 }
 
 template <typename T>
 static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
   strip::backward_strips<T>(
       P, dA, dC, [&] { return std::vector<T>(static_cast<size_t>(P.N)); },
-      [&](std::vector<T>& posg, int64_t i, T* x) { backward_row(P, i, x, in, posg.data()); });
+      [&](std::vector<T>& posg, int64_t i, T* x) { backward_cols(P, i, 0, P.N, x, in, posg.data()); });
+}
+
+// Symmetric backward (C is A): dX = inv_tau (G + Gᵀ) X on the tiles of strip::sym_backward_tiles, G's rows
+// formed by the same backward_cols as the general path.
+template <typename T>
+static void sym_backward_impl(const Problem<T>& P0, const BwdIn<T>& in, T* dX) {
+  std::vector<int64_t> table;
+  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
+  strip::sym_backward_tiles<T>(
+      P.A, P.N, P.D, P.Npad, P.inv_tau, dX, [&] { return std::vector<T>(static_cast<size_t>(P.N)); },
+      [&](std::vector<T>& posg, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
+        for (int64_t r = 0; r < nr; ++r) backward_cols(P, r0 + r, c0, nc, x + r * ld, in, posg.data());
+      });
 }
 
 // ---------------------------------------------------------------- ops
@@ -402,6 +767,16 @@ static Prepared prepare(const Tensor& A, const Tensor& C, const Tensor& a_lab, c
   return pp;
 }
 
+// symmetric=True: the caller guarantees C is A (the same storage), c_lab equal to a_lab and self_offset 0
+static void check_symmetric(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
+                            int64_t self_offset, const char* op) {
+  TORCH_CHECK(self_offset == 0, op, ": symmetric=True needs self_offset == 0, got ", self_offset);
+  TORCH_CHECK(A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr(), op,
+              ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
+  TORCH_CHECK(a_lab.data_ptr() == c_lab.data_ptr() || at::equal(a_lab, c_lab), op,
+              ": symmetric=True needs c_lab equal to a_lab");
+}
+
 template <typename T>
 static Problem<T> make_problem(const Prepared& pp, int64_t self_offset, double inv_tau, double gamma, bool focal) {
   Problem<T> P;
@@ -426,7 +801,8 @@ using FwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Ten
 
 FwdResult rowstats_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
                            const c10::optional<Tensor>& bias_same, const c10::optional<Tensor>& bias_other,
-                           int64_t self_offset, double inv_tau, double gamma, bool focal) {
+                           int64_t self_offset, double inv_tau, double gamma, bool focal, bool symmetric) {
+  if (symmetric) check_symmetric(A, C, a_lab, c_lab, self_offset, "ltcl_fused::rowstats_fwd");
   Prepared pp = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_fwd");
   auto opts = A.options().dtype(pp.acc);
   Tensor lse = at::empty({pp.M}, opts), pos = at::empty({pp.M}, opts), fpos = at::empty({pp.M}, opts),
@@ -437,7 +813,15 @@ FwdResult rowstats_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, gamma, focal);
       FwdOut o{lse.data_ptr(), pos.data_ptr(), fpos.data_ptr(), fneg.data_ptr(), upos.data_ptr(),
                uneg.data_ptr(), top.data_ptr<int64_t>(), lrest.data_ptr()};
-      forward_impl<scalar_t>(P, o);
+      // focal: the general forward (one GEMM; pass C reuses pass B's exponentials) is cheaper than two
+      // symmetric passes (2 x 0.5 GEMM, but the exponentials and the transposes twice): measured
+      // 1.6 vs 2.4 one-mm times at N=4096, 1 thread); LTCL_CPU_SYM_FOCAL_FWD=1 selects the symmetric one
+      if (symmetric && (!focal || strip::env_int("LTCL_CPU_SYM_FOCAL_FWD", 0) > 0) &&
+          strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
+        sym_forward_impl<scalar_t>(P, o);
+      } else {
+        forward_impl<scalar_t>(P, o);
+      }
     });
   }
   return {lse, pos, fpos, fneg, upos, uneg, top, lrest};
@@ -449,7 +833,9 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
                                             double inv_tau, double gamma, bool focal, const Tensor& lse,
                                             const Tensor& top, const Tensor& lrest, const Tensor& cpos,
                                             const Tensor& cposf, const Tensor& cneg, const Tensor& r,
-                                            const Tensor& rt) {
+                                            const Tensor& rt, bool symmetric) {
+  // symmetric: returns (dX, an empty [0, D] tensor), dX the gradient through both A and C
+  if (symmetric) check_symmetric(A, C, a_lab, c_lab, self_offset, "ltcl_fused::rowstats_bwd");
   Prepared pp = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_bwd");
   for (const Tensor* t : {&lse, &top, &lrest, &cpos, &cposf, &cneg, &r, &rt})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == pp.M, "ltcl_fused::rowstats_bwd: row statistics must have shape [M]");
@@ -464,9 +850,15 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                          b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(),
                          rtt.data_ptr<scalar_t>(), tp.data_ptr<int64_t>()};
-      backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+      if (symmetric && strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
+        sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
+      } else {
+        backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+        if (symmetric) dA.add_(dC);
+      }
     });
   }
+  if (symmetric) return {dA.to(pp.in_dtype), at::empty({0, pp.D}, A.options())};
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
 }
 

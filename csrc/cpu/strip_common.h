@@ -12,9 +12,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -60,6 +68,20 @@ at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1
   return at::from_blob(const_cast<T*>(p), {rows, cols}, {s0, s1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 horizontal reductions (fixed tree order: deterministic); hmax keeps the NaN rule below.
+inline float hsum(const at::vec::Vectorized<float>& v) { return _mm512_reduce_add_ps(v); }
+inline double hsum(const at::vec::Vectorized<double>& v) { return _mm512_reduce_add_pd(v); }
+inline float hmax(const at::vec::Vectorized<float>& v) {
+  if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(v);
+}
+inline double hmax(const at::vec::Vectorized<double>& v) {
+  if (_mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q) != 0) return std::numeric_limits<double>::quiet_NaN();
+  return _mm512_reduce_max_pd(v);
+}
+#endif
 
 template <typename T>
 T hsum(const at::vec::Vectorized<T>& v) {
@@ -152,6 +174,229 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
         at::Tensor out = view2d(dC + c0 * D, cols, D, D, 1);
         at::addmm_out(out, out, view2d<T>(gsb.data() + c0, cols, rows_sb, 1, P.Npad),
                       view2d(P.A + sb0 * D, rows_sb, D, D, 1), /*beta=*/sb0 == 0 ? 0 : 1, /*alpha=*/P.inv_tau);
+      }
+    });
+  }
+}
+
+
+// ---------------------------------------------------------------- symmetric tiles (the anchors ARE the columns)
+//
+// When C is A (S = X Xᵀ, self_offset 0, one label vector) S is symmetric: one GEMM per pair of row blocks
+// I <= J gives the tile S_IJ, whose rows serve the statistics of rows I (columns J) and whose transpose
+// serves rows J (columns I). Tiles are b x b, b a multiple of the vector width (so every tile's column
+// range starts on a vector boundary of the Npad-padded per-column arrays).
+//   forward: every pair once (0.5 GEMM-equivalent per pass); the contract stores partial statistics per
+//            (row, column block) and merges them in column-block order: bit-identical for any thread count.
+//   backward: the pairs in the rounds of a round-robin tournament (disjoint row blocks within a round, rounds
+//            in a fixed order: no races, the same sums for any thread count); per tile S_IJ, G_IJ (rows I),
+//            G_JI (rows J, on the transposed tile), H = G_IJ + G_JIᵀ, dX_I += H X_J, dX_J += Hᵀ X_I, all in
+//            the worker's L2. 0.5 GEMM recompute + 1 GEMM of products.
+
+// Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 grown until there are at most 64 blocks;
+// rounded up to the vector width.
+template <typename T>
+int64_t sym_block(int64_t N) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t b = env_int("LTCL_CPU_SYM_BLOCK", env_int("LTCL_CPU_BLOCK_ROWS", 0));
+  if (b <= 0) {
+    b = 256;
+    while ((N + b - 1) / b > 64) b *= 2;
+  }
+  return std::max<int64_t>(W, (b + W - 1) / W * W);
+}
+
+// Whether the symmetric path's buffers (b rows of H per super-block at least, 64 partial slots per row) stay
+// within about 96 MB; larger problems take the general path.
+template <typename T>
+bool sym_fits(int64_t N, int64_t Npad) {
+  const int64_t b = sym_block<T>(N);
+  return b * Npad * static_cast<int64_t>(sizeof(T)) <= (int64_t(96) << 20);
+}
+
+// A per-thread buffer of at least n elements kept from call to call (slot: which one), so that the large
+// buffers of the symmetric path (H, the partial statistics) are not faulted in and zeroed by the kernel on
+// every call. Contents are unspecified on entry.
+template <typename T>
+T* workspace(size_t n, int slot) {
+  thread_local std::vector<T> ws[4];
+  if (ws[slot].size() < n) {
+    ws[slot].clear();
+    ws[slot].shrink_to_fit();
+    ws[slot].resize(n);
+  }
+  return ws[slot].data();
+}
+
+struct SymGrid {
+  int64_t N, b, nb;
+  explicit SymGrid(int64_t N_, int64_t b_) : N(N_), b(b_), nb((N_ + b_ - 1) / b_) {}
+  int64_t r0(int64_t I) const { return I * b; }
+  int64_t len(int64_t I) const { return std::min(b, N - I * b); }
+};
+
+// tile (rows x cols, leading dimension ld) = X_I X_Jᵀ
+template <typename T>
+void gemm_tile(const T* X, int64_t D, const SymGrid& g, int64_t I, int64_t J, T* tile, int64_t ld) {
+  const int64_t nr = g.len(I), nc = g.len(J);
+  if (D == 0) {
+    for (int64_t r = 0; r < nr; ++r) std::fill(tile + r * ld, tile + r * ld + nc, T(0));
+    return;
+  }
+  at::Tensor o = view2d(tile, nr, nc, ld, 1);
+  at::mm_out(o, view2d(X + g.r0(I) * D, nr, D, D, 1), view2d(X + g.r0(J) * D, nc, D, D, 1).t());
+}
+
+// 16 x 16 float block, in registers (the unpack / shuffle sequence of FBGEMM's transpose):
+// dst[c][r] = src[r][c] (+ add[c][r] when ADD).
+#if defined(CPU_CAPABILITY_AVX512)
+template <bool ADD>
+inline void tr16x16(const float* src, int64_t ls, float* dst, int64_t ld, const float* add, int64_t la) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0x88);
+      t[8 * i + k + 4] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (ADD) r[i] = _mm512_add_ps(r[i], _mm512_loadu_ps(add + i * la));
+    _mm512_storeu_ps(dst + i * ld, r[i]);
+  }
+}
+#endif
+
+// dst (cols x rows, ld_dst) = srcᵀ (+ add, cols x rows, ld_add, when ADD); src: rows x cols, ld_src.
+template <bool ADD, typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst,
+                    const T* add = nullptr, int64_t ld_add = 0) {
+  constexpr int64_t K = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += K)
+    for (int64_t c0 = 0; c0 < cols; c0 += K) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same<T, float>::value) {
+        if (r0 + K <= rows && c0 + K <= cols) {
+          tr16x16<ADD>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
+                       ADD ? add + c0 * ld_add + r0 : nullptr, ld_add);
+          continue;
+        }
+      }
+#endif
+      const int64_t r1 = std::min(rows, r0 + K), c1 = std::min(cols, c0 + K);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r)
+          dst[c * ld_dst + r] = src[r * ld_src + c] + (ADD ? add[c * ld_add + r] : T(0));
+    }
+}
+
+template <typename T>
+void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  transpose_into<false, T>(src, rows, cols, ld_src, dst, ld_dst);
+}
+
+// h (rows x cols, ld_h) = a + btᵀ (a: rows x cols, ld_a; bt: cols x rows, ld_b)
+template <typename T>
+void add_transposed(const T* a, int64_t ld_a, const T* bt, int64_t ld_b, int64_t rows, int64_t cols, T* h,
+                    int64_t ld_h) {
+  transpose_into<true, T>(bt, cols, rows, ld_b, h, ld_h, a, ld_a);
+}
+
+// Forward driver: rows(scratch, r0, nr, c0, nc, J, x, ld) reduces rows r0..r0+nr of S over the columns
+// c0..c0+nc (column block J), x their raw similarities (nr x ld, clobbered). Every ordered block pair is
+// visited once, each unordered pair by one task (one GEMM).
+template <typename T, typename MakeScratch, typename Rows>
+void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows rows) {
+  const SymGrid g(N, sym_block<T>(N));
+  const int64_t b = g.b, ld = b + 16;  // not a power of two: the transposes' rows fall in different cache sets
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t I = 0; I < g.nb; ++I)
+    for (int64_t J = I; J < g.nb; ++J) pairs.emplace_back(I, J);
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 0, [&](int64_t p0, int64_t p1) {
+    SequentialBlas seq;
+    std::vector<T> buf(static_cast<size_t>(b * ld)), tbuf(static_cast<size_t>(b * ld));
+    auto scratch = make();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t I = pairs[p].first, J = pairs[p].second;
+      gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
+      if (I != J) transpose_tile<T>(buf.data(), g.len(I), g.len(J), ld, tbuf.data(), ld);
+      rows(scratch, g.r0(I), g.len(I), g.r0(J), g.len(J), J, buf.data(), ld);
+      if (I != J) rows(scratch, g.r0(J), g.len(J), g.r0(I), g.len(I), I, tbuf.data(), ld);
+    }
+  });
+}
+
+// Backward driver: rows(scratch, r0, nr, c0, nc, x, ld) turns the raw similarities x (nr x ld) of rows
+// r0.. over columns c0..c0+nc into G in place (0 at every column it does not own: self, padding).
+// dX (N x D, zeroed by the caller) += alpha · (G + Gᵀ) X.
+//
+// Schedule: the tile pairs (I, J), I < J, in the rounds of a round-robin tournament (circle method), then
+// one round of the diagonal tiles. The tiles of a round touch disjoint row blocks of dX, so a round runs in
+// parallel without races, and every dX_K receives its contributions in round order: the same sums for any
+// thread count. Per tile everything stays in the worker's L2: S_IJ (one GEMM), G_IJ on it and G_JI on its
+// transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I (two b x b x D GEMMs).
+template <typename T, typename MakeScratch, typename Rows>
+void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t /*Npad*/, T alpha, T* dX, MakeScratch make,
+                        Rows rows) {
+  const SymGrid g(N, sym_block<T>(N));
+  const int64_t b = g.b, nb = g.nb, ld = b + 16;
+  const int64_t np = nb + (nb & 1);  // even number of players (the last one a bye when nb is odd)
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  for (int64_t r = 0; r + 1 < np; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> pr;
+    auto add = [&](int64_t u, int64_t v) {
+      if (u < nb && v < nb && u != v) pr.emplace_back(std::min(u, v), std::max(u, v));
+    };
+    add(r, np - 1);
+    for (int64_t k = 1; k < np / 2; ++k) add((r + k) % (np - 1), (r - k + (np - 1)) % (np - 1));
+    rounds.push_back(std::move(pr));
+  }
+  {
+    std::vector<std::pair<int64_t, int64_t>> diag;
+    for (int64_t I = 0; I < nb; ++I) diag.emplace_back(I, I);
+    rounds.push_back(std::move(diag));
+  }
+  for (const auto& pr : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(pr.size()), 0, [&](int64_t t0, int64_t t1) {
+      SequentialBlas seq;
+      T* buf = workspace<T>(static_cast<size_t>(3 * b * ld), 3);  // S / G_IJ, S^T / G_JI, H
+      T* tbuf = buf + b * ld;
+      T* h = tbuf + b * ld;
+      auto scratch = make();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t I = pr[t].first, J = pr[t].second;
+        const int64_t nI = g.len(I), nJ = g.len(J);
+        gemm_tile<T>(X, D, g, I, J, buf, ld);
+        at::Tensor outI = view2d(dX + g.r0(I) * D, nI, D, D, 1);
+        if (I == J) {
+          rows(scratch, g.r0(I), nI, g.r0(I), nI, buf, ld);
+          add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
+          at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+          continue;
+        }
+        transpose_tile<T>(buf, nI, nJ, ld, tbuf, ld);
+        rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf, ld);
+        rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf, ld);
+        add_transposed<T>(buf, ld, tbuf, ld, nI, nJ, h, ld);
+        at::Tensor outJ = view2d(dX + g.r0(J) * D, nJ, D, D, 1);
+        at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1), 1, alpha);
+        at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
       }
     });
   }

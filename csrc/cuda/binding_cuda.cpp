@@ -56,7 +56,8 @@ const T* opt_ptr(const Tensor& t) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rowstats_fwd_cuda(
     const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
     const c10::optional<Tensor>& bias_same, const c10::optional<Tensor>& bias_other, int64_t self_offset,
-    double inv_tau, double gamma, bool focal) {
+    double inv_tau, double gamma, bool focal, bool symmetric) {
+  TORCH_CHECK(!symmetric, "ltcl_fused::rowstats_fwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
   const c10::cuda::CUDAGuard guard(A.device());
   Prep p = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_fwd");
   auto opts = A.options().dtype(p.acc);
@@ -83,7 +84,8 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cuda(const Tensor& A, const Tensor& C, c
                                              double inv_tau, double gamma, bool focal, const Tensor& lse,
                                              const Tensor& top, const Tensor& lrest, const Tensor& cpos,
                                              const Tensor& cposf, const Tensor& cneg, const Tensor& r,
-                                             const Tensor& rt) {
+                                             const Tensor& rt, bool symmetric) {
+  TORCH_CHECK(!symmetric, "ltcl_fused::rowstats_bwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
   const c10::cuda::CUDAGuard guard(A.device());
   Prep p = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_bwd");
   auto opts = A.options().dtype(p.acc);

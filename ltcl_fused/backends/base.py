@@ -21,6 +21,8 @@ class Engine:
     ops: frozenset = frozenset()
     #: which issue/feature provides the missing ops (for NotImplementedError messages)
     planned: str = ""
+    #: operations with a symmetric path (``symmetric=True`` when the columns ARE the anchors); default none
+    symmetric_ops: frozenset = frozenset()
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on tensors of ``device``, else a one-line reason."""
@@ -32,9 +34,12 @@ class Engine:
         return None
 
     # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
-    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+    # ``symmetric=True`` is passed only to engines listing "rowstats" in ``symmetric_ops``: C is A (an alias
+    # view), c_lab equals a_lab, self_offset == 0; the backward then returns (dX, None).
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                         symmetric: bool = False):
         raise NotImplementedError
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, top, lrest, cpos, cposf, cneg, r, rt):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt, symmetric: bool = False):
         raise NotImplementedError

@@ -33,6 +33,8 @@ def _ssl_args(self_offset, inv_tau, cfg):
 class CPUEngine(Engine):
     name = "cpu"
     ops = frozenset({"rowstats", "ssl", "ssl_ranked"})
+    #: operations with a symmetric path (C is A: one GEMM per pair of row blocks, csrc/cpu/strip_common.h)
+    symmetric_ops = frozenset({"rowstats"})
     device_type = "cpu"
 
     def unavailable_reason(self, device) -> Optional[str]:
@@ -42,12 +44,22 @@ class CPUEngine(Engine):
                     + (" (use backend='cuda')" if device.type == "cuda" else ""))
         return _ext().unavailable_reason()
 
-    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                         symmetric: bool = False):
+        if symmetric:
+            return torch.ops.ltcl_fused.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
+                                                     float(inv_tau), float(gamma), bool(focal), True)
         return torch.ops.ltcl_fused.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
                                                  float(inv_tau), float(gamma), bool(focal))
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, top, lrest, cpos, cposf, cneg, r, rt):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt, symmetric: bool = False):
+        """(dA, dC); ``symmetric=True`` (C is A): (dX, None), dX the gradient through both roles."""
+        if symmetric:
+            dX, _ = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
+                                                      float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
+                                                      cpos, cposf, cneg, r, rt, True)
+            return dX, None
         return torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
                                                  float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
                                                  cpos, cposf, cneg, r, rt)
@@ -79,6 +91,7 @@ class CUDAEngine(CPUEngine):
     # mining: csrc/cuda/mining_cuda.cu; ssl and ssl_ranked: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV and the Bayesian
     # weights: a CUB segmented radix sort rank pass, then the tiled weighting pass)
     ops = frozenset({"rowstats", "mining", "ssl", "ssl_ranked"})
+    symmetric_ops = frozenset()  # the CUDA kernels take the general path
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
         """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""

@@ -38,26 +38,30 @@ def backward_coefficients(grads, lse, upos, uneg, top_neg, focal: bool):
 
 class _RowStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine, fn):
+    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine, fn,
+                symmetric=False):
+        kw = {"symmetric": True} if symmetric else {}
         lse, pos_sum, fpos, fneg, upos, uneg, top, lrest = engine.rowstats_forward(
-            A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal)
+            A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal, **kw)
         ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest)
-        ctx.cfg = (self_offset, inv_tau, gamma, focal, engine)
+        ctx.cfg = (self_offset, inv_tau, gamma, focal, engine, symmetric)
         ctx.fn = fn
         return lse, pos_sum, fpos, fneg
 
     @staticmethod
     def backward(ctx, g_lse, g_pos, g_fpos, g_fneg):
         A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest = ctx.saved_tensors
-        self_offset, inv_tau, gamma, focal, engine = ctx.cfg
+        self_offset, inv_tau, gamma, focal, engine, symmetric = ctx.cfg
         cpos, cposf, cneg, r, rt = backward_coefficients(
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
         with torch.no_grad():  # first-order only (see first_order.py)
+            kw = {"symmetric": True} if symmetric else {}
+            # symmetric: (dX, None); C is an alias view of A, so autograd gives A the whole dX
             dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
-                                              gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
+                                              gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt, **kw)
         dA, dC = first_order(ctx.fn, engine.name, (dA if ctx.needs_input_grad[0] else None,
                                                    dC if ctx.needs_input_grad[1] else None), (A, C))
-        return (dA, dC, None, None, None, None, None, None, None, None, None, None)
+        return (dA, dC, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, *,
@@ -67,10 +71,17 @@ def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_l
     """Differentiable per-anchor statistics of S = A Cᵀ·inv_tau computed by ``engine`` (never N×N).
 
     ``fn`` names the calling loss in the error raised on double backward. ``C is A`` (and ``c_lab is a_lab``)
-    is allowed: the second is passed as an alias, since torch.compile refuses one tensor twice in ``apply``."""
-    A, C, a_lab, c_lab = A.contiguous(), C.contiguous(), a_lab.contiguous(), c_lab.contiguous()
-    C = C.view_as(C) if C is A else C
-    c_lab = c_lab.view_as(c_lab) if c_lab is a_lab else c_lab
+    is allowed: the second is passed as an alias, since torch.compile refuses one tensor twice in ``apply``.
+
+    The symmetric path (one GEMM per pair of row blocks, about half the work) is taken when ``C is A``,
+    ``c_lab is a_lab``, ``self_offset == 0`` and the engine lists "rowstats" in ``symmetric_ops``
+    (decided from object identity: no host read)."""
+    sym = (C is A and c_lab is a_lab and int(self_offset) == 0
+           and "rowstats" in getattr(engine, "symmetric_ops", frozenset()))
+    same_c, same_lab = C is A, c_lab is a_lab
+    A, a_lab = A.contiguous(), a_lab.contiguous()
+    C = A.view_as(A) if same_c else C.contiguous()
+    c_lab = a_lab.view_as(a_lab) if same_lab else c_lab.contiguous()
     out = _RowStatsFn.apply(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset), float(inv_tau),
-                            float(gamma), bool(focal), engine, fn)
+                            float(gamma), bool(focal), engine, fn, bool(sym))
     return RowStats(*out)

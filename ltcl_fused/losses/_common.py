@@ -82,6 +82,10 @@ def build_contrast(fn: str, features, labels, *, ref_features=None, ref_labels=N
     M = B if contrast_mode == "one" else Vw * B
     if own:
         chk.run()
+    # the anchors ARE the columns ("all" mode, no reference columns): pass the same tensors, so that
+    # row_stats can take the engines' symmetric path (C is A)
+    if ref_features is None and M == X.shape[0]:
+        return Contrast(X=X, A=X, C=X, a_lab=lab, c_lab=lab, B=B, V=Vw)
     return Contrast(X=X, A=X[:M], C=C, a_lab=lab[:M], c_lab=c_lab, B=B, V=Vw)
 
 

@@ -1,0 +1,312 @@
+"""The C++ CPU engine's symmetric path (C is A: one GEMM per pair of row blocks, csrc/cpu/strip_common.h).
+
+Expected values come from the dense contract (ltcl_fused.engine.contract.dense_forward/backward) and the dense
+reference losses; fp32 results are held to the fp64 truth (tests/_truth.py). Small forced tiles
+(LTCL_CPU_SYM_BLOCK / LTCL_CPU_BLOCK_ROWS, read at every call) give many tiles and super-blocks on small N.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+import ltcl_fused as lf
+from ltcl_fused import ext
+from ltcl_fused.backends.cpp_engine import CPUEngine
+from ltcl_fused.engine.contract import dense_backward, dense_forward
+
+from _truth import check
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = ext.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the C++ extension does not build here: {reason}")
+
+
+def op():
+    return torch.ops.ltcl_fused
+
+
+NAMES = ["lse", "pos_sum", "fpos", "fneg", "upos", "uneg", "top", "lrest"]
+OPTIONS = [  # bias, focal, gamma
+    (False, False, 0.0), (True, False, 0.0), (False, True, 0.0), (False, True, 0.5), (False, True, 2.0),
+    (True, True, 2.0), (False, True, 1.5),
+]
+
+
+def _problem(N, D, dtype, n_cls=4, bias=False, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.randn(N, D, generator=g, dtype=torch.float64) * scale).to(dtype)
+    lab = torch.randint(0, n_cls, (N,), generator=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    bs = bo = None
+    if bias:
+        bs = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+        bo = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+    return X, lab, bs, bo
+
+
+def _coefs(N, acc, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
+
+
+def _sym_fwd(X, lab, bs, bo, it, gamma, focal):
+    return op().rowstats_fwd(X, X, lab, lab, bs, bo, 0, it, gamma, focal, True)
+
+
+def _sym_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co):
+    dX, empty = op().rowstats_bwd(X, X, lab, lab, bs, bo, 0, it, gamma, focal, lse, top, lrest, *co, True)
+    assert empty.shape == (0, X.shape[1])
+    return dX
+
+
+def _dense_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co):
+    dA, dC = dense_backward(X, X, lab, lab, 0, it, bs, bo, gamma, focal, lse, top, lrest, *co)
+    return dA + dC
+
+
+def _close(got, ref, what, rtol=1e-9, atol=1e-10):
+    assert got.dtype == ref.dtype, what
+    assert torch.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=True), \
+        f"{what}: max abs err {(got - ref).abs().nan_to_num().max().item():.3g}"
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [1, 2, 17, 65, 130, 300])
+def test_symmetric_contract(N, dtype, block, monkeypatch):
+    """Forward statistics and dX = dA + dC of the symmetric op against the dense contract with C = A."""
+    if block is not None:
+        monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", str(block))
+        monkeypatch.setenv("LTCL_CPU_SUPER_BYTES", "4096")  # one row block per backward super-block
+        monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")  # the symmetric focal forward (pass 2) too
+    D = 17
+    for bias, focal, gamma in OPTIONS:
+        X, lab, bs, bo = _problem(N, D, dtype, bias=bias, seed=N + D + int(bias))
+        it = 1 / 0.3
+        what = f"N={N} block={block} {dtype} bias={bias} focal={focal} gamma={gamma}"
+        ref = dense_forward(X, X, lab, lab, 0, it, bs, bo, gamma, focal)
+        got = _sym_fwd(X, lab, bs, bo, it, gamma, focal)
+        for name, g_, r_ in zip(NAMES, got, ref):
+            if name == "top":
+                assert g_.dtype == r_.dtype and (dtype != torch.float64 or torch.equal(g_, r_)), what
+            elif dtype == torch.float64:
+                _close(g_, r_, f"{what} {name}")
+        if dtype != torch.float64:
+            check(lambda X, bs, bo: _sym_fwd(X, lab, bs, bo, it, gamma, focal),
+                  lambda X, bs, bo: dense_forward(X, X, lab, lab, 0, it, bs, bo, gamma, focal),
+                  [X, bs, bo], grad=False, what=what, names=NAMES)
+        lse, top, lrest = ref[0], ref[6], ref[7]
+        co = _coefs(N, lse.dtype)
+        if dtype == torch.float64:
+            _close(_sym_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co),
+                   _dense_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co), f"{what} dX")
+        else:
+            check(lambda X, bs, bo, lse, lrest, *co: _sym_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co),
+                  lambda X, bs, bo, lse, lrest, *co: _dense_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest,
+                                                               *co),
+                  [X, bs, bo, lse, lrest, *co], grad=False, what=what, names=["dX"], value_floor=0)
+
+
+def test_symmetric_matches_general_path(monkeypatch):
+    """The same statistics and gradient through both CPU paths (fp64, several tiles)."""
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
+    monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")
+    X, lab, bs, bo = _problem(150, 9, torch.float64, n_cls=6, bias=True, seed=3)
+    co = _coefs(150, torch.float64)
+    for b, (focal, gamma) in itertools.product([(None, None), (bs, bo)], [(False, 0.0), (True, 2.0), (True, 0.7)]):
+        sym = _sym_fwd(X, lab, *b, 2.0, gamma, focal)
+        gen = op().rowstats_fwd(X, X, lab, lab, *b, 0, 2.0, gamma, focal)
+        for name, s, g in zip(NAMES, sym, gen):
+            if name == "top":
+                assert torch.equal(s, g)
+            else:
+                _close(s, g, name)
+        dX = _sym_bwd(X, lab, *b, 2.0, gamma, focal, gen[0], gen[6], gen[7], *co)
+        dA, dC = op().rowstats_bwd(X, X, lab, lab, *b, 0, 2.0, gamma, focal, gen[0], gen[6], gen[7], *co)
+        _close(dX, dA + dC, "dX")
+
+
+def test_symmetric_op_checks_its_inputs():
+    X, lab, _, _ = _problem(10, 4, torch.float64)
+    with pytest.raises(RuntimeError, match="C to be A"):
+        op().rowstats_fwd(X, X.clone(), lab, lab, None, None, 0, 1.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match="self_offset == 0"):
+        op().rowstats_fwd(X, X, lab, lab, None, None, -1, 1.0, 0.0, False, True)
+    with pytest.raises(RuntimeError, match="c_lab equal"):
+        op().rowstats_fwd(X, X, lab, (lab + 1) % 4, None, None, 0, 1.0, 0.0, False, True)
+
+
+# ------------------------------------------------------------------ losses: the path is taken, and right
+
+def _spy(monkeypatch):
+    calls = []
+    orig_f, orig_b = CPUEngine.rowstats_forward, CPUEngine.rowstats_backward
+
+    def fwd(self, *a, **k):
+        calls.append(("fwd", k.get("symmetric", False)))
+        return orig_f(self, *a, **k)
+
+    def bwd(self, *a, **k):
+        out = orig_b(self, *a, **k)
+        calls.append(("bwd", k.get("symmetric", False), out[1] is None))
+        return out
+
+    monkeypatch.setattr(CPUEngine, "rowstats_forward", fwd)
+    monkeypatch.setattr(CPUEngine, "rowstats_backward", bwd)
+    return calls
+
+
+def test_losses_take_the_symmetric_path_only_when_c_is_a(monkeypatch):
+    calls = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 2, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (12,), generator=g)
+    R = torch.randn(5, 8, generator=g)
+    sym_cases = [lambda: lf.supcon(x, y, backend="cpu"), lambda: lf.supcon(x, None, backend="cpu"),
+                 lambda: lf.afcl(x, y, gamma=2.0, eta=5.0, backend="cpu"), lambda: lf.fcl(x, y, backend="cpu"),
+                 lambda: lf.acl(x, y, eta=2.0, backend="cpu"), lambda: lf.afcl(x[:, 0], y, backend="cpu")]
+    for f in sym_cases:
+        calls.clear()
+        f().backward()
+        assert calls == [("fwd", True), ("bwd", True, True)]
+    general = [lambda: lf.supcon(x, y, contrast_mode="one", backend="cpu"),
+               lambda: lf.supcon(x, y, ref_features=R, ref_labels=torch.arange(5) % 3, backend="cpu"),
+               lambda: lf.afcl(x, y, contrast_mode="one", backend="cpu"),
+               lambda: lf.bcl(x, y, torch.randn(3, 8, generator=g), backend="cpu")]
+    for f in general:
+        calls.clear()
+        f().backward()
+        assert calls == [("fwd", False), ("bwd", False, False)]
+
+
+LOSSES = [
+    ("supcon", lambda x, y, b: lf.supcon(x, y, backend=b)),
+    ("simclr", lambda x, y, b: lf.supcon(x, None, temperature=0.5, backend=b)),
+    ("supcon_none", lambda x, y, b: lf.supcon(x, y, reduction="none", backend=b)),
+    ("cl", lambda x, y, b: lf.afcl(x, y, backend=b)),
+    ("fcl", lambda x, y, b: lf.fcl(x, y, gamma=1.0, backend=b)),
+    ("acl", lambda x, y, b: lf.acl(x, y, eta=3.0, backend=b)),
+    ("afcl", lambda x, y, b: lf.afcl(x, y, gamma=2.0, eta=5.0, backend=b)),
+    ("afcl_g05_pairs", lambda x, y, b: lf.afcl(x, y, gamma=0.5, eta=1.0, normalize_by="pairs", reduction="sum",
+                                               backend=b)),
+    ("afcl_normalize", lambda x, y, b: lf.afcl(x, y, gamma=2.0, eta=1.0, normalize=True, backend=b)),
+]
+
+
+@pytest.mark.parametrize("labels", ["random", "no_positives", "one_class"])
+@pytest.mark.parametrize("B,V", [(1, 1), (1, 2), (33, 2), (65, 1)])
+@pytest.mark.parametrize("name,fn", LOSSES, ids=[c[0] for c in LOSSES])
+def test_losses_vs_reference(name, fn, B, V, labels, monkeypatch):
+    monkeypatch.setenv("LTCL_CPU_BLOCK_ROWS", "16")  # the symmetric tiles too (LTCL_CPU_SYM_BLOCK unset)
+    g = torch.Generator().manual_seed(B * 10 + V)
+    shape = (B, V, 11) if V > 1 else (B, 11)
+    x0 = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
+    y = {"random": torch.randint(0, 4, (B,), generator=g), "no_positives": torch.arange(B),
+         "one_class": torch.zeros(B, dtype=torch.int64)}[labels]
+    out = {}
+    for b in ("cpu", "reference"):
+        x = x0.clone().requires_grad_(True)
+        loss = fn(x, y, b)
+        (gx,) = torch.autograd.grad(loss.sum(), [x])
+        out[b] = (loss.detach(), gx)
+    for a, r in zip(out["cpu"], out["reference"]):
+        assert torch.allclose(a, r.to(a.dtype), rtol=1e-9, atol=1e-10, equal_nan=True), \
+            (name, (a - r).abs().nan_to_num().max().item())
+    if B > 1:  # fp32 against the fp64 truth
+        check(lambda x: fn(x, y, "cpu"), lambda x: fn(x, y, "reference"), [x0.float()], what=name)
+
+
+def test_gradcheck_fp64_symmetric(monkeypatch):
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "8")
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(6, 2, 5, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
+    y = torch.tensor([0, 1, 0, 2, 1, 1])
+    assert torch.autograd.gradcheck(lambda x: lf.supcon(x, y, backend="cpu"), (x,))
+    assert torch.autograd.gradcheck(lambda x: lf.afcl(x, y, gamma=2.0, eta=5.0, backend="cpu"), (x,))
+    assert torch.autograd.gradcheck(lambda x: lf.afcl(x, y, gamma=0.5, eta=1.0, normalize_by="pairs",
+                                                      backend="cpu"), (x,))
+
+    # the op itself through its registered autograd formula (one tensor as A and C)
+    X = torch.randn(13, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    lab = torch.randint(0, 3, (13,), generator=g)
+
+    def f(X):
+        lse, pos, fpos, fneg, *_ = op().rowstats_fwd(X, X, lab, lab, None, None, 0, 1.5, 1.5, True, True)
+        return lse.sum() + 0.5 * pos.sum() + 0.3 * fpos.sum() + 0.7 * fneg.sum()
+
+    assert torch.autograd.gradcheck(f, (X,))
+
+
+def test_nonfinite_rows_symmetric():
+    """A NaN feature poisons the rows that meet it (NaN statistics, top = -1) as in the dense contract."""
+    X, lab, _, _ = _problem(40, 6, torch.float64, seed=4)
+    X[7, 2] = math.nan
+    for focal in (False, True):
+        got = _sym_fwd(X, lab, None, None, 2.0, 2.0, focal)
+        ref = dense_forward(X, X, lab, lab, 0, 2.0, None, None, 2.0, focal)
+        gen = op().rowstats_fwd(X, X, lab, lab, None, None, 0, 2.0, 2.0, focal)
+        for name, g_, r_, e_ in zip(NAMES, got, ref, gen):
+            if name == "top":
+                assert torch.equal(g_, r_) and torch.equal(g_, e_), name
+            else:
+                if focal or name in ("lse", "pos_sum", "lrest"):  # (focal=False: the sums are not outputs)
+                    _close(g_, r_, name)
+                _close(g_, e_, name)  # as the general path
+
+
+def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
+    # many tiles and several backward super-blocks, sizes not multiples of the tile
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "64")
+    monkeypatch.setenv("LTCL_CPU_SUPER_BYTES", str(64 * 700 * 4 * 2))
+    monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")
+    old = torch.get_num_threads()
+    X, lab, bs, bo = _problem(650, 130, torch.float32, n_cls=7, bias=True)
+    co = _coefs(650, torch.float32)
+    res = {}
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for bias in (False, True):
+                b = (bs, bo) if bias else (None, None)
+                st = _sym_fwd(X, lab, *b, 1 / 0.07, 2.0, True)
+                dX = _sym_bwd(X, lab, *b, 1 / 0.07, 2.0, True, st[0], st[6], st[7], *co)
+                res[(nt, bias)] = st + (dX,)
+    finally:
+        torch.set_num_threads(old)
+    for bias in (False, True):
+        for t1, t2 in zip(res[(1, bias)], res[(2, bias)]):
+            assert torch.equal(t1, t2)
+
+
+def test_torch_compile_fullgraph_symmetric():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 2, 16, generator=g)
+    y = torch.randint(0, 4, (24,), generator=g)
+    lin = torch.nn.Linear(16, 16)
+    codes = []
+
+    def backend(gm, inputs):  # records the captured graphs, then runs them through aot_eager
+        codes.extend(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, inputs)
+
+    def step(x, y):
+        z = torch.nn.functional.normalize(lin(x), dim=-1)
+        return lf.supcon(z, y, backend="cpu", check_finite=False)
+
+    loss_c = torch.compile(step, fullgraph=True, backend=backend)(x, y)
+    loss_c.backward()
+    g_c = lin.weight.grad.clone()
+    calls = [ln for c in codes for ln in c.splitlines() if "ltcl_fused.rowstats_" in ln]
+    assert len(calls) == 2 and all(ln.split(";")[0].rstrip().endswith(", True)") for ln in calls), calls  # symmetric=True
+    W = lin.weight.detach().double().requires_grad_(True)
+    z = torch.nn.functional.normalize(torch.nn.functional.linear(x.double(), W, lin.bias.detach().double()), dim=-1)
+    ref = lf.supcon(z, y, backend="reference")
+    (gref,) = torch.autograd.grad(ref, [W])
+    assert abs(loss_c.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert (g_c.double() - gref).abs().max() <= 1e-4 * gref.abs().max()
