@@ -5,7 +5,8 @@ Every shipped block configuration (``ltcl_fused.triton_kernels.configs.SHIPPED``
 (bf16, fp16, fp32), in a subprocess without TRITON_INTERPRET (two compile workers; Triton's on-disk
 cache makes re-runs fast). Checked per kernel: shared memory within the device limit, no register
 spills (``cuobjdump -res-usage``: LOCAL and STACK are 0), tensor-core instructions in the PTX of the
-16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90). Variants compiled: the heaviest one of
+16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90), the transcendentals per tile element
+(``tests/test_triton_transcendentals.py``). Variants compiled: the heaviest one of
 each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
 ``python -m ltcl_fused.triton_kernels.codegen --full`` adds the others, fp64 and TF32.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from _hang import HANG_GUARD_S
+from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
 pytest.importorskip("triton")
 
@@ -82,6 +84,8 @@ def test_codegen(compiled, job):
     assert r["stack"] == 0 and r["local"] == 0, f"register spills: STACK={r['stack']} LOCAL={r['local']} REG={r['reg']}"
     if dt in ("bf16", "fp16"):
         assert r["mma_sync"] if cc == 80 else r["wgmma"], "no tensor-core instructions in the PTX"
+    # transcendentals per tile element: the hand-written table of tests/test_triton_transcendentals.py
+    assert r["tile_transcendental_ops"] == TRANSCENDENTALS[(k, var[0])]
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):

@@ -1,5 +1,6 @@
 """Compile the shipped kernel configurations to real sm_80 / sm_90 cubins without a GPU and report
-shared memory, register use, spills (cuobjdump -res-usage: LOCAL and STACK) and tensor-core use.
+shared memory, register use, spills (cuobjdump -res-usage: LOCAL and STACK), tensor-core use and the
+transcendental operations per [BLOCK_M, BLOCK_N] tile element in the TTIR (``tile_transcendentals``).
 
     python -m ltcl_fused.triton_kernels.codegen [--jobs 2] [--full]
 
@@ -107,8 +108,32 @@ def _compile_one(job):
     return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, **r)
 
 
+#: the elementwise transcendental operations counted by ``tile_transcendentals`` (TTIR op names): the
+#: exponentials and logarithms, the roots and every floating-point division (a reciprocal ``1.0 / u`` is an
+#: ``arith.divf`` too), whatever MLIR dialect spells them in the Triton versions we support
+TRANSCENDENTAL_OPS = ("math.exp", "math.exp2", "math.expm1", "math.log", "math.log2", "math.log1p", "math.sqrt",
+                      "math.rsqrt", "math.powf", "math.fpowi", "arith.divf", "tt.precise_sqrt", "tt.precise_divf")
+_TTIR_OP = re.compile(r"= (%s) [^:]*: tensor<([0-9x]+)x(?:f16|bf16|f32|f64)>" %
+                      "|".join(re.escape(o) for o in TRANSCENDENTAL_OPS))
+
+
+def tile_transcendentals(ttir: str, tile):
+    """(total, {op: count}) of the transcendental operations of TRANSCENDENTAL_OPS in a kernel's TTIR whose
+    result is a rank-2 tile of shape ``tile`` = (BLOCK_M, BLOCK_N) or its transpose; row vectors ([BLOCK_M],
+    [BLOCK_M, 1]) and scalars are not counted. Each operation is counted once where it stands in the TTIR
+    (after Triton's inlining, canonicalisation and CSE): an op in a loop body counts once, i.e. the figure is
+    the number of transcendentals per tile element of one sweep (pass 1 and pass 2 of the forward together)."""
+    shapes = {tuple(tile), tuple(tile)[::-1]}
+    ops = {}
+    for m in _TTIR_OP.finditer(ttir):
+        if tuple(int(v) for v in m.group(2).split("x")) in shapes:
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return sum(ops.values()), dict(sorted(ops.items()))
+
+
 def compile_report(kernel, signature, constexprs, cc, num_warps, num_stages):
-    """Compile one JITFunction for sm_<cc>: shared memory, registers, spills (STACK/LOCAL), tensor-core use."""
+    """Compile one JITFunction for sm_<cc>: shared memory, registers, spills (STACK/LOCAL), tensor-core use,
+    and the transcendentals per [BLOCK_M, BLOCK_N] tile element in its TTIR (``tile_transcendentals``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     t0 = time.time()
@@ -124,7 +149,9 @@ def compile_report(kernel, signature, constexprs, cc, num_warps, num_stages):
     for line in res.splitlines():
         if "REG:" in line:
             usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
-    return dict(shared=ck.metadata.shared, shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"),
+    n_tr, tr_ops = tile_transcendentals(ck.asm["ttir"], (constexprs["BLOCK_M"], constexprs["BLOCK_N"]))
+    return dict(tile_transcendentals=n_tr, tile_transcendental_ops=tr_ops, shared=ck.metadata.shared,
+                shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"),
                 stack=usage.get("STACK"), local=usage.get("LOCAL"), mma_sync="mma.sync" in ptx, wgmma="wgmma" in ptx,
                 seconds=round(time.time() - t0, 2))
 
@@ -158,7 +185,7 @@ def main(argv=None, run_fn=None, doc=None, width=24):
             print((head + " FAILED {error}").format(**r))
             continue
         print((head + " shared={shared:6d} reg={reg} stack={stack} local={local} mma.sync={mma_sync} "
-                      "wgmma={wgmma} {seconds}s").format(**r))
+                      "wgmma={wgmma} tile_transcendentals={tile_transcendentals} {seconds}s").format(**r))
 
 
 if __name__ == "__main__":
