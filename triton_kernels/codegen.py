@@ -21,8 +21,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-KERNELS = ("rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel")
-INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset")
+KERNELS = ("rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel", "rowstats_bwd_sym_kernel")
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "stride_x", "self_offset")
 #: shared memory per block available on the targets (opt-in maximum): A100 163 KiB, H100 227 KiB
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -78,7 +78,7 @@ def _compile_one(job):
     SHIPPED = shipped("rowstats")
     kernel = getattr(rowstats, k)
     kc = SHIPPED[cfg_name]
-    bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.bwd
+    bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.sym_config() if k == "rowstats_bwd_sym_kernel" else kc.bwd
     if k == "rowstats_bwd_dc_kernel":  # the dC program owns BLOCK_M columns, sweeps BLOCK_N rows
         bm, bn = bc.BLOCK_N, bc.BLOCK_M
     else:
@@ -98,9 +98,9 @@ def _compile_one(job):
             sig[n] = "i32"
         elif n.startswith("p_"):  # a float parameter (support.kernel_param): fp32, or fp64 bits as an int64
             sig[n] = "i64" if acc == "fp64" else "fp32"
-        elif n in ("A", "C"):
+        elif n in ("A", "C", "X"):
             sig[n] = "*" + in_dt
-        elif n in ("ALAB", "CLAB", "TOP"):
+        elif n in ("ALAB", "CLAB", "LAB", "TOP"):
             sig[n] = "*i64"
         else:
             sig[n] = "*" + acc

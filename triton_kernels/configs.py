@@ -12,7 +12,7 @@ with the dtypes it serves, and checked for spills, shared memory and tensor-core
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,13 +33,20 @@ class KernelConfig(NamedTuple):
     bwd: BlockConfig
     dtypes: Tuple[str, ...]  # input dtypes this configuration is shipped for
     max_d: int               # used for D <= max_d (0: any D, D swept in BLOCK_D chunks)
+    sym: Optional[BlockConfig] = None  # the symmetric backward (rowstats_bwd_sym_kernel); None: as bwd
+
+    def sym_config(self) -> BlockConfig:
+        return self.bwd if self.sym is None else self.sym
 
 
 SHIPPED = {
     # 16-bit inputs: tensor-core tiles (mma.sync on sm_80, wgmma on sm_90)
     "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 64),
-    "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128),
-    "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0),
+    # (the symmetric backward holds two G tiles: 64x16 where 64x32 spilled 16 B on sm_90 with chunked D)
+    "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128,
+                           BlockConfig(64, 16, 64, 8, 2)),
+    "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0,
+                            BlockConfig(64, 16, 64, 8, 2)),
     # fp32 inputs (ieee fp32 dot by default, TF32 opt-in): smaller tiles
     "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32),
     "f_large": KernelConfig(BlockConfig(32, 32, 32, 8, 1), BlockConfig(32, 16, 32, 4, 1), ("fp32",), 0),

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import support
 from .configs import KernelConfig, pick_config
-from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_fwd_kernel
+from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_bwd_sym_kernel, rowstats_fwd_kernel
 
 #: test hook: a KernelConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
 FORCE_CONFIG: Optional[KernelConfig] = None
@@ -131,6 +131,34 @@ def _bwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     return dA.to(A.dtype), dC.to(C.dtype)
 
 
+def _bwd_sym_impl(X: Tensor, lab: Tensor, bias_same: Optional[Tensor], bias_other: Optional[Tensor], lse: Tensor,
+                  top: Tensor, lrest: Tensor, cpos: Tensor, cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor,
+                  inv_tau: float, gamma: float, focal: bool, precision: str) -> Tensor:
+    """dX [N, D] in the input dtype: the contract backward of A = C = X, a_lab = c_lab = lab, self_offset = 0,
+    i.e. dA + dC, by one row-parallel kernel (``rowstats_bwd_sym_kernel``)."""
+    N, D = X.shape
+    if N == 0:
+        return torch.zeros_like(X)
+    acc = _acc(X.dtype)
+    dX = torch.zeros(N, D, dtype=acc, device=X.device)  # zero-initialised: the chunked-D kernel accumulates into it
+    has_bias = bias_same is not None
+    bs = bias_same if has_bias else lse
+    bo = bias_other if has_bias else lse
+    cfg = _config(N, N, D, X.dtype).sym_config()
+    launch(rowstats_bwd_sym_kernel, (triton.cdiv(N, cfg.BLOCK_M),), X.device,
+           X, lab, bs, bo, lse, top, lrest, cpos, cposf, cneg, r, rt, dX, N, D, X.stride(0),
+           support.kernel_param(inv_tau, acc), support.kernel_param(gamma, acc),
+           HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+           BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=_precision(X.dtype, precision),
+           UPCAST=_upcast(X.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dX.to(X.dtype)
+
+
+def _bwd_sym_fake(X, lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, inv_tau, gamma, focal,
+                  precision):
+    return torch.empty_like(X)
+
+
 def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_offset, focal, precision):
     M = A.shape[0]
     acc = _acc(A.dtype)
@@ -150,7 +178,12 @@ if interpreted():
     triton_rowstats_fwd.register_fake(_fwd_fake)
     triton_rowstats_bwd = torch.library.custom_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())
     triton_rowstats_bwd.register_fake(_bwd_fake)
+    triton_rowstats_bwd_sym = torch.library.custom_op("ltcl_fused::triton_rowstats_bwd_sym", _bwd_sym_impl,
+                                                      mutates_args=())
+    triton_rowstats_bwd_sym.register_fake(_bwd_sym_fake)
 else:
     # GPU: triton_op + wrap_triton, which torch.compile traces into (the kernels become part of the graph).
     triton_rowstats_fwd = torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", _fwd_impl, mutates_args=())
     triton_rowstats_bwd = torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())
+    triton_rowstats_bwd_sym = torch.library.triton_op("ltcl_fused::triton_rowstats_bwd_sym", _bwd_sym_impl,
+                                                      mutates_args=())

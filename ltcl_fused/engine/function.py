@@ -38,12 +38,14 @@ def backward_coefficients(grads, lse, upos, uneg, top_neg, focal: bool):
 
 class _RowStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine, fn):
+    def forward(ctx, A, C, a_lab, c_lab, bias_same, bias_other, self_offset, inv_tau, gamma, focal, engine, fn,
+                symmetric=False):
         lse, pos_sum, fpos, fneg, upos, uneg, top, lrest = engine.rowstats_forward(
             A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal)
         ctx.save_for_backward(A, C, a_lab, c_lab, bias_same, bias_other, lse, upos, uneg, top, lrest)
         ctx.cfg = (self_offset, inv_tau, gamma, focal, engine)
         ctx.fn = fn
+        ctx.symmetric = symmetric
         return lse, pos_sum, fpos, fneg
 
     @staticmethod
@@ -52,12 +54,14 @@ class _RowStatsFn(torch.autograd.Function):
         self_offset, inv_tau, gamma, focal, engine = ctx.cfg
         cpos, cposf, cneg, r, rt = backward_coefficients(
             (g_lse, g_pos, g_fpos, g_fneg), lse, upos, uneg, dominant_is_negative(top, a_lab, c_lab), focal)
+        # symmetric backward (issue 12): C is A, so dX = dA + dC comes back as dA (dC None)
+        sym = {"symmetric": True} if ctx.symmetric else {}
         with torch.no_grad():  # first-order only (see first_order.py)
             dA, dC = engine.rowstats_backward(A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other,
-                                              gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
+                                              gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt, **sym)
         dA, dC = first_order(ctx.fn, engine.name, (dA if ctx.needs_input_grad[0] else None,
                                                    dC if ctx.needs_input_grad[1] else None), (A, C))
-        return (dA, dC, None, None, None, None, None, None, None, None, None, None)
+        return (dA, dC, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, *,
@@ -68,9 +72,11 @@ def row_stats(engine, A: torch.Tensor, C: torch.Tensor, a_lab: torch.Tensor, c_l
 
     ``fn`` names the calling loss in the error raised on double backward. ``C is A`` (and ``c_lab is a_lab``)
     is allowed: the second is passed as an alias, since torch.compile refuses one tensor twice in ``apply``."""
+    # symmetric backward (issue 12): the anchors are the columns and the engine has a one-kernel dX for it
+    symmetric = C is A and c_lab is a_lab and self_offset == 0 and "rowstats" in getattr(engine, "symmetric_ops", ())
     A, C, a_lab, c_lab = A.contiguous(), C.contiguous(), a_lab.contiguous(), c_lab.contiguous()
     C = C.view_as(C) if C is A else C
     c_lab = c_lab.view_as(c_lab) if c_lab is a_lab else c_lab
     out = _RowStatsFn.apply(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset), float(inv_tau),
-                            float(gamma), bool(focal), engine, fn)
+                            float(gamma), bool(focal), engine, fn, symmetric)
     return RowStats(*out)

@@ -82,7 +82,10 @@ def build_contrast(fn: str, features, labels, *, ref_features=None, ref_labels=N
     M = B if contrast_mode == "one" else Vw * B
     if own:
         chk.run()
-    return Contrast(X=X, A=X[:M], C=C, a_lab=lab[:M], c_lab=c_lab, B=B, V=Vw)
+    # every row an anchor and no reference rows: A is C itself (and a_lab is c_lab), which lets
+    # engine.function.row_stats take an engine's symmetric backward (one dX kernel instead of dA and dC)
+    every = M == X.shape[0] and ref_features is None
+    return Contrast(X=X, A=X if every else X[:M], C=C, a_lab=c_lab if every else lab[:M], c_lab=c_lab, B=B, V=Vw)
 
 
 def match_counts(a_lab: torch.Tensor, c_lab: torch.Tensor) -> torch.Tensor:
