@@ -68,7 +68,7 @@ def compiled():
 def test_every_shipped_config_is_covered():
     from ltcl_fused.triton_kernels.configs import SHIPPED
     need = {(n, dt) for n, c in SHIPPED.items() for dt in c.dtypes if dt != "fp64"}
-    have = {(j[1], j[2]) for j in JOBS}
+    have = {(j[1], j[2]) for j in JOBS if j[1] != "merge"}
     assert need == have
     assert {"bf16", "fp16", "fp32"} <= {dt for _, dt in have}
 

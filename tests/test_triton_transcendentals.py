@@ -42,6 +42,11 @@ EXPECTED = {
     # column's values are row vectors
     ("rowstats_fwd_kernel", "focal_bias"): {"math.exp": 3, "arith.divf": 1, "math.log": 1},
     ("rowstats_fwd_kernel", "focal_g0"): {"math.exp": 2, "arith.divf": 1, "math.log": 1},  # no w at γ = 0
+    # a split sweep (ops.split_plan): pass 1 alone, pass 2 alone (bias, γ ≠ 0); the merges have no tile
+    ("rowstats_fwd_kernel", "split1"): {"math.exp": 1},
+    ("rowstats_fwd_kernel", "split2"): {"math.exp": 2, "arith.divf": 1, "math.log": 1},
+    ("rowstats_fwd_merge_kernel", "merge"): {},
+    ("rowstats_fwd_sum_kernel", "merge"): {},
     # backward G tile: SupCon / CL: p = exp(log p)
     ("rowstats_bwd_da_kernel", "plain"): {"math.exp": 1},
     ("rowstats_bwd_dc_kernel", "plain"): {"math.exp": 1},
@@ -87,7 +92,7 @@ from ltcl_fused.backends.triton_engine import _load_kernels
 ops = _load_kernels()
 assert not ops.interpreted()
 from ltcl_fused.triton_kernels import codegen, ssl_codegen
-rs = [j for j in codegen.jobs(full=True) if j[1:4] == ("f_large", "fp32", 80)]
+rs = [j for j in codegen.jobs(full=True) if j[1:4] in (("f_large", "fp32", 80), ("merge", "fp32", 80))]
 ss = [j for j in ssl_codegen.jobs(full=True) if j[1:4] in (("f_large", "fp32", 80), ("bayes", "fp32", 80))]
 out = codegen.run(2, True, lambda full: rs, codegen.compile_one) + codegen.run(2, True, lambda full: ss,
                                                                               ssl_codegen.compile_one)

@@ -5,7 +5,8 @@ transcendental operations per [BLOCK_M, BLOCK_N] tile element in the TTIR (``til
     python -m ltcl_fused.triton_kernels.codegen [--jobs 2] [--full]
 
 Must run with TRITON_INTERPRET unset (under the interpreter the kernels are not JITFunctions).
-By default: the heaviest variant of each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
+By default: the heaviest variant of each kernel (bias + focal pass + γ ≠ 0), the γ = 0 forward, the two passes
+of a split forward sweep and its row-only merge kernels (config "merge");
 ``--full`` adds fp64, the tf32 / tf32x3 fp32 paths and every kernel's lighter variants (no focal pass, γ = 0). Used by ``tests/test_triton_codegen.py`` (in a subprocess).
 """
 from __future__ import annotations
@@ -22,7 +23,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 KERNELS = ("rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel", "rowstats_bwd_sym_kernel")
-INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "stride_x", "self_offset")
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "stride_x", "self_offset", "n_per", "n_split")
+#: the row-only merge kernels of the split forward sweep (one job per dtype class and target, config "merge")
+MERGE_KERNELS = ("rowstats_fwd_merge_kernel", "rowstats_fwd_sum_kernel")
 #: shared memory per block available on the targets (opt-in maximum): A100 163 KiB, H100 227 KiB
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -42,6 +45,8 @@ def jobs(full: bool = False):
     heavy = ("focal_bias", True, True, False)  # bias + focal pass + γ ≠ 0
     g0 = ("focal_g0", True, False, True)       # the γ = 0 pass 2 (ACL), allocated differently
     plain = ("plain", False, False, True)      # SupCon / CL: pass 1 only
+    split1 = ("split1", True, True, False, 1)  # a split sweep's pass 1 (ops.split_plan)
+    split2 = ("split2", True, True, False, 2)  # a split sweep's pass 2 (bias, γ ≠ 0)
     out = []
     for name, cfg in SHIPPED.items():
         dts = list(cfg.dtypes)
@@ -56,8 +61,14 @@ def jobs(full: bool = False):
                         variants = (heavy, plain, g0)
                     else:  # default (CI): the heaviest variant, and γ = 0 for the forward
                         variants = (heavy, g0) if k == "rowstats_fwd_kernel" else (heavy,)
+                    if k == "rowstats_fwd_kernel":
+                        variants = variants + (split1, split2)
                     for var in variants:
                         out.append((k, name, dt, cc, var))
+    for acc in (("fp32", "fp64") if full else ("fp32",)):
+        for cc in (80, 90):
+            for k in MERGE_KERNELS:
+                out.append((k, "merge", acc, cc, ("merge", False, False, False)))
     return out
 
 
@@ -72,11 +83,17 @@ def compile_one(job):
 
 
 def _compile_one(job):
-    k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero) = job
+    k, cfg_name, dt, cc, (var_name, focal, bias, gamma_zero, *pass_) = job
     from . import rowstats
     from .configs import shipped
     SHIPPED = shipped("rowstats")
     kernel = getattr(rowstats, k)
+    if k in MERGE_KERNELS:
+        from .ops import MERGE_BLOCK
+        sig = {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in INT_ARGS else
+               "*i64" if p.name in ("WTOP", "TOP") else "*" + dt for p in kernel.params}
+        r = compile_report(kernel, sig, dict(BLOCK_M=MERGE_BLOCK), cc, 4, 1)
+        return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, **r)
     kc = SHIPPED[cfg_name]
     bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.sym_config() if k == "rowstats_bwd_sym_kernel" else kc.bwd
     if k == "rowstats_bwd_dc_kernel":  # the dC program owns BLOCK_M columns, sweeps BLOCK_N rows
@@ -89,6 +106,8 @@ def _compile_one(job):
                       BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,
                       PREC=dt if dt in ("tf32", "tf32x3") else "ieee",
                       UPCAST=False)
+    if k == "rowstats_fwd_kernel":
+        constexprs["PASS"] = pass_[0] if pass_ else 0
     sig = {}
     for p in kernel.params:
         n = p.name
@@ -100,7 +119,7 @@ def _compile_one(job):
             sig[n] = "i64" if acc == "fp64" else "fp32"
         elif n in ("A", "C", "X"):
             sig[n] = "*" + in_dt
-        elif n in ("ALAB", "CLAB", "LAB", "TOP"):
+        elif n in ("ALAB", "CLAB", "LAB", "TOP", "WTOP"):
             sig[n] = "*i64"
         else:
             sig[n] = "*" + acc
@@ -149,7 +168,10 @@ def compile_report(kernel, signature, constexprs, cc, num_warps, num_stages):
     for line in res.splitlines():
         if "REG:" in line:
             usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
-    n_tr, tr_ops = tile_transcendentals(ck.asm["ttir"], (constexprs["BLOCK_M"], constexprs["BLOCK_N"]))
+    if "BLOCK_N" in constexprs:
+        n_tr, tr_ops = tile_transcendentals(ck.asm["ttir"], (constexprs["BLOCK_M"], constexprs["BLOCK_N"]))
+    else:  # a kernel of row vectors only (no tile)
+        n_tr, tr_ops = 0, {}
     return dict(tile_transcendentals=n_tr, tile_transcendental_ops=tr_ops, shared=ck.metadata.shared,
                 shared_limit=SHARED_LIMIT[cc], reg=usage.get("REG"),
                 stack=usage.get("STACK"), local=usage.get("LOCAL"), mma_sync="mma.sync" in ptx, wgmma="wgmma" in ptx,

@@ -291,32 +291,49 @@ def _row_top_terms(lrest, gamma, GAMMA_ZERO: tl.constexpr):
 #   pass 2 (FOCAL): with log p_ij = x_ij − lse_i (j ≠ top) or −softplus(lrest_i) (j = top),
 #           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_{N, j≠top} u⁻(p_ij)
 @triton.jit
-def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
-                        M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
-                        HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
-    ACC: tl.constexpr = LSE.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
-    alab = tl.load(ALAB + ri, mask=rmask, other=-1)
-    a_res = None
-    if SINGLE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+def _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2):
+    """Streaming (m, top, m2, s2) ← merged with a later block of columns given as its (max tm, first argmax tj,
+    the other columns' max tm2 and Σ exp(x − tm2) ts2; ts2 = 0 when tm2 = −inf). The block's top takes over only
+    when strictly greater (the first argmax), the old top then joining the rest; otherwise the block's top joins
+    the rest. Used per column tile and to merge the partials of a split sweep (the same arithmetic)."""
+    better = tm > m_i
+    jm = tl.where(better, m_i, tm)  # the one column that joins the rest: the old top, or the block's top
+    nm2 = tl.maximum(tl.maximum(m2, jm), tm2)
+    nm2s = tl.where(nm2 == float("-inf"), 0.0, nm2)
+    s2 = s2 * tl.exp(m2 - nm2s) + tl.exp(jm - nm2s) + ts2 * tl.exp(tm2 - nm2s)
+    top = tl.where(better, tj, top)
+    m_i = tl.where(better, tm, m_i)
+    return m_i, top, nm2, s2
+
+
+@triton.jit
+def _finish_stats(m_i, top, m2, s2, rows, N, self_offset):
+    """(lse, lrest, top, poisoned) of rows from their (m, top, m2, s2) over all N columns (contract: a row with a
+    NaN or +inf logit, or only −inf ones, is poisoned: NaN statistics, top −1)."""
+    n_self = tl.where((self_offset >= 0) & (rows + self_offset < N), 1, 0)
+    poisoned = (s2 != s2) | (m_i == float("inf")) | ((N - n_self > 0) & (m_i == float("-inf")))
+    empty = m_i == float("-inf")
+    lrest = tl.where(empty | (m2 == float("-inf")), float("-inf"), (m2 - m_i) + tl.log(s2))
+    lse = tl.where(empty, float("-inf"), m_i + _softplus(lrest))
+    lse = tl.where(poisoned, float("nan"), lse)
+    lrest = tl.where(poisoned, float("nan"), lrest)
+    top = tl.where(poisoned, -1, top)
+    return lse, lrest, top, poisoned
+
+
+@triton.jit
+def _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D, stride_a, stride_c, self_offset,
+                inv_tau, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Pass 1 over the columns [n_lo, n_hi): (m, top, m2, s2, pos_sum) of the rows."""
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     m2 = tl.full([BLOCK_M], float("-inf"), ACC)
     s2 = tl.zeros([BLOCK_M], ACC)
     top = tl.full([BLOCK_M], -1, tl.int32)
     psum = tl.zeros([BLOCK_M], ACC)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < n_hi
         ci = cols.to(tl.int64)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -337,64 +354,175 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UN
         tm2 = tl.max(x2, 1)
         tm2s = tl.where(tm2 == float("-inf"), 0.0, tm2)
         ts2 = tl.sum(tl.where(other, tl.exp(x2 - tm2s[:, None]), 0.0), 1)  # a NaN logit lands here or in tm
-        better = tm > m_i
-        jm = tl.where(better, m_i, tm)  # the one column that joins the rest: the old top, or the tile's top
-        nm2 = tl.maximum(tl.maximum(m2, jm), tm2)
-        nm2s = tl.where(nm2 == float("-inf"), 0.0, nm2)
-        s2 = s2 * tl.exp(m2 - nm2s) + tl.exp(jm - nm2s) + ts2 * tl.exp(tm2 - nm2s)
-        m2 = nm2
-        top = tl.where(better, tj, top)
-        m_i = tl.where(better, tm, m_i)
-    n_self = tl.where((self_offset >= 0) & (rows + self_offset < N), 1, 0)
-    poisoned = (s2 != s2) | (m_i == float("inf")) | ((N - n_self > 0) & (m_i == float("-inf")))
-    empty = m_i == float("-inf")
-    lrest = tl.where(empty | (m2 == float("-inf")), float("-inf"), (m2 - m_i) + tl.log(s2))
-    lse = tl.where(empty, float("-inf"), m_i + _softplus(lrest))
-    lse = tl.where(poisoned, float("nan"), lse)
-    lrest = tl.where(poisoned, float("nan"), lrest)
-    top = tl.where(poisoned, -1, top)
-    nonempty = lse != float("-inf")
+        m_i, top, m2, s2 = _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2)
+    return m_i, top, m2, s2, psum
+
+
+@triton.jit
+def _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D, stride_a, stride_c, self_offset,
+                inv_tau, gamma, lse, top, lrest, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, GAMMA_ZERO: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Pass 2 over the columns [n_lo, n_hi) given the rows' final (lse, top, lrest): (fpos, fneg, upos, uneg)."""
+    lse_safe = tl.where(lse != float("-inf"), lse, 0.0)[:, None]
+    _lp_top, l1mp_top, _p_top, fp_top, up_top = _row_top_terms(lrest, gamma, GAMMA_ZERO)
+    fn_top = -l1mp_top[:, None]
+    fp_top = fp_top[:, None]
+    up_top = up_top[:, None]
+    fpos = tl.zeros([BLOCK_M], ACC)
+    fneg = tl.zeros([BLOCK_M], ACC)
+    upos = tl.zeros([BLOCK_M], ACC)
+    uneg = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n_hi
+        ci = cols.to(tl.int64)
+        clab = tl.load(CLAB + ci, mask=cmask, other=-1)
+        s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N,
+                    BLOCK_D, SINGLE_D, PREC, UPCAST) * inv_tau
+        valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
+                                 clab[None, :], self_offset)
+        if HAS_BIAS:
+            bs = tl.load(BS + ci, mask=cmask, other=0.0)
+            bo = tl.load(BO + ci, mask=cmask, other=0.0)
+            s = s + tl.where(pos, bs[None, :], bo[None, :])
+        is_top = valid & (cols[None, :] == top[:, None])
+        logp = tl.where(valid & (is_top == 0), s - lse_safe, -1.0)
+        fp, fn, up, un = _focal_tile(logp, tl.exp(logp), gamma, GAMMA_ZERO)
+        fp = tl.where(is_top, fp_top, fp)
+        fn = tl.where(is_top, fn_top, fn)
+        up = tl.where(is_top, up_top, up)
+        fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
+        fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
+        upos += tl.sum(tl.where(pos, up, 0.0), 1)
+        uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
+    return fpos, fneg, upos, uneg
+
+
+# PASS (compile time): 0 = the whole forward in one kernel (pass 1, the row statistics, pass 2 when FOCAL), one
+# program per BLOCK_M rows. A split sweep (few row blocks: ``ops.split_count``) runs program (i, k) over the
+# columns [k·n_per, (k+1)·n_per) only: PASS = 1 writes its partial (m, m2, s2, pos_sum) to WS[k] and top to
+# WTOP[k], ``rowstats_fwd_merge_kernel`` merges them in k order (deterministic) into the row statistics, then
+# PASS = 2 writes the partial focal sums from those statistics to WS[k] and ``rowstats_fwd_sum_kernel`` adds them
+# in k order. WS: [n_split, 4, M] in the accumulation dtype, WTOP: [n_split, M] int64 (unused with PASS = 0).
+@triton.jit
+def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
+                        M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
+                        HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+                        WS=None, WTOP=None, n_per=0, PASS: tl.constexpr = 0):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
+    alab = tl.load(ALAB + ri, mask=rmask, other=-1)
+    a_res = None
+    if SINGLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+    if PASS == 0:
+        m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, 0, N, D, stride_a,
+                                             stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M, BLOCK_N,
+                                             BLOCK_D, SINGLE_D, PREC, UPCAST)
+        lse, lrest, top, poisoned = _finish_stats(m_i, top, m2, s2, rows, N, self_offset)
+        tl.store(LSE + ri, lse, mask=rmask)
+        tl.store(POS + ri, psum, mask=rmask)
+        tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
+        tl.store(LREST + ri, lrest, mask=rmask)
+        if FOCAL:
+            fpos, fneg, upos, uneg = _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, 0, N, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, gamma, lse, top, lrest,
+                                                 ACC, HAS_BIAS, GAMMA_ZERO, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                                                 PREC, UPCAST)
+            tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
+            tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
+            tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
+            tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
+    else:
+        k = tl.program_id(1)
+        n_lo = k * n_per
+        n_hi = tl.minimum(n_lo + n_per, N)
+        w = WS + k.to(tl.int64) * 4 * M + ri
+        if PASS == 1:
+            m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M,
+                                                 BLOCK_N, BLOCK_D, SINGLE_D, PREC, UPCAST)
+            tl.store(w, m_i, mask=rmask)
+            tl.store(w + M, m2, mask=rmask)
+            tl.store(w + 2 * M, s2, mask=rmask)
+            tl.store(w + 3 * M, psum, mask=rmask)
+            tl.store(WTOP + k.to(tl.int64) * M + ri, top.to(tl.int64), mask=rmask)
+        else:
+            lse = tl.load(LSE + ri, mask=rmask, other=0.0)
+            top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)
+            lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
+            fpos, fneg, upos, uneg = _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, gamma, lse, top, lrest,
+                                                 ACC, HAS_BIAS, GAMMA_ZERO, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                                                 PREC, UPCAST)
+            tl.store(w, fpos, mask=rmask)
+            tl.store(w + M, fneg, mask=rmask)
+            tl.store(w + 2 * M, upos, mask=rmask)
+            tl.store(w + 3 * M, uneg, mask=rmask)
+
+
+# The merge of a split pass 1 (rows only, no tl.dot): (m, top, m2, s2) of the n_split column ranges merged in
+# order with ``_merge_top`` (a range's top is the "tile" top, its rest the "tile" rest), pos_sum added in order,
+# then the row statistics as in the one-kernel forward.
+@triton.jit
+def rowstats_fwd_merge_kernel(WS, WTOP, LSE, POS, TOP, LREST, M, N, self_offset, n_split, BLOCK_M: tl.constexpr):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    m2 = tl.full([BLOCK_M], float("-inf"), ACC)
+    s2 = tl.zeros([BLOCK_M], ACC)
+    top = tl.full([BLOCK_M], -1, tl.int32)
+    psum = tl.zeros([BLOCK_M], ACC)
+    for k in range(0, n_split):
+        w = WS + k * 4 * M + ri
+        tm = tl.load(w, mask=rmask, other=float("-inf"))
+        tm2 = tl.load(w + M, mask=rmask, other=float("-inf"))
+        ts2 = tl.load(w + 2 * M, mask=rmask, other=0.0)
+        psum += tl.load(w + 3 * M, mask=rmask, other=0.0)
+        tj = tl.load(WTOP + k * M + ri, mask=rmask, other=-1).to(tl.int32)
+        m_i, top, m2, s2 = _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2)
+    lse, lrest, top, poisoned = _finish_stats(m_i, top, m2, s2, rows, N, self_offset)
     tl.store(LSE + ri, lse, mask=rmask)
     tl.store(POS + ri, psum, mask=rmask)
     tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
     tl.store(LREST + ri, lrest, mask=rmask)
-    if FOCAL:
-        lse_safe = tl.where(nonempty, lse, 0.0)[:, None]
-        _lp_top, l1mp_top, _p_top, fp_top, up_top = _row_top_terms(lrest, gamma, GAMMA_ZERO)
-        fn_top = -l1mp_top[:, None]
-        fp_top = fp_top[:, None]
-        up_top = up_top[:, None]
-        fpos = tl.zeros([BLOCK_M], ACC)
-        fneg = tl.zeros([BLOCK_M], ACC)
-        upos = tl.zeros([BLOCK_M], ACC)
-        uneg = tl.zeros([BLOCK_M], ACC)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            ci = cols.to(tl.int64)
-            clab = tl.load(CLAB + ci, mask=cmask, other=-1)
-            s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N,
-                        BLOCK_D, SINGLE_D, PREC, UPCAST) * inv_tau
-            valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
-                                     clab[None, :], self_offset)
-            if HAS_BIAS:
-                bs = tl.load(BS + ci, mask=cmask, other=0.0)
-                bo = tl.load(BO + ci, mask=cmask, other=0.0)
-                s = s + tl.where(pos, bs[None, :], bo[None, :])
-            is_top = valid & (cols[None, :] == top[:, None])
-            logp = tl.where(valid & (is_top == 0), s - lse_safe, -1.0)
-            fp, fn, up, un = _focal_tile(logp, tl.exp(logp), gamma, GAMMA_ZERO)
-            fp = tl.where(is_top, fp_top, fp)
-            fn = tl.where(is_top, fn_top, fn)
-            up = tl.where(is_top, up_top, up)
-            fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
-            fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
-            upos += tl.sum(tl.where(pos, up, 0.0), 1)
-            uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
-        tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
-        tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
-        tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
-        tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
+
+
+# The sum of a split pass 2: the n_split partial focal sums added in order; NaN for a poisoned row (lse = NaN).
+@triton.jit
+def rowstats_fwd_sum_kernel(WS, LSE, FPOS, FNEG, UPOS, UNEG, M, n_split, BLOCK_M: tl.constexpr):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    fpos = tl.zeros([BLOCK_M], ACC)
+    fneg = tl.zeros([BLOCK_M], ACC)
+    upos = tl.zeros([BLOCK_M], ACC)
+    uneg = tl.zeros([BLOCK_M], ACC)
+    for k in range(0, n_split):
+        w = WS + k * 4 * M + ri
+        fpos += tl.load(w, mask=rmask, other=0.0)
+        fneg += tl.load(w + M, mask=rmask, other=0.0)
+        upos += tl.load(w + 2 * M, mask=rmask, other=0.0)
+        uneg += tl.load(w + 3 * M, mask=rmask, other=0.0)
+    lse = tl.load(LSE + ri, mask=rmask, other=0.0)
+    poisoned = lse != lse
+    tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
+    tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
+    tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
+    tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
