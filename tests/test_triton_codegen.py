@@ -73,6 +73,20 @@ def test_every_shipped_config_is_covered():
     assert {"bf16", "fp16", "fp32"} <= {dt for _, dt in have}
 
 
+def test_sm90_forward_blocks():
+    """The sm_90 forward blocks (KernelConfig.fwd90) replace fwd on compute capability 9.x only, keep its D class
+    (BLOCK_D) and are what the sweep compiles for sm_90; CPU tensors / the interpreter report capability 0."""
+    import torch
+    from ltcl_fused.triton_kernels import ops
+    from ltcl_fused.triton_kernels.configs import SHIPPED
+    with90 = [c for c in SHIPPED.values() if c.fwd90 is not None]
+    assert with90
+    for c in SHIPPED.values():
+        assert c.fwd_config(0) is c.fwd and c.fwd_config(80) is c.fwd and c.fwd_config(100) is c.fwd
+        assert c.fwd_config(90) is (c.fwd90 or c.fwd) and c.fwd_config(90).BLOCK_D == c.fwd.BLOCK_D
+    assert ops._capability(torch.device("cpu")) == 0
+
+
 @pytest.mark.parametrize("job", JOBS,
                          ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('rowstats_', '')}-{j[4][0]}")
 def test_codegen(compiled, job):

@@ -11,7 +11,7 @@ figures on every shipped configuration, dtype and architecture of their sweeps.
 
 Before issue 12 the focal kernels evaluated log1mexp(log p) with both of its branches on every tile element and
 the dominant column's formulas on the whole tile: forward 9 (4 exp, 3 log, 2 div; 8 at γ = 0), dA / dC 9 each
-(4 exp, 3 log, 2 div; 8 at γ = 0). Now: forward 5 (pass 2: 4), dA / dC 4 (γ = 0: 4, 2).
+(4 exp, 3 log, 2 div; 8 at γ = 0). Now: forward 5 (pass 2: 4; γ = 0: 4), dA / dC 4 each (γ = 0: 2).
 """
 import json
 import os

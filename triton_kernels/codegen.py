@@ -95,7 +95,8 @@ def _compile_one(job):
         r = compile_report(kernel, sig, dict(BLOCK_M=MERGE_BLOCK), cc, 4, 1)
         return dict(kernel=k, config=cfg_name, dtype=dt, cc=cc, variant=var_name, **r)
     kc = SHIPPED[cfg_name]
-    bc = kc.fwd if k == "rowstats_fwd_kernel" else kc.sym_config() if k == "rowstats_bwd_sym_kernel" else kc.bwd
+    bc = kc.fwd_config(cc) if k == "rowstats_fwd_kernel" else kc.sym_config() if k == "rowstats_bwd_sym_kernel" \
+        else kc.bwd
     if k == "rowstats_bwd_dc_kernel":  # the dC program owns BLOCK_M columns, sweeps BLOCK_N rows
         bm, bn = bc.BLOCK_N, bc.BLOCK_M
     else:

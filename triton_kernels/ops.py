@@ -77,6 +77,19 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreted()
 
 
+def _capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major·10 + minor (0 for CPU tensors and under the interpreter)."""
+    if interpreted() or device.type != "cuda":
+        return 0
+    return _cc(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cc(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -122,7 +135,7 @@ def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
-    cfg = _config(M, N, D, A.dtype).fwd
+    cfg = _config(M, N, D, A.dtype).fwd_config(_capability(A.device))
     args = (A, C, a_lab, c_lab, bs, bo, lse, pos, fpos, fneg, upos, uneg, top, lrest,
             M, N, D, A.stride(0), C.stride(0), self_offset, support.kernel_param(inv_tau, acc),
             support.kernel_param(gamma, acc))
