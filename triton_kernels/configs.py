@@ -57,10 +57,14 @@ SHIPPED = {
     "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0,
                             BlockConfig(64, 16, 64, 8, 2)),
     # fp32 inputs (ieee fp32 dot by default, TF32 opt-in): smaller tiles
-    "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32),
+    # (the symmetric backward: 32x16, spill-free with ieee, tf32 and tf32x3 where 32x32 spilled 8-24 B with TF32)
+    "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32,
+                          BlockConfig(32, 16, 32, 8, 2)),
     "f_large": KernelConfig(BlockConfig(32, 32, 32, 8, 1), BlockConfig(32, 16, 32, 4, 1), ("fp32",), 0),
     # fp64 inputs: correctness first (fp64 mma m8n8k4 on sm_80+)
-    "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0),
+    # (the fp64 symmetric backward: 32x8, where 32x16 spilled 48-104 B in the focal variant on Triton 3.9)
+    "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0,
+                          BlockConfig(32, 8, 32, 4, 1)),
 }
 
 #: Older Triton allocates registers differently: with some SHIPPED shapes the codegen sweeps of Triton 3.3.1 and
