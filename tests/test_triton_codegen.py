@@ -5,7 +5,8 @@ Every shipped block configuration (``ltcl_fused.triton_kernels.configs.SHIPPED``
 (bf16, fp16, fp32), in a subprocess without TRITON_INTERPRET (two compile workers; Triton's on-disk
 cache makes re-runs fast). Checked per kernel: shared memory within the device limit, no register
 spills (``cuobjdump -res-usage``: LOCAL and STACK are 0), tensor-core instructions in the PTX of the
-16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90). Variants compiled: the heaviest one of
+16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90), the transcendentals per tile element
+(``tests/test_triton_transcendentals.py``). Variants compiled: the heaviest one of
 each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
 ``python -m ltcl_fused.triton_kernels.codegen --full`` adds the others, fp64 and TF32.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from _hang import HANG_GUARD_S
+from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
 pytest.importorskip("triton")
 
@@ -66,9 +68,23 @@ def compiled():
 def test_every_shipped_config_is_covered():
     from ltcl_fused.triton_kernels.configs import SHIPPED
     need = {(n, dt) for n, c in SHIPPED.items() for dt in c.dtypes if dt != "fp64"}
-    have = {(j[1], j[2]) for j in JOBS}
+    have = {(j[1], j[2]) for j in JOBS if j[1] != "merge"}
     assert need == have
     assert {"bf16", "fp16", "fp32"} <= {dt for _, dt in have}
+
+
+def test_sm90_forward_blocks():
+    """The sm_90 forward blocks (KernelConfig.fwd90) replace fwd on compute capability 9.x only, keep its D class
+    (BLOCK_D) and are what the sweep compiles for sm_90; CPU tensors / the interpreter report capability 0."""
+    import torch
+    from ltcl_fused.triton_kernels import ops
+    from ltcl_fused.triton_kernels.configs import SHIPPED
+    with90 = [c for c in SHIPPED.values() if c.fwd90 is not None]
+    assert with90
+    for c in SHIPPED.values():
+        assert c.fwd_config(0) is c.fwd and c.fwd_config(80) is c.fwd and c.fwd_config(100) is c.fwd
+        assert c.fwd_config(90) is (c.fwd90 or c.fwd) and c.fwd_config(90).BLOCK_D == c.fwd.BLOCK_D
+    assert ops._capability(torch.device("cpu")) == 0
 
 
 @pytest.mark.parametrize("job", JOBS,
@@ -82,6 +98,8 @@ def test_codegen(compiled, job):
     assert r["stack"] == 0 and r["local"] == 0, f"register spills: STACK={r['stack']} LOCAL={r['local']} REG={r['reg']}"
     if dt in ("bf16", "fp16"):
         assert r["mma_sync"] if cc == 80 else r["wgmma"], "no tensor-core instructions in the PTX"
+    # transcendentals per tile element: the hand-written table of tests/test_triton_transcendentals.py
+    assert r["tile_transcendental_ops"] == TRANSCENDENTALS[(k, var[0])]
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):

@@ -125,9 +125,21 @@ def _mine(M, Q, D, dtype=DT):
     return topk_mining.topk_mining(A, torch.arange(M) % 2, K, torch.arange(Q) % 2, 2, 5)
 
 
+def _rowstats_sym(N, D, dtype=DT):
+    """The symmetric backward (C is A, the same labels, self_offset = 0): one dX kernel."""
+    X = _rows(N, D, 3, dtype)
+    lab = torch.arange(N) % 3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    st = ENG.rowstats_forward(X, X, lab, lab, 0, 1 / 0.3, None, None, 0.5, True)
+    co = [torch.linspace(-1, 1, N, dtype=acc) + k for k in range(5)]
+    return ENG.rowstats_backward(X, X, lab, lab, 0, 1 / 0.3, None, None, 0.5, True, st[0], st[6], st[7], *co,
+                                 symmetric=True)
+
+
 def _every_op(dtype=DT):
     _rowstats(37, 45, 40, dtype)
     _rowstats(20, 33, 8, dtype, focal=False, bias=False)
+    _rowstats_sym(29, 40, dtype)
     for cfg in SSL_CFGS.values():
         _ssl(21, 30, 12, cfg, dtype)
     _mine(9, 40, 6, dtype)
@@ -147,8 +159,8 @@ def test_every_launch_is_guarded(launches, force_config, cfg):
     force_config(CHUNKED if cfg == "chunked" else SINGLE)
     _every_op()
     names = {c[0] for c in launches.calls}
-    assert {"rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel", "ssl_fwd_kernel",
-            "ssl_bayes_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "topk_mining_kernel"} <= names
+    assert {"rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_dc_kernel", "rowstats_bwd_sym_kernel",
+            "ssl_fwd_kernel", "ssl_bayes_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "topk_mining_kernel"} <= names
     for name, devs, guards, _ in launches.calls:
         assert guards, f"{name} launched without a device guard"
         assert devs == {guards[-1]}, f"{name}: guard {guards[-1]} but tensors on {devs}"
@@ -277,6 +289,7 @@ def matmul_precision(monkeypatch):
 def _precs(launches, dtype):
     launches.calls.clear()
     _rowstats(20, 30, 8, dtype)
+    _rowstats_sym(20, 8, dtype)
     _ssl(20, 30, 8, SSL_CFGS["hcl"], dtype)
     _mine(9, 20, 6, dtype)
     out = {}
@@ -291,7 +304,8 @@ def test_fp32_precision_follows_torch(launches, matmul_precision, torch_prec, wa
     matmul_precision(torch_prec)
     got = _precs(launches, torch.float32)
     assert set(got) == {want}, got
-    assert {"rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "ssl_fwd_kernel", "topk_mining_kernel"} <= got[want]
+    assert {"rowstats_fwd_kernel", "rowstats_bwd_da_kernel", "rowstats_bwd_sym_kernel", "ssl_fwd_kernel",
+            "topk_mining_kernel"} <= got[want]
     assert set(_precs(launches, torch.bfloat16)) == {"ieee"}  # 16-bit inputs: tensor cores whatever the setting
 
 

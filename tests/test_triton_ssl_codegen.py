@@ -4,7 +4,8 @@ Every kernel of ``triton_kernels/ssl_rowstats.py`` is compiled by ``ltcl_fused.t
 (``triton.compile(..., target=GPUTarget("cuda", 80 | 90, 32))``) with every shipped block configuration
 and the dtypes it serves (bf16, fp16, fp32), in a subprocess without TRITON_INTERPRET. Checked: shared
 memory within the device limit, no register spills (``cuobjdump -res-usage``: LOCAL and STACK are 0),
-tensor cores in the 16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90). Also: the
+tensor cores in the 16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90), the transcendentals per tile
+element (``tests/test_triton_transcendentals.py``). Also: the
 ``triton_ssl_fwd`` / ``triton_ssl_bwd`` triton_ops trace under fake tensors (unit and Bayesian weights).
 """
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from _hang import HANG_GUARD_S
+from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
 pytest.importorskip("triton")
 
@@ -80,6 +82,8 @@ def test_codegen(compiled, job):
     assert r["stack"] == 0 and r["local"] == 0, f"register spills: STACK={r['stack']} LOCAL={r['local']} REG={r['reg']}"
     if dt in ("bf16", "fp16"):
         assert r["mma_sync"] if cc == 80 else r["wgmma"], "no tensor-core instructions in the PTX"
+    # transcendentals per tile element: the hand-written table of tests/test_triton_transcendentals.py
+    assert r["tile_transcendental_ops"] == TRANSCENDENTALS[(k, var[0])]
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):

@@ -3,7 +3,8 @@
 A ``BlockConfig`` is (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); SINGLE_D = (D <= BLOCK_D)
 (else D is swept in BLOCK_D chunks: e.g. the D <= 128 16-bit backward uses two 64-wide chunks, the
 single-chunk 128-wide variant spills on sm_80). On sm_90 the owned block is 64 rows so that every
-16-bit ``tl.dot`` is a wgmma (M >= 64).
+16-bit ``tl.dot`` is a wgmma (M >= 64); the forward of the 16-bit single-chunk classes uses 128 rows there
+(``fwd90``, ``KernelConfig.fwd_config``).
 Forward: BLOCK_M anchor rows per program, column tiles of BLOCK_N. Backward: BLOCK_M is the block a
 program owns (anchor rows for dA, columns for dC) and BLOCK_N the tile it sweeps over.
 Every entry of ``SHIPPED`` (as ``shipped()`` adapts it to the running Triton) is compiled for sm_80 and sm_90
@@ -12,7 +13,7 @@ with the dtypes it serves, and checked for spills, shared memory and tensor-core
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,18 +34,37 @@ class KernelConfig(NamedTuple):
     bwd: BlockConfig
     dtypes: Tuple[str, ...]  # input dtypes this configuration is shipped for
     max_d: int               # used for D <= max_d (0: any D, D swept in BLOCK_D chunks)
+    sym: Optional[BlockConfig] = None  # the symmetric backward (rowstats_bwd_sym_kernel); None: as bwd
+    fwd90: Optional[BlockConfig] = None  # the row-statistics forward on sm_90 (Hopper); None: as fwd
+
+    def sym_config(self) -> BlockConfig:
+        return self.bwd if self.sym is None else self.sym
+
+    def fwd_config(self, cc: int = 0) -> BlockConfig:
+        """The row-statistics forward's blocks on compute capability ``cc`` (major·10 + minor; 0: unknown)."""
+        return self.fwd90 if self.fwd90 is not None and cc // 10 == 9 else self.fwd
 
 
 SHIPPED = {
     # 16-bit inputs: tensor-core tiles (mma.sync on sm_80, wgmma on sm_90)
-    "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 64),
-    "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128),
-    "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0),
+    # (sm_90 forward: 128 rows, two warpgroups of 64-row wgmma, C read once per 128 anchors; 128x64 spilled 64 B
+    # in the focal pass on Triton 3.3.1, 128x32 is spill-free on 3.3.1 and 3.9.0; the symmetric backward holds two
+    # G tiles: 64x16 where 64x32 spilled 16 B on sm_90 with chunked D)
+    "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 64,
+                          None, BlockConfig(128, 32, 64, 8, 2)),
+    "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128,
+                           BlockConfig(64, 16, 64, 8, 2), BlockConfig(128, 32, 128, 8, 2)),
+    "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0,
+                            BlockConfig(64, 16, 64, 8, 2)),
     # fp32 inputs (ieee fp32 dot by default, TF32 opt-in): smaller tiles
-    "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32),
+    # (the symmetric backward: 32x16, spill-free with ieee, tf32 and tf32x3 where 32x32 spilled 8-24 B with TF32)
+    "f_d32": KernelConfig(BlockConfig(32, 32, 32, 4, 2), BlockConfig(32, 32, 32, 8, 2), ("fp32",), 32,
+                          BlockConfig(32, 16, 32, 8, 2)),
     "f_large": KernelConfig(BlockConfig(32, 32, 32, 8, 1), BlockConfig(32, 16, 32, 4, 1), ("fp32",), 0),
     # fp64 inputs: correctness first (fp64 mma m8n8k4 on sm_80+)
-    "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0),
+    # (the fp64 symmetric backward: 32x8, where 32x16 spilled 48-104 B in the focal variant on Triton 3.9)
+    "d_any": KernelConfig(BlockConfig(32, 32, 32, 4, 1), BlockConfig(32, 16, 32, 4, 1), ("fp64",), 0,
+                          BlockConfig(32, 8, 32, 4, 1)),
 }
 
 #: Older Triton allocates registers differently: with some SHIPPED shapes the codegen sweeps of Triton 3.3.1 and

@@ -9,6 +9,7 @@ kernels: the same functions are then registered as opaque ``custom_op``s with fa
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -17,10 +18,15 @@ from torch import Tensor
 
 from . import support
 from .configs import KernelConfig, pick_config
-from .rowstats import rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_fwd_kernel
+from .rowstats import (rowstats_bwd_da_kernel, rowstats_bwd_dc_kernel, rowstats_bwd_sym_kernel, rowstats_fwd_kernel,
+                       rowstats_fwd_merge_kernel, rowstats_fwd_sum_kernel)
 
 #: test hook: a KernelConfig that replaces the heuristic (e.g. to exercise the chunked-D path)
 FORCE_CONFIG: Optional[KernelConfig] = None
+#: test hook: the number of column ranges of a split forward sweep (None: ``split_plan``'s heuristic)
+FORCE_SPLIT: Optional[int] = None
+#: rows per program of the merge kernels of a split forward (row vectors only)
+MERGE_BLOCK = 128
 #: fp32 tl.dot precisions a caller may ask for (support.fp32_precision)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -71,6 +77,49 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreted()
 
 
+def _capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major·10 + minor (0 for CPU tensors and under the interpreter)."""
+    if interpreted() or device.type != "cuda":
+        return 0
+    return _cc(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cc(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(M: int, N: int, block_m: int, block_n: int, device: torch.device) -> Tuple[int, int]:
+    """(n_split, n_per): the forward's column sweep split into n_split ranges of n_per columns (a multiple of
+    block_n, none empty) when the row blocks alone cannot fill the GPU: fewer than one per SM. Then about two
+    programs per SM, with at least 4 column tiles each; (1, N) otherwise, under the interpreter and on CPU
+    (FORCE_SPLIT overrides). Depends on M, N, the blocks and the SM count only: deterministic on a device."""
+    if M == 0 or N == 0:
+        return 1, N
+    tiles = triton.cdiv(N, block_n)
+    if FORCE_SPLIT is not None:
+        n = FORCE_SPLIT
+    elif interpreted() or device.type != "cuda":
+        return 1, N
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        row_blocks = triton.cdiv(M, block_m)
+        if row_blocks >= sms:
+            return 1, N
+        n = min(triton.cdiv(2 * sms, row_blocks), tiles // 4)
+    n = max(1, min(n, tiles))
+    if n == 1:
+        return 1, N
+    n_per = triton.cdiv(tiles, n) * block_n
+    return triton.cdiv(N, n_per), n_per
+
+
 def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Optional[Tensor],
               bias_other: Optional[Tensor], inv_tau: float, gamma: float, self_offset: int, focal: bool,
               precision: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -86,15 +135,32 @@ def _fwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
-    cfg = _config(M, N, D, A.dtype).fwd
-    launch(rowstats_fwd_kernel, (triton.cdiv(M, cfg.BLOCK_M),), A.device,
-           A, C, a_lab, c_lab, bs, bo, lse, pos, fpos, fneg, upos, uneg, top, lrest,
-           M, N, D, A.stride(0), C.stride(0), self_offset, support.kernel_param(inv_tau, acc),
-           support.kernel_param(gamma, acc),
-           HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
-           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
-           PREC=_precision(A.dtype, precision), UPCAST=_upcast(A.dtype),
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = _config(M, N, D, A.dtype).fwd_config(_capability(A.device))
+    args = (A, C, a_lab, c_lab, bs, bo, lse, pos, fpos, fneg, upos, uneg, top, lrest,
+            M, N, D, A.stride(0), C.stride(0), self_offset, support.kernel_param(inv_tau, acc),
+            support.kernel_param(gamma, acc))
+    meta = dict(HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D),
+                PREC=_precision(A.dtype, precision), UPCAST=_upcast(A.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    row_blocks = triton.cdiv(M, cfg.BLOCK_M)
+    n_split, n_per = split_plan(M, N, cfg.BLOCK_M, cfg.BLOCK_N, A.device)
+    if n_split <= 1:
+        launch(rowstats_fwd_kernel, (row_blocks,), A.device, *args, **meta)
+        return lse, pos, fpos, fneg, upos, uneg, top, lrest
+    # split sweep: partials per column range, merged in range order (deterministic); every entry is written
+    ws = torch.empty(n_split, 4, M, dtype=acc, device=A.device)
+    wtop = torch.empty(n_split, M, dtype=torch.int64, device=A.device)
+    merge_grid = (triton.cdiv(M, MERGE_BLOCK),)
+    launch(rowstats_fwd_kernel, (row_blocks, n_split), A.device, *args, WS=ws, WTOP=wtop, n_per=n_per, PASS=1,
+           **meta)
+    launch(rowstats_fwd_merge_kernel, merge_grid, A.device, ws, wtop, lse, pos, top, lrest, M, N, self_offset,
+           n_split, BLOCK_M=MERGE_BLOCK)
+    if focal:
+        launch(rowstats_fwd_kernel, (row_blocks, n_split), A.device, *args, WS=ws, WTOP=wtop, n_per=n_per, PASS=2,
+               **meta)
+        launch(rowstats_fwd_sum_kernel, merge_grid, A.device, ws, lse, fpos, fneg, upos, uneg, M, n_split,
+               BLOCK_M=MERGE_BLOCK)
     return lse, pos, fpos, fneg, upos, uneg, top, lrest
 
 
@@ -131,6 +197,34 @@ def _bwd_impl(A: Tensor, C: Tensor, a_lab: Tensor, c_lab: Tensor, bias_same: Opt
     return dA.to(A.dtype), dC.to(C.dtype)
 
 
+def _bwd_sym_impl(X: Tensor, lab: Tensor, bias_same: Optional[Tensor], bias_other: Optional[Tensor], lse: Tensor,
+                  top: Tensor, lrest: Tensor, cpos: Tensor, cposf: Tensor, cneg: Tensor, r: Tensor, rt: Tensor,
+                  inv_tau: float, gamma: float, focal: bool, precision: str) -> Tensor:
+    """dX [N, D] in the input dtype: the contract backward of A = C = X, a_lab = c_lab = lab, self_offset = 0,
+    i.e. dA + dC, by one row-parallel kernel (``rowstats_bwd_sym_kernel``)."""
+    N, D = X.shape
+    if N == 0:
+        return torch.zeros_like(X)
+    acc = _acc(X.dtype)
+    dX = torch.zeros(N, D, dtype=acc, device=X.device)  # zero-initialised: the chunked-D kernel accumulates into it
+    has_bias = bias_same is not None
+    bs = bias_same if has_bias else lse
+    bo = bias_other if has_bias else lse
+    cfg = _config(N, N, D, X.dtype).sym_config()
+    launch(rowstats_bwd_sym_kernel, (triton.cdiv(N, cfg.BLOCK_M),), X.device,
+           X, lab, bs, bo, lse, top, lrest, cpos, cposf, cneg, r, rt, dX, N, D, X.stride(0),
+           support.kernel_param(inv_tau, acc), support.kernel_param(gamma, acc),
+           HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+           BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=_precision(X.dtype, precision),
+           UPCAST=_upcast(X.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dX.to(X.dtype)
+
+
+def _bwd_sym_fake(X, lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, inv_tau, gamma, focal,
+                  precision):
+    return torch.empty_like(X)
+
+
 def _fwd_fake(A, C, a_lab, c_lab, bias_same, bias_other, inv_tau, gamma, self_offset, focal, precision):
     M = A.shape[0]
     acc = _acc(A.dtype)
@@ -150,7 +244,12 @@ if interpreted():
     triton_rowstats_fwd.register_fake(_fwd_fake)
     triton_rowstats_bwd = torch.library.custom_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())
     triton_rowstats_bwd.register_fake(_bwd_fake)
+    triton_rowstats_bwd_sym = torch.library.custom_op("ltcl_fused::triton_rowstats_bwd_sym", _bwd_sym_impl,
+                                                      mutates_args=())
+    triton_rowstats_bwd_sym.register_fake(_bwd_sym_fake)
 else:
     # GPU: triton_op + wrap_triton, which torch.compile traces into (the kernels become part of the graph).
     triton_rowstats_fwd = torch.library.triton_op("ltcl_fused::triton_rowstats_fwd", _fwd_impl, mutates_args=())
     triton_rowstats_bwd = torch.library.triton_op("ltcl_fused::triton_rowstats_bwd", _bwd_impl, mutates_args=())
+    triton_rowstats_bwd_sym = torch.library.triton_op("ltcl_fused::triton_rowstats_bwd_sym", _bwd_sym_impl,
+                                                      mutates_args=())

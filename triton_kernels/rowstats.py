@@ -13,15 +13,16 @@ registers; otherwise D is swept in BLOCK_D chunks and the dA/dC rows owned by a 
 accumulated in an fp32/fp64 workspace, read-modify-write by that program only: deterministic, no
 atomics). S tiles are never stored: they are recomputed by ``tl.dot`` over D chunks.
 
-The kernels use only ``tl.exp``/``tl.log`` (expm1/log1p are built with Kahan's tricks) so that the
-very same code runs under the Triton interpreter (where libdevice is unavailable) and on the GPU.
+The kernels use only ``tl.exp``/``tl.log`` (log1p is built with Kahan's trick, log(1 − p) from one log and one
+reciprocal) so that the very same code runs under the Triton interpreter (where libdevice is unavailable) and on
+the GPU. Per element of a focal tile: the forward's pass 1 one exp, pass 2 one exp, one log, one reciprocal and
+(γ ≠ 0) one exp; the backward the same four (``tests/test_triton_transcendentals.py``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LN2 = tl.constexpr(0.6931471805599453)
 #: XOR mask of the fp64 parameter bit patterns (see _param and ops.kernel_param)
 PARAM_XOR = tl.constexpr(0x7FFC000000000000)
 
@@ -30,24 +31,10 @@ PARAM_XOR = tl.constexpr(0x7FFC000000000000)
 # elementwise helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _expm1(x):
-    """exp(x) − 1, accurate near 0 (Kahan: (u − 1)·x / log u)."""
-    u = tl.exp(x)
-    um1 = u - 1.0
-    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * (x / tl.log(u))))
-
-
-@triton.jit
 def _log1p(y):
     """log(1 + y), accurate near 0 (Kahan: log(u)·y / (u − 1))."""
     u = 1.0 + y
     return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
-
-
-@triton.jit
-def _log1mexp(x):
-    """log(1 − exp(x)) for x <= 0 (−inf at x = 0)."""
-    return tl.where(x > -LN2, tl.log(-_expm1(x)), _log1p(-tl.exp(x)))
 
 
 @triton.jit
@@ -57,33 +44,35 @@ def _softplus(z):
 
 
 @triton.jit
-def _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top):
-    """(log p, log(1 − p)) of a tile: x − lse and log1mexp off the dominant column, and the row's
-    −softplus(lrest), −softplus(−lrest) on it (exact even when p rounds to 1). Invalid: −1, log1mexp(−1)."""
-    logp = tl.where(valid & (is_top == 0), x - lse_safe, -1.0)
-    l1mp = _log1mexp(logp)
-    logp = tl.where(is_top, lp_top, logp)
-    l1mp = tl.where(is_top, l1mp_top, l1mp)
-    return logp, l1mp
+def _log1m_ratio(p):
+    """(log(1 − p), p/(1 − p)) of p ∈ [0, 1] with one log and one reciprocal, elementwise.
+
+    u = fl(1 − p) and its rounding error c = (u − 1) + p are exact (Sterbenz: u ∈ [1/2, 1] for p <= 1/2, and
+    1 − p is exact for p >= 1/2; the error of a sum is representable), so log(1 − p) = log(u − c) =
+    log u − t − t²/2, t = c/u (|t| <= 2⁻²⁴ in fp32: the next term is far below rounding). p tiny (u = 1):
+    −p exactly; p = 0: (0, 0); p = 1: (−inf, inf); NaN in, NaN out."""
+    u = 1.0 - p
+    inv_u = 1.0 / u
+    c = (u - 1.0) + p
+    t = tl.where(c == 0.0, 0.0, c * inv_u)
+    return tl.log(u) - t * (1.0 + 0.5 * t), p * inv_u
 
 
 @triton.jit
-def _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO: tl.constexpr):
-    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract from log p <= 0 and log(1 − p), elementwise (NaN in, NaN out).
-
-    u⁺ = (1−q)^(γ−1) (γ q log q − (1−q)) = −w (1 + γ ρ), w = (1−q)^γ, ρ = −q log q/(1 − q) = −log q · u⁻
-    off the dominant column (p <= 1/2) and the row's ``rho_top`` on it: (1−q)^(γ−1) never overflows."""
-    fneg = -l1mp
-    uneg = tl.exp(logp - l1mp)
+def _focal_tile(logp, p, gamma, GAMMA_ZERO: tl.constexpr):
+    """(f⁺, f⁻, u⁺, u⁻)(p) of the contract off the dominant column (p <= 1/2), elementwise from log p and p:
+    one log and one reciprocal (``_log1m_ratio``) and, for γ ≠ 0, w = (1 − p)^γ = exp(γ log(1 − p)).
+    u⁺ = −w (1 + γ ρ), ρ = −p log p/(1 − p) = −log p · u⁻. The dominant column's values are row vectors
+    (``_row_top_terms``) selected by the caller: a tile never evaluates the dominant-column formulas."""
+    l1mp, uneg = _log1m_ratio(p)
     if GAMMA_ZERO:
         fpos = -logp
         upos = tl.full(logp.shape, -1.0, logp.dtype)
     else:
         w = tl.exp(gamma * l1mp)
-        rho = tl.where(is_top, rho_top, -logp * uneg)
         fpos = -w * logp
-        upos = -w * (1.0 + gamma * rho)
-    return fpos, fneg, upos, uneg
+        upos = -w * (1.0 - gamma * (logp * uneg))
+    return fpos, -l1mp, upos, uneg
 
 
 @triton.jit
@@ -200,34 +189,94 @@ def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.co
 
 
 @triton.jit
-def _grad_tile(x, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r, rt,
-               gamma, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
-    """G of the backward contract on a tile of logits x = s + b (all other arguments broadcast to 2-D):
-    j ≠ top: 1[P](cpos + cposf u⁺) + 1[N] cneg u⁻ − r p − rt p/rest;
-    j = top: 1[P](cpos + cposf u⁺) + 1[N] cneg p [the row has another column] − r p;  0 off A(i).
-    FOCAL forms e = p/rest = exp(log p − lrest) <= 1 and p = e·rest (one exp; 1/rest may overflow).
-    A term with a zero coefficient contributes exactly 0."""
-    logp, l1mp = _logp_tile(x, valid, is_top, lse_safe, lp_top, l1mp_top)
+def _grad_tile(x, valid, pos, neg, is_top, lse_safe, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt, gamma,
+               FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
+    """G of the backward contract on a tile of logits x = s + b (all other arguments broadcast to 2-D: the row's
+    statistics lse, lrest, rest = e^lrest, its coefficients and G at its dominant column, ``_row_grad_top``):
+    j ≠ top: 1[P](cpos + cposf u⁺) + 1[N] cneg u⁻ − r p − rt p/rest;  j = top: gt_pos (j ∈ P) or gt_neg;  0 off A(i).
+    FOCAL forms e = p/rest = exp(log p − lrest) <= 1 and p = e·rest (one exp; 1/rest may overflow), then
+    u⁻ and u⁺ from p (``_focal_tile``: one reciprocal, and for γ ≠ 0 one log and one exp). A term with a zero
+    coefficient contributes exactly 0."""
+    logp = tl.where(valid & (is_top == 0), x - lse_safe, -1.0)
     if FOCAL:
         e = tl.exp(logp - lrest)
-        p = tl.where(is_top, tl.exp(lp_top), e * tl.exp(lrest))
-        g = tl.where(pos, cpos, 0.0) - r * p - tl.where(is_top | (rt == 0.0), 0.0, rt * e)
-        _fp, _fn, up, un = _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO)
-        un = tl.where(is_top, tl.where(lrest > float("-inf"), p, 0.0), un)
+        p = e * rest
+        _fp, _fn, up, un = _focal_tile(logp, p, gamma, GAMMA_ZERO)
+        g = tl.where(pos, cpos, 0.0) - r * p - tl.where(rt == 0.0, 0.0, rt * e)
         g += tl.where(pos & (cposf != 0.0), cposf * up, 0.0)
         g += tl.where(neg & (cneg != 0.0), cneg * un, 0.0)
     else:
         g = tl.where(pos, cpos, 0.0) - r * tl.exp(logp)
+    g = tl.where(is_top, tl.where(pos, gt_pos, gt_neg), g)
     return tl.where(valid, g, 0.0)
 
 
 @triton.jit
-def _row_top_terms(lrest):
-    """(log p, log(1 − p), ρ) of the row's dominant column: −softplus(lrest), −softplus(−lrest) and
+def _grad_tile_stats(x, valid, pos, neg, other_idx, lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg,
+                     r, rt, gamma, SAX: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
+    """``_grad_tile`` with the statistics of the tile's statistic-owning rows given as vectors (``_bwd_row_stats``)
+    along the tile's axis 1 − SAX: SAX = 1 for a [rows, columns] tile (dA), 0 for a [columns, rows] one (dC, and
+    the transposed half of the symmetric kernel). ``other_idx``: the column index of each element (2-D)."""
+    is_top = valid & (other_idx == tl.expand_dims(top, SAX))
+    return _grad_tile(x, valid, pos, neg, is_top, tl.expand_dims(lse_safe, SAX), tl.expand_dims(lrest, SAX),
+                      tl.expand_dims(rest, SAX), tl.expand_dims(gt_pos, SAX), tl.expand_dims(gt_neg, SAX),
+                      tl.expand_dims(cpos, SAX), tl.expand_dims(cposf, SAX), tl.expand_dims(cneg, SAX),
+                      tl.expand_dims(r, SAX), tl.expand_dims(rt, SAX), gamma, FOCAL, GAMMA_ZERO)
+
+
+@triton.jit
+def _bwd_row_stats(LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL: tl.constexpr,
+                   GAMMA_ZERO: tl.constexpr):
+    """The saved statistics and backward coefficients of rows ``ri`` (vectors), with G at their dominant column:
+    (lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt); without FOCAL cposf/cneg/rt are
+    placeholders (unused)."""
+    lse = tl.load(LSE + ri, mask=rmask, other=0.0)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)
+    lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
+    cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)
+    r = tl.load(R + ri, mask=rmask, other=0.0)
+    if FOCAL:
+        cposf = tl.load(CPOSF + ri, mask=rmask, other=0.0)
+        cneg = tl.load(CNEG + ri, mask=rmask, other=0.0)
+        rt = tl.load(RT + ri, mask=rmask, other=0.0)
+    else:
+        cposf = cpos
+        cneg = cpos
+        rt = cpos
+    gt_pos, gt_neg = _row_grad_top(lrest, cpos, cposf, cneg, r, gamma, FOCAL, GAMMA_ZERO)
+    return lse_safe, top, lrest, tl.exp(lrest), gt_pos, gt_neg, cpos, cposf, cneg, r, rt
+
+
+@triton.jit
+def _row_grad_top(lrest, cpos, cposf, cneg, r, gamma, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr):
+    """G at the rows' dominant column (vectors), if it is a positive / a negative of the row:
+    cpos + cposf u⁺(p) − r p  and  cneg p [|A(i)| >= 2] − r p, p and u⁺ from lrest (``_row_top_terms``)."""
+    _lp, _l1mp, p_top, _fp, up_top = _row_top_terms(lrest, gamma, GAMMA_ZERO)
+    gt_pos = cpos - r * p_top
+    gt_neg = 0.0 - r * p_top
+    if FOCAL:
+        gt_pos += tl.where(cposf != 0.0, cposf * up_top, 0.0)
+        gt_neg += tl.where(cneg != 0.0, cneg * tl.where(lrest > float("-inf"), p_top, 0.0), 0.0)
+    return gt_pos, gt_neg
+
+
+@triton.jit
+def _row_top_terms(lrest, gamma, GAMMA_ZERO: tl.constexpr):
+    """The row's dominant column, on row vectors: (log p, log(1 − p), p, f⁺, u⁺) with log p = −softplus(lrest),
+    log(1 − p) = −softplus(−lrest) (exact even when p rounds to 1), w = (1 − p)^γ and u⁺ = −w (1 + γ ρ),
     ρ = −q log q/(1 − q) = softplus(lrest)·e^(−lrest) (→ 1 − e^lrest/2 as lrest → −inf)."""
     sp = _softplus(lrest)
-    rho = tl.where(lrest < -20.0, 1.0 - 0.5 * tl.exp(lrest), sp * tl.exp(-tl.maximum(lrest, -20.0)))
-    return -sp, -_softplus(-lrest), rho
+    l1mp = -_softplus(-lrest)
+    if GAMMA_ZERO:
+        fpos = sp
+        upos = tl.full(lrest.shape, -1.0, lrest.dtype)
+    else:
+        rho = tl.where(lrest < -20.0, 1.0 - 0.5 * tl.exp(lrest), sp * tl.exp(-tl.maximum(lrest, -20.0)))
+        w = tl.exp(gamma * l1mp)
+        fpos = w * sp
+        upos = -w * (1.0 + gamma * rho)
+    return -sp, l1mp, tl.exp(-sp), fpos, upos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,32 +291,49 @@ def _row_top_terms(lrest):
 #   pass 2 (FOCAL): with log p_ij = x_ij − lse_i (j ≠ top) or −softplus(lrest_i) (j = top),
 #           fpos_i = Σ_P f⁺(p_ij), fneg_i = Σ_N f⁻(p_ij), upos_i = Σ_P u⁺(p_ij), uneg_i = Σ_{N, j≠top} u⁻(p_ij)
 @triton.jit
-def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
-                        M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
-                        HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
-    ACC: tl.constexpr = LSE.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
-    alab = tl.load(ALAB + ri, mask=rmask, other=-1)
-    a_res = None
-    if SINGLE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+def _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2):
+    """Streaming (m, top, m2, s2) ← merged with a later block of columns given as its (max tm, first argmax tj,
+    the other columns' max tm2 and Σ exp(x − tm2) ts2; ts2 = 0 when tm2 = −inf). The block's top takes over only
+    when strictly greater (the first argmax), the old top then joining the rest; otherwise the block's top joins
+    the rest. Used per column tile and to merge the partials of a split sweep (the same arithmetic)."""
+    better = tm > m_i
+    jm = tl.where(better, m_i, tm)  # the one column that joins the rest: the old top, or the block's top
+    nm2 = tl.maximum(tl.maximum(m2, jm), tm2)
+    nm2s = tl.where(nm2 == float("-inf"), 0.0, nm2)
+    s2 = s2 * tl.exp(m2 - nm2s) + tl.exp(jm - nm2s) + ts2 * tl.exp(tm2 - nm2s)
+    top = tl.where(better, tj, top)
+    m_i = tl.where(better, tm, m_i)
+    return m_i, top, nm2, s2
+
+
+@triton.jit
+def _finish_stats(m_i, top, m2, s2, rows, N, self_offset):
+    """(lse, lrest, top, poisoned) of rows from their (m, top, m2, s2) over all N columns (contract: a row with a
+    NaN or +inf logit, or only −inf ones, is poisoned: NaN statistics, top −1)."""
+    n_self = tl.where((self_offset >= 0) & (rows + self_offset < N), 1, 0)
+    poisoned = (s2 != s2) | (m_i == float("inf")) | ((N - n_self > 0) & (m_i == float("-inf")))
+    empty = m_i == float("-inf")
+    lrest = tl.where(empty | (m2 == float("-inf")), float("-inf"), (m2 - m_i) + tl.log(s2))
+    lse = tl.where(empty, float("-inf"), m_i + _softplus(lrest))
+    lse = tl.where(poisoned, float("nan"), lse)
+    lrest = tl.where(poisoned, float("nan"), lrest)
+    top = tl.where(poisoned, -1, top)
+    return lse, lrest, top, poisoned
+
+
+@triton.jit
+def _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D, stride_a, stride_c, self_offset,
+                inv_tau, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Pass 1 over the columns [n_lo, n_hi): (m, top, m2, s2, pos_sum) of the rows."""
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     m2 = tl.full([BLOCK_M], float("-inf"), ACC)
     s2 = tl.zeros([BLOCK_M], ACC)
     top = tl.full([BLOCK_M], -1, tl.int32)
     psum = tl.zeros([BLOCK_M], ACC)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < n_hi
         ci = cols.to(tl.int64)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -288,61 +354,175 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UN
         tm2 = tl.max(x2, 1)
         tm2s = tl.where(tm2 == float("-inf"), 0.0, tm2)
         ts2 = tl.sum(tl.where(other, tl.exp(x2 - tm2s[:, None]), 0.0), 1)  # a NaN logit lands here or in tm
-        better = tm > m_i
-        jm = tl.where(better, m_i, tm)  # the one column that joins the rest: the old top, or the tile's top
-        nm2 = tl.maximum(tl.maximum(m2, jm), tm2)
-        nm2s = tl.where(nm2 == float("-inf"), 0.0, nm2)
-        s2 = s2 * tl.exp(m2 - nm2s) + tl.exp(jm - nm2s) + ts2 * tl.exp(tm2 - nm2s)
-        m2 = nm2
-        top = tl.where(better, tj, top)
-        m_i = tl.where(better, tm, m_i)
-    n_self = tl.where((self_offset >= 0) & (rows + self_offset < N), 1, 0)
-    poisoned = (s2 != s2) | (m_i == float("inf")) | ((N - n_self > 0) & (m_i == float("-inf")))
-    empty = m_i == float("-inf")
-    lrest = tl.where(empty | (m2 == float("-inf")), float("-inf"), (m2 - m_i) + tl.log(s2))
-    lse = tl.where(empty, float("-inf"), m_i + _softplus(lrest))
-    lse = tl.where(poisoned, float("nan"), lse)
-    lrest = tl.where(poisoned, float("nan"), lrest)
-    top = tl.where(poisoned, -1, top)
-    nonempty = lse != float("-inf")
+        m_i, top, m2, s2 = _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2)
+    return m_i, top, m2, s2, psum
+
+
+@triton.jit
+def _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D, stride_a, stride_c, self_offset,
+                inv_tau, gamma, lse, top, lrest, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, GAMMA_ZERO: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Pass 2 over the columns [n_lo, n_hi) given the rows' final (lse, top, lrest): (fpos, fneg, upos, uneg)."""
+    lse_safe = tl.where(lse != float("-inf"), lse, 0.0)[:, None]
+    _lp_top, l1mp_top, _p_top, fp_top, up_top = _row_top_terms(lrest, gamma, GAMMA_ZERO)
+    fn_top = -l1mp_top[:, None]
+    fp_top = fp_top[:, None]
+    up_top = up_top[:, None]
+    fpos = tl.zeros([BLOCK_M], ACC)
+    fneg = tl.zeros([BLOCK_M], ACC)
+    upos = tl.zeros([BLOCK_M], ACC)
+    uneg = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n_hi
+        ci = cols.to(tl.int64)
+        clab = tl.load(CLAB + ci, mask=cmask, other=-1)
+        s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N,
+                    BLOCK_D, SINGLE_D, PREC, UPCAST) * inv_tau
+        valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
+                                 clab[None, :], self_offset)
+        if HAS_BIAS:
+            bs = tl.load(BS + ci, mask=cmask, other=0.0)
+            bo = tl.load(BO + ci, mask=cmask, other=0.0)
+            s = s + tl.where(pos, bs[None, :], bo[None, :])
+        is_top = valid & (cols[None, :] == top[:, None])
+        logp = tl.where(valid & (is_top == 0), s - lse_safe, -1.0)
+        fp, fn, up, un = _focal_tile(logp, tl.exp(logp), gamma, GAMMA_ZERO)
+        fp = tl.where(is_top, fp_top, fp)
+        fn = tl.where(is_top, fn_top, fn)
+        up = tl.where(is_top, up_top, up)
+        fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
+        fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
+        upos += tl.sum(tl.where(pos, up, 0.0), 1)
+        uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
+    return fpos, fneg, upos, uneg
+
+
+# PASS (compile time): 0 = the whole forward in one kernel (pass 1, the row statistics, pass 2 when FOCAL), one
+# program per BLOCK_M rows. A split sweep (few row blocks: ``ops.split_count``) runs program (i, k) over the
+# columns [k·n_per, (k+1)·n_per) only: PASS = 1 writes its partial (m, m2, s2, pos_sum) to WS[k] and top to
+# WTOP[k], ``rowstats_fwd_merge_kernel`` merges them in k order (deterministic) into the row statistics, then
+# PASS = 2 writes the partial focal sums from those statistics to WS[k] and ``rowstats_fwd_sum_kernel`` adds them
+# in k order. WS: [n_split, 4, M] in the accumulation dtype, WTOP: [n_split, M] int64 (unused with PASS = 0).
+@triton.jit
+def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UNEG, TOP, LREST,
+                        M, N, D, stride_a, stride_c, self_offset, p_inv_tau, p_gamma,
+                        HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+                        WS=None, WTOP=None, n_per=0, PASS: tl.constexpr = 0):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
+    alab = tl.load(ALAB + ri, mask=rmask, other=-1)
+    a_res = None
+    if SINGLE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+    if PASS == 0:
+        m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, 0, N, D, stride_a,
+                                             stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M, BLOCK_N,
+                                             BLOCK_D, SINGLE_D, PREC, UPCAST)
+        lse, lrest, top, poisoned = _finish_stats(m_i, top, m2, s2, rows, N, self_offset)
+        tl.store(LSE + ri, lse, mask=rmask)
+        tl.store(POS + ri, psum, mask=rmask)
+        tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
+        tl.store(LREST + ri, lrest, mask=rmask)
+        if FOCAL:
+            fpos, fneg, upos, uneg = _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, 0, N, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, gamma, lse, top, lrest,
+                                                 ACC, HAS_BIAS, GAMMA_ZERO, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                                                 PREC, UPCAST)
+            tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
+            tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
+            tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
+            tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
+    else:
+        k = tl.program_id(1)
+        n_lo = k * n_per
+        n_hi = tl.minimum(n_lo + n_per, N)
+        w = WS + k.to(tl.int64) * 4 * M + ri
+        if PASS == 1:
+            m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M,
+                                                 BLOCK_N, BLOCK_D, SINGLE_D, PREC, UPCAST)
+            tl.store(w, m_i, mask=rmask)
+            tl.store(w + M, m2, mask=rmask)
+            tl.store(w + 2 * M, s2, mask=rmask)
+            tl.store(w + 3 * M, psum, mask=rmask)
+            tl.store(WTOP + k.to(tl.int64) * M + ri, top.to(tl.int64), mask=rmask)
+        else:
+            lse = tl.load(LSE + ri, mask=rmask, other=0.0)
+            top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)
+            lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
+            fpos, fneg, upos, uneg = _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
+                                                 stride_a, stride_c, self_offset, inv_tau, gamma, lse, top, lrest,
+                                                 ACC, HAS_BIAS, GAMMA_ZERO, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                                                 PREC, UPCAST)
+            tl.store(w, fpos, mask=rmask)
+            tl.store(w + M, fneg, mask=rmask)
+            tl.store(w + 2 * M, upos, mask=rmask)
+            tl.store(w + 3 * M, uneg, mask=rmask)
+
+
+# The merge of a split pass 1 (rows only, no tl.dot): (m, top, m2, s2) of the n_split column ranges merged in
+# order with ``_merge_top`` (a range's top is the "tile" top, its rest the "tile" rest), pos_sum added in order,
+# then the row statistics as in the one-kernel forward.
+@triton.jit
+def rowstats_fwd_merge_kernel(WS, WTOP, LSE, POS, TOP, LREST, M, N, self_offset, n_split, BLOCK_M: tl.constexpr):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    m2 = tl.full([BLOCK_M], float("-inf"), ACC)
+    s2 = tl.zeros([BLOCK_M], ACC)
+    top = tl.full([BLOCK_M], -1, tl.int32)
+    psum = tl.zeros([BLOCK_M], ACC)
+    for k in range(0, n_split):
+        w = WS + k * 4 * M + ri
+        tm = tl.load(w, mask=rmask, other=float("-inf"))
+        tm2 = tl.load(w + M, mask=rmask, other=float("-inf"))
+        ts2 = tl.load(w + 2 * M, mask=rmask, other=0.0)
+        psum += tl.load(w + 3 * M, mask=rmask, other=0.0)
+        tj = tl.load(WTOP + k * M + ri, mask=rmask, other=-1).to(tl.int32)
+        m_i, top, m2, s2 = _merge_top(m_i, top, m2, s2, tm, tj, tm2, ts2)
+    lse, lrest, top, poisoned = _finish_stats(m_i, top, m2, s2, rows, N, self_offset)
     tl.store(LSE + ri, lse, mask=rmask)
     tl.store(POS + ri, psum, mask=rmask)
     tl.store(TOP + ri, top.to(tl.int64), mask=rmask)
     tl.store(LREST + ri, lrest, mask=rmask)
-    if FOCAL:
-        lse_safe = tl.where(nonempty, lse, 0.0)[:, None]
-        lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
-        lp_top = lp_top[:, None]
-        l1mp_top = l1mp_top[:, None]
-        rho_top = rho_top[:, None]
-        fpos = tl.zeros([BLOCK_M], ACC)
-        fneg = tl.zeros([BLOCK_M], ACC)
-        upos = tl.zeros([BLOCK_M], ACC)
-        uneg = tl.zeros([BLOCK_M], ACC)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            ci = cols.to(tl.int64)
-            clab = tl.load(CLAB + ci, mask=cmask, other=-1)
-            s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N,
-                        BLOCK_D, SINGLE_D, PREC, UPCAST) * inv_tau
-            valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
-                                     clab[None, :], self_offset)
-            if HAS_BIAS:
-                bs = tl.load(BS + ci, mask=cmask, other=0.0)
-                bo = tl.load(BO + ci, mask=cmask, other=0.0)
-                s = s + tl.where(pos, bs[None, :], bo[None, :])
-            is_top = valid & (cols[None, :] == top[:, None])
-            logp, l1mp = _logp_tile(s, valid, is_top, lse_safe, lp_top, l1mp_top)
-            fp, fn, up, un = _focal_terms(logp, l1mp, is_top, rho_top, gamma, GAMMA_ZERO)
-            fpos += tl.sum(tl.where(pos, fp, 0.0), 1)
-            fneg += tl.sum(tl.where(neg, fn, 0.0), 1)
-            upos += tl.sum(tl.where(pos, up, 0.0), 1)
-            uneg += tl.sum(tl.where(neg & (is_top == 0), un, 0.0), 1)
-        tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
-        tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
-        tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
-        tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
+
+
+# The sum of a split pass 2: the n_split partial focal sums added in order; NaN for a poisoned row (lse = NaN).
+@triton.jit
+def rowstats_fwd_sum_kernel(WS, LSE, FPOS, FNEG, UPOS, UNEG, M, n_split, BLOCK_M: tl.constexpr):
+    ACC: tl.constexpr = LSE.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ri = rows.to(tl.int64)
+    fpos = tl.zeros([BLOCK_M], ACC)
+    fneg = tl.zeros([BLOCK_M], ACC)
+    upos = tl.zeros([BLOCK_M], ACC)
+    uneg = tl.zeros([BLOCK_M], ACC)
+    for k in range(0, n_split):
+        w = WS + k * 4 * M + ri
+        fpos += tl.load(w, mask=rmask, other=0.0)
+        fneg += tl.load(w + M, mask=rmask, other=0.0)
+        upos += tl.load(w + 2 * M, mask=rmask, other=0.0)
+        uneg += tl.load(w + 3 * M, mask=rmask, other=0.0)
+    lse = tl.load(LSE + ri, mask=rmask, other=0.0)
+    poisoned = lse != lse
+    tl.store(FPOS + ri, tl.where(poisoned, float("nan"), fpos), mask=rmask)
+    tl.store(FNEG + ri, tl.where(poisoned, float("nan"), fneg), mask=rmask)
+    tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
+    tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,25 +544,8 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
     inv_tau = _param(p_inv_tau, ACC)
     gamma = _param(p_gamma, ACC)
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)[:, None]
-    lse = tl.load(LSE + ri, mask=rmask, other=0.0)
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[:, None]
-    top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[:, None]
-    lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
-    lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
-    lp_top = lp_top[:, None]
-    l1mp_top = l1mp_top[:, None]
-    rho_top = rho_top[:, None]
-    lrest = lrest[:, None]
-    cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
-    r = tl.load(R + ri, mask=rmask, other=0.0)[:, None]
-    if FOCAL:
-        cposf = tl.load(CPOSF + ri, mask=rmask, other=0.0)[:, None]
-        cneg = tl.load(CNEG + ri, mask=rmask, other=0.0)[:, None]
-        rt = tl.load(RT + ri, mask=rmask, other=0.0)[:, None]
-    else:
-        cposf = cpos
-        cneg = cpos
-        rt = cpos
+    lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt = _bwd_row_stats(
+        LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
     offs_d = tl.arange(0, BLOCK_D)
     a_res = None
     acc = None
@@ -403,9 +566,8 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
             bs = tl.load(BS + ci, mask=cmask, other=0.0)[None, :]
             bo = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
             s = s + tl.where(pos, bs, bo)
-        is_top = valid & (cols[None, :] == top)
-        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
-                       rt, gamma, FOCAL, GAMMA_ZERO)
+        g = _grad_tile_stats(s, valid, pos, neg, cols[None, :], lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos,
+                             cposf, cneg, r, rt, gamma, 1, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
@@ -452,25 +614,8 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
         rmask = rows < M
         ri = rows.to(tl.int64)
         alab = tl.load(ALAB + ri, mask=rmask, other=-1)[None, :]
-        lse = tl.load(LSE + ri, mask=rmask, other=0.0)
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)[None, :]
-        top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)[None, :]
-        lrest = tl.load(LREST + ri, mask=rmask, other=0.0)
-        lp_top, l1mp_top, rho_top = _row_top_terms(lrest)
-        lp_top = lp_top[None, :]
-        l1mp_top = l1mp_top[None, :]
-        rho_top = rho_top[None, :]
-        lrest = lrest[None, :]
-        cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[None, :]
-        r = tl.load(R + ri, mask=rmask, other=0.0)[None, :]
-        if FOCAL:
-            cposf = tl.load(CPOSF + ri, mask=rmask, other=0.0)[None, :]
-            cneg = tl.load(CNEG + ri, mask=rmask, other=0.0)[None, :]
-            rt = tl.load(RT + ri, mask=rmask, other=0.0)[None, :]
-        else:
-            cposf = cpos
-            cneg = cpos
-            rt = cpos
+        lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt = _bwd_row_stats(
+            LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
         # sᵀ tile [BLOCK_N, BLOCK_M]
         s = _s_tile(C, A, ci, ri, cmask, rmask, D, stride_c, stride_a, c_res, ACC, BLOCK_N, BLOCK_M, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
@@ -478,9 +623,8 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
                                  self_offset)
         if HAS_BIAS:
             s = s + tl.where(pos, bs, bo)
-        is_top = valid & (cols[:, None] == top)
-        g = _grad_tile(s, valid, pos, neg, is_top, lse_safe, lp_top, l1mp_top, rho_top, lrest, cpos, cposf, cneg, r,
-                       rt, gamma, FOCAL, GAMMA_ZERO)
+        g = _grad_tile_stats(s, valid, pos, neg, cols[:, None], lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos,
+                             cposf, cneg, r, rt, gamma, 0, FOCAL, GAMMA_ZERO)
         if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
             acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
@@ -489,3 +633,73 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
         _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
     else:
         _scale_rows(OUT, ci, cmask, D, inv_tau, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward, symmetric case (the anchors are the columns: C is A, same labels, self_offset = 0)
+# ----------------------------------------------------------------------------------------------
+# dX_i = inv_tau · Σ_j (G_ij + G_ji) X_j   (program = BLOCK_M rows, sweep over column tiles of BLOCK_N): S is
+# symmetric, so one recomputed tile s_ij = s_ji serves both halves: G_ij from row i's statistics (as dA) and
+# G_ji from row j's (as dC, the tile read transposed: x_ji = s_ij + b_ji, the bias of column i), by the same
+# ``_grad_tile_stats``. Two GEMM-equivalents (S, (G + Gᵀ) X) instead of four; every output row is owned by one
+# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype, cast by the host.
+@triton.jit
+def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
+                            N, D, stride_x, p_inv_tau, p_gamma,
+                            HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+    ACC: tl.constexpr = OUT.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    ri = rows.to(tl.int64)
+    inv_tau = _param(p_inv_tau, ACC)
+    gamma = _param(p_gamma, ACC)
+    alab = tl.load(LAB + ri, mask=rmask, other=-1)[:, None]
+    lse_i, top_i, lrest_i, rest_i, gtp_i, gtn_i, cpos_i, cposf_i, cneg_i, r_i, rt_i = _bwd_row_stats(
+        LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
+    bs_i = inv_tau
+    bo_i = inv_tau
+    if HAS_BIAS:
+        bs_i = tl.load(BS + ri, mask=rmask, other=0.0)[:, None]
+        bo_i = tl.load(BO + ri, mask=rmask, other=0.0)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    x_res = None
+    acc = None
+    if SINGLE_D:
+        x_res = tl.load(X + ri[:, None] * stride_x + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                        other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        ci = cols.to(tl.int64)
+        clab = tl.load(LAB + ci, mask=cmask, other=-1)[None, :]
+        s = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                    SINGLE_D, PREC, UPCAST) * inv_tau
+        # the masks are symmetric in (i, j): j ∈ P(i) ⇔ i ∈ P(j), and the self column is the diagonal
+        # (self_offset = 0 as a tensor: the interpreter of Triton 3.3 cannot mask with a Python bool)
+        valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab, clab,
+                                 tl.zeros([1, 1], tl.int32))
+        x_ij = s
+        x_ji = s
+        if HAS_BIAS:
+            bs_j = tl.load(BS + ci, mask=cmask, other=0.0)[None, :]
+            bo_j = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
+            x_ij = s + tl.where(pos, bs_j, bo_j)
+            x_ji = s + tl.where(pos, bs_i, bo_i)
+        g = _grad_tile_stats(x_ij, valid, pos, neg, cols[None, :], lse_i, top_i, lrest_i, rest_i, gtp_i, gtn_i,
+                             cpos_i, cposf_i, cneg_i, r_i, rt_i, gamma, 1, FOCAL, GAMMA_ZERO)
+        lse_j, top_j, lrest_j, rest_j, gtp_j, gtn_j, cpos_j, cposf_j, cneg_j, r_j, rt_j = _bwd_row_stats(
+            LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ci, cmask, gamma, FOCAL, GAMMA_ZERO)
+        g += _grad_tile_stats(x_ji, valid, pos, neg, rows[:, None], lse_j, top_j, lrest_j, rest_j, gtp_j, gtn_j,
+                              cpos_j, cposf_j, cneg_j, r_j, rt_j, gamma, 0, FOCAL, GAMMA_ZERO)
+        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
+            acc = _gy_registers(g, X, ci, cmask, stride_x, acc, D, ACC, BLOCK_D, PREC, UPCAST)
+        else:
+            _gy_workspace(g, X, ci, cmask, stride_x, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
+    if SINGLE_D:
+        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)

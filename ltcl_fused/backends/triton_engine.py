@@ -50,6 +50,8 @@ def _load_kernels(module: str = "ops"):
 class TritonEngine(Engine):
     name = "triton"
     ops = frozenset({"rowstats", "ssl"})
+    #: ops whose backward has a symmetric form (C is A, same labels, self_offset = 0: one dX kernel, no dC)
+    symmetric_ops = frozenset({"rowstats"})
 
     def __init__(self):
         self._ops = None
@@ -131,7 +133,9 @@ class TritonEngine(Engine):
             bias_other = bias_other.to(acc).contiguous()
         return A, C, a_lab, c_lab, bias_same, bias_other
 
-    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal):
+    def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
+                         symmetric=False):
+        # ``symmetric`` changes nothing here: the forward sweeps every column (only the backward is symmetric)
         if self._kernels() is None:
             self._fail()
         self._check_dtype("rowstats", A.dtype)
@@ -141,7 +145,9 @@ class TritonEngine(Engine):
             bool(focal), self._precision())
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
-                          lse, top, lrest, cpos, cposf, cneg, r, rt):
+                          lse, top, lrest, cpos, cposf, cneg, r, rt, symmetric=False):
+        """(dA, dC); ``symmetric`` (the caller's promise: C is A, c_lab is a_lab, self_offset == 0): (dA + dC, None)
+        from one row-parallel kernel (``rowstats_bwd_sym_kernel``)."""
         if self._kernels() is None:
             self._fail()
         self._check_dtype("rowstats", A.dtype)
@@ -149,6 +155,13 @@ class TritonEngine(Engine):
         acc = acc_dtype(A.dtype)
         lse, lrest, cpos, cposf, cneg, r, rt = (t.to(acc).contiguous() for t in (lse, lrest, cpos, cposf, cneg, r, rt))
         top = top.to(torch.int64).contiguous()
+        if symmetric:
+            if int(self_offset) != 0 or A.shape != C.shape:
+                raise ValueError("triton engine: the symmetric backward needs C = A and self_offset = 0")
+            dX = torch.ops.ltcl_fused.triton_rowstats_bwd_sym(
+                A, a_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, float(inv_tau),
+                float(gamma), bool(focal), self._precision())
+            return dX, None
         return torch.ops.ltcl_fused.triton_rowstats_bwd(
             A, C, a_lab, c_lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, float(inv_tau),
             float(gamma), int(self_offset), bool(focal), self._precision())
