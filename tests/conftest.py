@@ -20,3 +20,11 @@ def pytest_runtest_makereport(item, call):
             and "\n" not in str(exc.value).strip():
         rep.outcome = "skipped"
         rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {str(exc.value).strip()}")
+
+
+@pytest.fixture
+def force_config():
+    """``force_config(cfg)`` makes every Triton launch of the test use the KernelConfig ``cfg`` (reset after)."""
+    from ltcl_fused.triton_kernels import ops
+    yield lambda cfg: setattr(ops, "FORCE_CONFIG", cfg)
+    ops.FORCE_CONFIG = None

@@ -35,21 +35,12 @@ def _bwd(*args):
     out = ENG.rowstats_backward(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
     return tuple(o.cpu() for o in out)
 
-from ltcl_fused.triton_kernels import ops  # noqa: E402
 from ltcl_fused.triton_kernels.configs import BlockConfig, KernelConfig  # noqa: E402
 
 # small tiles: several row/column tiles and D chunks even on small shapes (chunked-D path when D > 32)
 SMALL = KernelConfig(BlockConfig(16, 32, 32, 1, 1), BlockConfig(32, 16, 32, 1, 1), (), 0)
 # single-chunk path with several tiles
 SINGLE = KernelConfig(BlockConfig(16, 16, 64, 1, 1), BlockConfig(16, 32, 64, 1, 1), (), 64)
-
-
-@pytest.fixture
-def force_config():
-    def set_(cfg):
-        ops.FORCE_CONFIG = cfg
-    yield set_
-    ops.FORCE_CONFIG = None
 
 
 def _problem(M, N, D, self_offset, bias, n_cls=3, scale=1.0, seed=0):

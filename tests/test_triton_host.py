@@ -32,7 +32,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import GridExecutor  # noqa: E402
 
-from ltcl_fused.triton_kernels import ops, support, topk_mining  # noqa: E402
+from ltcl_fused.triton_kernels import support, topk_mining  # noqa: E402
 from ltcl_fused.triton_kernels.rowstats import _param  # noqa: E402
 from ltcl_fused.triton_kernels.configs import BlockConfig, KernelConfig  # noqa: E402
 
@@ -75,14 +75,6 @@ def launches(monkeypatch):
     monkeypatch.setattr(GridExecutor, "__call__", call)
     monkeypatch.setattr(support, "device_guard", guard)
     return rec
-
-
-@pytest.fixture
-def force_config():
-    def set_(cfg):
-        ops.FORCE_CONFIG = cfg
-    yield set_
-    ops.FORCE_CONFIG = None
 
 
 def _rows(M, D, seed, dtype=DT):

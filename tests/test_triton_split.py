@@ -147,9 +147,3 @@ def test_deterministic(force_config, split):
         assert torch.equal(x, y)
 
 
-@pytest.fixture
-def force_config():
-    def set_(cfg):
-        ops.FORCE_CONFIG = cfg
-    yield set_
-    ops.FORCE_CONFIG = None

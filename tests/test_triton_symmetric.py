@@ -25,20 +25,11 @@ DEVICE = torch.device("cpu") if ENG.unavailable_reason(torch.device("cpu")) is N
 if ENG.unavailable_reason(DEVICE) is not None:  # pragma: no cover
     pytest.skip(f"triton engine unavailable: {ENG.unavailable_reason(DEVICE)}", allow_module_level=True)
 
-from ltcl_fused.triton_kernels import ops  # noqa: E402
 from ltcl_fused.triton_kernels.configs import BlockConfig, KernelConfig  # noqa: E402
 
 # chunked D (D > 32) with several row and column tiles; a single-chunk one
 SMALL = KernelConfig(BlockConfig(16, 32, 32, 1, 1), BlockConfig(32, 16, 32, 1, 1), (), 0)
 SINGLE = KernelConfig(BlockConfig(16, 16, 64, 1, 1), BlockConfig(16, 32, 64, 1, 1), (), 64)
-
-
-@pytest.fixture
-def force_config():
-    def set_(cfg):
-        ops.FORCE_CONFIG = cfg
-    yield set_
-    ops.FORCE_CONFIG = None
 
 
 def _problem(N, D, bias, labels="random", scale=1.0, seed=0):
