@@ -82,7 +82,7 @@ def test_symmetric_contract(N, dtype, block, monkeypatch):
     if block is not None:
         monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", str(block))
         monkeypatch.setenv("LTCL_CPU_SUPER_BYTES", "4096")  # one row block per backward super-block
-        monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")  # the symmetric focal forward (pass 2) too
+        monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")  # the symmetric focal forward (one pass)
     D = 17
     for bias, focal, gamma in OPTIONS:
         X, lab, bs, bo = _problem(N, D, dtype, bias=bias, seed=N + D + int(bias))
@@ -128,6 +128,94 @@ def test_symmetric_matches_general_path(monkeypatch):
         dX = _sym_bwd(X, lab, *b, 2.0, gamma, focal, gen[0], gen[6], gen[7], *co)
         dA, dC = op().rowstats_bwd(X, X, lab, lab, *b, 0, 2.0, gamma, focal, gen[0], gen[6], gen[7], *co)
         _close(dX, dA + dC, "dX")
+
+
+# ------------------------------------------------------------------ the focal forward's three modes
+# LTCL_CPU_SYM_FOCAL_FWD: 1 (default) one pass over the tiles, the negatives' f-/u- from power sums of the
+# pass's exponentials (csrc/cpu/rowstats_cpu.cpp, kSeriesTerms / kSeriesMaxP) and the blocks with a larger p
+# recomputed exactly; 2 two passes (pass 2 once lse is known); 3 the general forward. The one-pass mode falls
+# back to two passes when the positives' logits exceed LTCL_CPU_POS_STASH_BYTES.
+FOCAL_MODES = {"one_pass": {"LTCL_CPU_SYM_FOCAL_FWD": "1"}, "two_pass": {"LTCL_CPU_SYM_FOCAL_FWD": "2"},
+               "general": {"LTCL_CPU_SYM_FOCAL_FWD": "3"},
+               "stash_full": {"LTCL_CPU_SYM_FOCAL_FWD": "1", "LTCL_CPU_POS_STASH_BYTES": "8"}}
+
+
+def _negative_p_max(X, lab, it, bs, bo):
+    """The largest p = exp(x - lse) of a negative off the row's dominant column, from the dense fp64 contract."""
+    X64 = X.double()
+    ref = dense_forward(X64, X64, lab, lab, 0, it, None if bs is None else bs.double(),
+                        None if bo is None else bo.double(), 0.0, False)
+    x = X64 @ X64.T * it
+    if bo is not None:
+        x = x + torch.where(lab[:, None] == lab[None, :], bs.double()[None, :], bo.double()[None, :])
+    p = torch.exp(x - ref[0][:, None])
+    neg = lab[:, None] != lab[None, :]
+    neg[torch.arange(len(lab)), ref[6]] = False
+    return p[neg].max().item()
+
+
+@pytest.mark.parametrize("mode", list(FOCAL_MODES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("data", ["spread", "hard_negatives"])
+def test_symmetric_focal_forward_modes(mode, dtype, data, monkeypatch):
+    """Every focal forward mode against the dense contract. 'spread': every negative's p is below 2^-7, so the
+    one-pass mode takes the series in every block; 'hard_negatives': near-copies of rows under another label
+    give negatives with p > 0.1, whose blocks the one-pass mode recomputes exactly."""
+    for k, v in FOCAL_MODES[mode].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "64")
+    N, D, n_cls = 403, 24, 9
+    g = torch.Generator().manual_seed(21)
+    X = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
+    lab = torch.randint(0, n_cls, (N,), generator=g)
+    it = 0.5
+    if data == "hard_negatives":
+        X[1::7] = X[0::7][: len(X[1::7])] + 0.02 * torch.randn(len(X[1::7]), D, generator=g, dtype=torch.float64)
+        lab[1::7] = (lab[0::7][: len(lab[1::7])] + 1) % n_cls
+        it = 12.0
+    X = X.to(dtype)
+    bias = dtype == torch.float64
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    bs = torch.randn(N, generator=g, dtype=torch.float64).mul(0.1).to(acc) if bias else None
+    bo = torch.randn(N, generator=g, dtype=torch.float64).mul(0.1).to(acc) if bias else None
+    pmax = _negative_p_max(X, lab, it, bs, bo)
+    if data == "spread":
+        assert pmax < 2 ** -7, pmax
+    else:
+        assert pmax > 0.1, pmax
+    for gamma in (2.0, 0.5):
+        what = f"{mode} {data} {dtype} gamma={gamma}"
+        if dtype == torch.float64:
+            got = _sym_fwd(X, lab, bs, bo, it, gamma, True)
+            ref = dense_forward(X, X, lab, lab, 0, it, bs, bo, gamma, True)
+            for name, g_, r_ in zip(NAMES, got, ref):
+                if name == "top":
+                    assert torch.equal(g_, r_), what
+                else:
+                    _close(g_, r_, f"{what} {name}", rtol=1e-11, atol=1e-12)
+        else:
+            check(lambda X: _sym_fwd(X, lab, None, None, it, gamma, True),
+                  lambda X: dense_forward(X, X, lab, lab, 0, it, None, None, gamma, True),
+                  [X], grad=False, what=what, names=NAMES)
+
+
+def test_symmetric_focal_forward_modes_bit_identical_threads(monkeypatch):
+    """The one-pass focal forward (series and exact blocks both present) gives the same bits for 1 and 2 threads."""
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(300, 16, generator=g) * 0.6
+    X[1::5] = X[0::5] + 0.01 * torch.randn(60, 16, generator=g)
+    lab = torch.randint(0, 5, (300,), generator=g)
+    old = torch.get_num_threads()
+    res = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            res.append(_sym_fwd(X, lab, None, None, 3.0, 2.0, True))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
 
 
 def test_symmetric_op_checks_its_inputs():

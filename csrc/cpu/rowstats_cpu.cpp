@@ -17,8 +17,10 @@
 // Symmetric path (symmetric=True: C is A, c_lab equal to a_lab, self_offset 0): the tiles of
 // strip::sym_forward_tiles / sym_backward_tiles, one GEMM per pair of row blocks; the per-element
 // epilogues (backward_cols, neg_focal_acc, the ltcl_math.h terms) are the general path's.
-// GEMM-equivalents forward+backward: general 4, symmetric 2 (focal 2.5: the general forward, whose pass C
-// reuses pass B's exponentials, then the symmetric backward). docs/performance_cpu.md.
+// GEMM-equivalents forward+backward: general 4, symmetric 2, focal included: the focal forward is one pass
+// over the tiles, the negatives' f-/u- summed from power sums of that pass's exponentials (exact where a
+// block holds a negative with p >= kSeriesMaxP), the positives' terms from their logits kept by the pass.
+// docs/performance_cpu.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -338,14 +340,34 @@ static void forward_impl(const Problem<T>& P, const FwdOut& o) {
 //
 // Pass 1 (every unordered tile pair once, strip::sym_forward_tiles): per (row i, column block J) the partial
 // state of the contract's streaming form, (m, top, m2, s2) over the block's columns and the positives' raw
-// sum; merged per row in column-block order (top_rest_step): lse, lrest, top. Pass 2 (focal only, the tiles
-// recomputed): per (row, block) the sums of f+, u+ (positives), f-, u- (negatives) off the dominant column,
-// merged in block order, plus the dominant column's own terms from lrest.
+// sum; merged per row in column-block order (top_rest_step): lse, lrest, top. Focal, one pass (default): the
+// same pass also keeps the power sums Q_k of the negatives' exponentials, their largest logit and the
+// positives' logits; the merge then sums f-, u- per block from the series (exact recomputation of the blocks
+// with a large p), f+, u+ from the kept logits, and the dominant column's own terms from lrest. Focal, two
+// passes (LTCL_CPU_SYM_FOCAL_FWD=2, or when the positives' logits would exceed LTCL_CPU_POS_STASH_BYTES): pass
+// 2 recomputes the tiles and sums f+, u+, f-, u- per (row, block) directly.
+
+// The single-pass focal forward sums the negatives' f- = -log1p(-p) and u- = p / (1 - p) from power sums:
+// with p = c e, e = exp(x - m2) the block's exponentials (m2 its reference) and c = exp(m2 - lse) known only
+// at the merge, f- = sum_k c^k Q_k / k and u- = sum_k c^k Q_k, Q_k = sum e^k over the block's negatives, cut
+// after K terms; valid when every negative of the block has p < kSeriesMaxP (its largest logit is kept):
+// truncation below rounding (fp32: p^5 / 6 < 2^-27 relative; fp64: p^8 / 9 < 2^-59). Blocks with a larger
+// p are recomputed exactly (sym_exact_negatives).
+template <typename T>
+constexpr int kSeriesTerms = sizeof(T) == 4 ? 5 : 8;
+template <typename T>
+constexpr T kSeriesMaxP = sizeof(T) == 4 ? T(0.03125) : T(0.0078125);
 
 template <typename T>
 struct SymParts {  // [nb * N] each, slot J * N + i; per-thread workspaces (strip::workspace), every slot written
   T *m, *m2, *s2, *ps, *fp, *up, *fn, *un;
   int64_t* top;
+  // single-pass focal forward only: power sums Q_1..Q_K, the block's largest negative logit (off its top),
+  // and the positives' logits (row i's run of its label at pv + pv_off[i]; self and the block tops included)
+  T* q[kSeriesTerms<T>] = {};
+  T* xn = nullptr;
+  T* pv = nullptr;
+  const int64_t* pv_off = nullptr;
 };
 
 // Pass 1 of row i over the columns [c0, c0 + nc) (x: raw similarities, clobbered).
@@ -365,6 +387,7 @@ static void sym_pass1_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
     if (pl[k] != i) psum += x[pl[k] - c0] * P.inv_tau;
   if (self >= 0) x[self] = ninf;
   for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
+  const bool single = S.pv != nullptr;  // the single-pass focal forward
   const T* lab_p = P.clabf + c0;
   const Vec vinv(P.inv_tau), vli(static_cast<T>(aid));
   auto logit = [&](int64_t j) {  // x = s * inv_tau + bias, stored in place
@@ -386,6 +409,14 @@ static void sym_pass1_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   const T m = hmax(at::vec::maximum(vmax0, vmax1));
   T m2 = ninf, s2 = T(0);
   int64_t top = -1;
+  constexpr int K = kSeriesTerms<T>;
+  T q[K] = {};
+  T xn = ninf;
+  if (single && np > 0) {  // the positives' logits (before the block top is masked)
+    const int64_t* run = P.ix->perm.data() + P.ix->start[aid];
+    T* dst = S.pv + S.pv_off[i] + (pl - run);
+    for (int64_t k = 0; k < np; ++k) dst[k] = x[pl[k] - c0];
+  }
   if (m > ninf && m < -ninf) {
     const Vec vm(m);
     constexpr int full = static_cast<int>((W >= 32) ? -1 : ((1u << W) - 1u));
@@ -408,16 +439,42 @@ static void sym_pass1_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
       if (jj < ncp) acc0 = acc0 + (Vec::loadu(x + jj) - vr).exp();
       return hsum(acc0 + acc1);
     };
+    // single pass, focal: the same exponentials also give Q_k over the negatives (self, top, padding: e = 0)
+    auto sum_exp_q = [&](T ref) {
+      const Vec vr(ref), zero(T(0));
+      Vec acc(T(0)), vxn(ninf), vq[K];
+      for (int k = 0; k < K; ++k) vq[k] = zero;
+      for (int64_t jj = 0; jj < ncp; jj += W) {
+        const Vec xv = Vec::loadu(x + jj);
+        const Vec ev = (xv - vr).exp();
+        acc = acc + ev;
+        const Vec neg = Vec::loadu(lab_p + jj) != vli;
+        vxn = at::vec::maximum(vxn, Vec::blendv(Vec(ninf), xv, neg));
+        const Vec en = Vec::blendv(zero, ev, neg);
+        Vec pk = en;
+        for (int k = 0; k < K; ++k) {
+          vq[k] = vq[k] + pk;
+          if (k + 1 < K) pk = pk * en;
+        }
+      }
+      for (int k = 0; k < K; ++k) q[k] = hsum(vq[k]);
+      xn = hmax(vxn);
+      return hsum(acc);
+    };
     // (m2, s2) with m2 = m as the reference; redone from the block's own second max when tiny (see forward_row)
     m2 = m;
-    s2 = sum_exp(m);
+    s2 = single ? sum_exp_q(m) : sum_exp(m);
     if (s2 < (sizeof(T) == 4 ? T(1e-20) : T(1e-200))) {
       Vec vm2(ninf);
       for (int64_t j = 0; j < ncp; j += W) vm2 = at::vec::maximum(vm2, Vec::loadu(x + j));
       m2 = hmax(vm2);
-      s2 = m2 > ninf ? sum_exp(m2) : T(0);
+      s2 = m2 > ninf ? (single ? sum_exp_q(m2) : sum_exp(m2)) : T(0);
     }
     top += c0;
+  }
+  if (single) {
+    for (int k = 0; k < K; ++k) S.q[k][slot] = q[k];
+    S.xn[slot] = xn;
   }
   S.m[slot] = m;
   S.top[slot] = top;
@@ -488,23 +545,82 @@ static Problem<T> with_block_index(const Problem<T>& P0, int64_t b, std::vector<
   return P;
 }
 
+// Exact f-, u- of the negatives of rows `rows` over the columns of block J (off self and the row's dominant
+// column), for the blocks whose largest p is too big for the series of the single-pass forward: one GEMM of
+// the gathered rows against the block's columns, then the scalar formulas. Written to S.fn / S.un[J * N + i].
+template <typename T>
+static void sym_exact_negatives(const Problem<T>& P, int64_t J, int64_t b, const std::vector<int64_t>& rows,
+                                const T* lse, const int64_t* tops, SymParts<T>& S) {
+  const int64_t c0 = J * b, nc = std::min(b, P.N - c0), nr = static_cast<int64_t>(rows.size());
+  std::vector<T> xs(static_cast<size_t>(nr * P.D)), sim(static_cast<size_t>(nr * nc));
+  for (int64_t r = 0; r < nr; ++r) std::copy(P.A + rows[r] * P.D, P.A + (rows[r] + 1) * P.D, xs.data() + r * P.D);
+  if (P.D > 0) {
+    at::Tensor o = strip::view2d(sim.data(), nr, nc, nc, 1);
+    at::mm_out(o, strip::view2d(xs.data(), nr, P.D, P.D, 1), strip::view2d(P.A + c0 * P.D, nc, P.D, P.D, 1).t());
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = rows[r];
+    const int32_t aid = P.ix->aid[i];
+    T fn = T(0), un = T(0);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t j = c0 + c;
+      if (j == i || j == tops[i] || P.ix->cid[j] == aid) continue;
+      const T lp = sim[r * nc + c] * P.inv_tau + (P.bo != nullptr ? P.bo[j] : T(0)) - lse[i];
+      const T pr = std::exp(lp);
+      fn -= std::log1p(-pr);
+      un += pr / (T(1) - pr);
+    }
+    S.fn[J * P.N + i] = fn;
+    S.un[J * P.N + i] = un;
+  }
+}
+
+// Bytes of the positives' logits the single-pass focal forward keeps (sum over the anchors of their label's
+// column count); above LTCL_CPU_POS_STASH_BYTES (default 128 MB) the focal forward takes two passes.
+template <typename T>
+static bool pos_stash(const Problem<T>& P, std::vector<int64_t>* off) {
+  off->assign(static_cast<size_t>(P.N + 1), 0);
+  for (int64_t i = 0; i < P.N; ++i) {
+    const int32_t id = P.ix->aid[i];
+    (*off)[i + 1] = (*off)[i] + (id < 0 ? 0 : P.ix->start[id + 1] - P.ix->start[id]);
+  }
+  return (*off)[P.N] * static_cast<int64_t>(sizeof(T)) <= strip::env_int("LTCL_CPU_POS_STASH_BYTES", int64_t(128) << 20);
+}
+
+// focal: single pass (power sums; the default when the positives' logits fit pos_stash) or two passes
+// (pass 2 recomputes the tiles once lse is known: LTCL_CPU_SYM_FOCAL_FWD=2, or when they do not fit)
 template <typename T>
 static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
   std::vector<int64_t> table;
-  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
+  const int64_t b = strip::sym_block<T>(P0.N);
+  const Problem<T> P = with_block_index(P0, b, &table);
   const int64_t N = P.N;
-  const int64_t nb = strip::SymGrid(N, strip::sym_block<T>(N)).nb;
+  const int64_t nb = strip::SymGrid(N, b).nb;
+  constexpr int K = kSeriesTerms<T>;
+  std::vector<int64_t> pv_off;
+  const bool single = P.focal && strip::env_int("LTCL_CPU_SYM_FOCAL_FWD", 1) != 2 && pos_stash(P, &pv_off);
   SymParts<T> S;
   const size_t slots = static_cast<size_t>(nb * N);
-  T* ws = strip::workspace<T>(slots * (P.focal ? 8 : 4), 1);
+  const size_t narr = P.focal ? (single ? 7 + K : 8) : 4;
+  T* ws = strip::workspace<T>(slots * narr, 1);
   S.m = ws;
   S.m2 = ws + slots;
   S.s2 = ws + 2 * slots;
   S.ps = ws + 3 * slots;
-  S.fp = P.focal ? ws + 4 * slots : nullptr;
-  S.up = P.focal ? ws + 5 * slots : nullptr;
-  S.fn = P.focal ? ws + 6 * slots : nullptr;
-  S.un = P.focal ? ws + 7 * slots : nullptr;
+  if (P.focal) {
+    S.fn = ws + 4 * slots;
+    S.un = ws + 5 * slots;
+  }
+  if (P.focal && !single) {
+    S.fp = ws + 6 * slots;
+    S.up = ws + 7 * slots;
+  }
+  if (single) {
+    S.xn = ws + 6 * slots;
+    for (int k = 0; k < K; ++k) S.q[k] = ws + (7 + k) * slots;
+    S.pv = strip::workspace<T>(static_cast<size_t>(std::max<int64_t>(pv_off[N], 1)), 0);
+    S.pv_off = pv_off.data();
+  }
   S.top = strip::workspace<int64_t>(slots, 2);
   auto none = [] { return 0; };
   strip::sym_forward_tiles<T>(P.A, N, P.D, none,
@@ -560,28 +676,83 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
   });
   if (!P.focal) return;
   const int64_t* tops = o.top;
-  strip::sym_forward_tiles<T>(P.A, N, P.D, none,
-                              [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
-                                for (int64_t r = 0; r < nr; ++r)
-                                  sym_pass2_row(P, r0 + r, c0, nc, x + r * ld, out_lse[r0 + r], tops[r0 + r], S,
-                                                J * N + r0 + r);
-                              });
+  if (single) {
+    // the blocks whose largest negative p is too big for the series, recomputed exactly (per column block)
+    at::parallel_for(0, nb, 1, [&](int64_t J0, int64_t J1) {
+      strip::SequentialBlas seq;
+      for (int64_t J = J0; J < J1; ++J) {
+        std::vector<int64_t> rows;
+        for (int64_t i = 0; i < N; ++i) {
+          const T xn = S.xn[J * N + i];
+          if (tops[i] >= 0 && xn > ninf && std::exp(xn - out_lse[i]) >= kSeriesMaxP<T>) rows.push_back(i);
+        }
+        if (!rows.empty()) sym_exact_negatives<T>(P, J, b, rows, out_lse, tops, S);
+      }
+    });
+  } else {
+    strip::sym_forward_tiles<T>(P.A, N, P.D, none,
+                                [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+                                  for (int64_t r = 0; r < nr; ++r)
+                                    sym_pass2_row(P, r0 + r, c0, nc, x + r * ld, out_lse[r0 + r], tops[r0 + r], S,
+                                                  J * N + r0 + r);
+                                });
+  }
   at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t top = tops[i];
       if (top < 0) continue;  // empty or poisoned row: set above
-      T fp = T(0), up = T(0), fn = T(0), un = T(0);
-      for (int64_t J = 0; J < nb; ++J) {
-        const int64_t sl = J * N + i;
-        fp += S.fp[sl];
-        up += S.up[sl];
-        fn += S.fn[sl];
-        un += S.un[sl];
-      }
       const T lse = out_lse[i], lrest = out_lrest[i];
+      const int32_t aid = P.ix->aid[i];
+      T fp = T(0), up = T(0), fn = T(0), un = T(0);
+      if (single) {
+        const int64_t* run = aid < 0 ? nullptr : P.ix->perm.data() + P.ix->start[aid];
+        const T* pv = S.pv + S.pv_off[i];
+        for (int64_t k = 0; k < S.pv_off[i + 1] - S.pv_off[i]; ++k) {  // positives off self and top
+          const int64_t j = run[k];
+          if (j == i || j == top) continue;
+          const T lp = pv[k] - lse;
+          T f, u;
+          cm::focal_pos_offtop<T>(lp, std::exp(lp), P.gamma, &f, &u);
+          fp += f;
+          up += u;
+        }
+        for (int64_t J = 0; J < nb; ++J) {  // negatives, block by block
+          const int64_t sl = J * N + i;
+          const T xn = S.xn[sl];
+          if (xn > ninf && std::exp(xn - lse) >= kSeriesMaxP<T>) {  // exact (sym_exact_negatives)
+            fn += S.fn[sl];
+            un += S.un[sl];
+            continue;
+          }
+          if (S.m2[sl] > ninf) {  // the series off the block's top: c = exp(m2 - lse) <= 1
+            const T c = std::exp(S.m2[sl] - lse);
+            T f = T(0), u = T(0);
+            for (int k = K - 1; k >= 0; --k) {
+              f = (f + S.q[k][sl] / T(k + 1)) * c;
+              u = (u + S.q[k][sl]) * c;
+            }
+            fn += f;
+            un += u;
+          }
+          const int64_t tj = S.top[sl];  // the block's top, when a negative other than the row's top
+          if (tj >= 0 && tj != top && P.ix->cid[tj] != aid) {
+            const T pr = std::exp(S.m[sl] - lse);
+            fn -= std::log1p(-pr);
+            un += pr / (T(1) - pr);
+          }
+        }
+      } else {
+        for (int64_t J = 0; J < nb; ++J) {
+          const int64_t sl = J * N + i;
+          fp += S.fp[sl];
+          up += S.up[sl];
+          fn += S.fn[sl];
+          un += S.un[sl];
+        }
+      }
       T lp, l1, f, u;
       cm::elem_logp<T>(T(0), lse, true, lrest, &lp, &l1);  // the dominant column: from lrest
-      if (P.ix->cid[top] == P.ix->aid[i]) {
+      if (P.ix->cid[top] == aid) {
         cm::focal_pos<T>(lp, l1, true, lrest, P.gamma, &f, &u);
         fp += f;
         up += u;
@@ -813,10 +984,9 @@ FwdResult rowstats_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, gamma, focal);
       FwdOut o{lse.data_ptr(), pos.data_ptr(), fpos.data_ptr(), fneg.data_ptr(), upos.data_ptr(),
                uneg.data_ptr(), top.data_ptr<int64_t>(), lrest.data_ptr()};
-      // focal: the general forward (one GEMM; pass C reuses pass B's exponentials) is cheaper than two
-      // symmetric passes (2 x 0.5 GEMM, but the exponentials and the transposes twice): measured
-      // 1.6 vs 2.4 one-mm times at N=4096, 1 thread); LTCL_CPU_SYM_FOCAL_FWD=1 selects the symmetric one
-      if (symmetric && (!focal || strip::env_int("LTCL_CPU_SYM_FOCAL_FWD", 0) > 0) &&
+      // focal: the symmetric forward in one pass (power sums, sym_forward_impl) unless LTCL_CPU_SYM_FOCAL_FWD
+      // asks for two passes (2) or the general forward (3)
+      if (symmetric && (!focal || strip::env_int("LTCL_CPU_SYM_FOCAL_FWD", 1) != 3) &&
           strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
         sym_forward_impl<scalar_t>(P, o);
       } else {
