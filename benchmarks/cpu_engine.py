@@ -14,7 +14,8 @@ Compares, at D=128, 100 classes, fp32, forward+backward:
   * ``gemm4``: the time MKL takes for the four N x N x D matrix products a general (C != A) recompute-based
     forward+backward performs (S = A C^T twice, G C, G^T A; outputs preallocated),
   * ``cpu``: ``ltcl_fused.supcon/afcl(..., backend="cpu")`` ("all" mode: the columns ARE the anchors, so the
-    engine takes its symmetric path, docs/performance_cpu.md),
+    engine takes its symmetric path, docs/performance_cpu.md), and the self-supervised ``dcl`` / ``hcl``
+    (two views of N/2 samples: N rows) and ``mttv`` (N rows), whose rows are their own columns too,
   * ``cpu_general``: the same call with the symmetric path switched off (``CPUEngine.symmetric_ops`` emptied
     in the worker): the engine's general path, as before the symmetric one existed.
 Every (case, N) runs in a fresh subprocess, so ``peak_rss_mb`` is the whole process's peak resident
@@ -37,6 +38,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAU, GAMMA, ETA = 0.07, 2.0, 5.0
+LOSSES = ("supcon", "afcl", "dcl", "hcl", "mttv")  # timed at every N (dcl/hcl: 2 x N/2 views, mttv: N rows)
+DENSE = ("supcon", "afcl")  # with a dense released-code-style provider (N = 8192 only)
 
 
 def _vm_hwm_mb() -> float:
@@ -121,8 +124,12 @@ def _worker(spec):
             if provider == "cpu_general":
                 from ltcl_fused.backends.cpp_engine import CPUEngine
                 CPUEngine.symmetric_ops = frozenset()
-            fn = (lambda x: lf.supcon(x, y, temperature=TAU, backend="cpu")) if loss == "supcon" else \
-                (lambda x: lf.afcl(x, y, gamma=GAMMA, eta=ETA, temperature=TAU, backend="cpu"))
+            h = N // 2  # the self-supervised losses: two views of N/2 samples (dcl, hcl) or N rows in pairs (mttv)
+            fn = {"supcon": lambda x: lf.supcon(x, y, temperature=TAU, backend="cpu"),
+                  "afcl": lambda x: lf.afcl(x, y, gamma=GAMMA, eta=ETA, temperature=TAU, backend="cpu"),
+                  "dcl": lambda x: lf.dcl(x[:h], x[h:], temperature=0.5, backend="cpu"),
+                  "hcl": lambda x: lf.hcl(x[:h], x[h:], temperature=0.5, beta=1.0, backend="cpu"),
+                  "mttv": lambda x: lf.mttv(x, temperature=0.3, backend="cpu")}[loss]
         else:
             fn = (lambda x: dense_supcon(x, y)) if loss == "supcon" else (lambda x: dense_afcl(x, y))
 
@@ -196,8 +203,8 @@ def main():
         mm = record("-", N, "mm1", args.repeats)
         mm["ratio_vs_mm"] = 1.0
         gemm = record("-", N, "gemm4", args.repeats, paired=True)
-        for loss in ("supcon", "afcl"):
-            dense = record(loss, N, "dense", args.repeats, paired=True) if N <= 8192 else None
+        for loss in LOSSES:
+            dense = record(loss, N, "dense", args.repeats, paired=True) if N <= 8192 and loss in DENSE else None
             for prov in ("cpu", "cpu_general"):
                 r = record(loss, N, prov, args.repeats, paired=True)
                 if dense is not None:
@@ -232,12 +239,12 @@ def plot(rows, path):
     from plot import STYLE
 
     keys = sorted({(r["loss"], int(r["N"])) for r in rows if r["loss"] != "-" and r.get("ratio_vs_mm") not in
-                   (None, "")}, key=lambda k: (k[0] != "supcon", k[1]))
+                   (None, "")}, key=lambda k: (LOSSES.index(k[0]) if k[0] in LOSSES else len(LOSSES), k[1]))
     provs = ["dense", "cpu_general", "cpu"]
     colour = {"dense": STYLE["supcontrast"][0], "cpu_general": "tab:olive", "cpu": STYLE["cpu"][0]}
     label = {"dense": "dense PyTorch (released-code style)", "cpu_general": "backend='cpu', general path",
              "cpu": "backend='cpu', symmetric path"}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(provs)
     for k, prov in enumerate(provs):
         xs, ys = [], []

@@ -214,7 +214,7 @@ def _register_ssl_python_side() -> None:
 
     @torch.library.register_fake("ltcl_fused::ssl_fwd")
     def _ssl_fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
-                      upper, bayes):
+                      upper, bayes, symmetric=False):
         acc = torch.float64 if A.dtype == torch.float64 else torch.float32
         M = A.shape[0]
         return (A.new_empty((len(scales), M), dtype=acc), A.new_empty((M,), dtype=acc),
@@ -222,23 +222,28 @@ def _register_ssl_python_side() -> None:
 
     @torch.library.register_fake("ltcl_fused::ssl_bwd")
     def _ssl_bwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
-                      upper, bayes, lse, coef, cpos):
+                      upper, bayes, lse, coef, cpos, symmetric=False):
+        if symmetric:  # (dX, an empty [0, D]): dX is the gradient through both A and C
+            return A.new_empty(A.shape), C.new_empty((0, C.shape[1]))
         return A.new_empty(A.shape), C.new_empty(C.shape)
 
     def _ssl_setup(ctx, inputs, output):
         A, C, partner = inputs[:3]
         ctx.save_for_backward(A, C, partner, output[0])
-        ctx.cfg = inputs[3:]
+        ctx.cfg = inputs[3:12]
+        ctx.symmetric = bool(inputs[12]) if len(inputs) > 12 else False
 
     def _ssl_backward(ctx, g_lse, g_pos, _g_pos_in):
         A, C, partner, lse = ctx.saved_tensors
         coef = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype).contiguous()
         cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
         with torch.no_grad():  # first-order only: a second differentiation raises (engine/first_order.py)
-            dA, dC = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *ctx.cfg, lse, coef, cpos)
+            dA, dC = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *ctx.cfg, lse, coef, cpos, ctx.symmetric)
+        if ctx.symmetric:  # A and C are one tensor: its whole gradient goes to A
+            dC = None
         from .engine.first_order import first_order
         dA, dC = first_order("torch.ops.ltcl_fused.ssl_fwd", A.device.type, (dA, dC), (A, C))
-        return (dA, dC) + (None,) * 10
+        return (dA, dC) + (None,) * 11
 
     torch.library.register_autograd("ltcl_fused::ssl_fwd", _ssl_backward, setup_context=_ssl_setup)
 

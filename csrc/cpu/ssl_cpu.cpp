@@ -143,31 +143,31 @@ int64_t sort_set(const Problem<T>& P, const T* x, RankScratch<T>* rs) {
 }
 
 struct RowInfo {
-  double pos = 0;
-  bool pos_in = false;
-  bool poisoned = false;  // a NaN or +-inf dot product in the row: its LSEs are NaN
+  double pos = 0;         // s of the partner column (0 when it is not among the columns)
+  bool pos_in = false;    // the partner column is among the columns and in the set
+  bool poisoned = false;  // a NaN or +-inf dot product among the columns: the row's LSEs are NaN
 };
 
-// On entry x holds the raw dot products of row i (N valid, Npad wide). On exit:
-//   plain sets: x_j = s_ij on the set, -inf elsewhere; *smax / *smin = max / min of s over the set;
-//   Bayesian:   x_j = log ω(u_ij) + c s_ij on the set (-inf where ω <= 0), -inf elsewhere; *smax = max x.
-// rs: scratch of the rank pass (Bayesian only).
+// Row i over the columns [c0, c0 + nc): on entry x holds their raw dot products (nc valid, padded to ncp =
+// nc rounded up to the vector width, at least one vector); on exit x_j = s_ij on the set, -inf elsewhere
+// (padding included). The general path passes the whole row (c0 = 0, nc = N, ncp = Npad), the symmetric
+// path one tile's columns.
 template <typename T>
-RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* smax, T* smin) {
+RowInfo mask_cols(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc, int64_t ncp, T* x) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const T ninf = cm::neg_inf<T>(), pinf = -ninf;
+  const T ninf = cm::neg_inf<T>();
   RowInfo info;
   const int64_t p = P.partner[i];
-  const bool has_p = p >= 0 && p < P.N;
-  if (has_p) info.pos = static_cast<double>(x[p] * P.inv_tau);
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
+  const bool p_here = p >= c0 && p < c0 + nc;
+  if (p_here) info.pos = static_cast<double>(x[p - c0] * P.inv_tau);
+  for (int64_t j = nc; j < ncp; ++j) x[j] = T(0);
 
   // s = inv_tau * g with the filter on a = min(|g|, 1) (drop a < lower [or a > upper]; NaN compares false
   // and is kept); bad = sum of g * 0 is NaN iff some g is NaN or +-inf (the row is then poisoned)
   const Vec vinv(P.inv_tau), vninf(ninf), vlo(P.lower), vhi(P.upper), vone(T(1)), vzero(T(0));
   Vec bad(T(0));
-  for (int64_t j = 0; j < P.Npad; j += W) {
+  for (int64_t j = 0; j < ncp; j += W) {
     const Vec g = Vec::loadu(x + j);
     bad = at::vec::fmadd(g, vzero, bad);
     Vec s = g * vinv;
@@ -179,25 +179,45 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T*
     }
     s.store(x + j);
   }
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = ninf;
+  for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
   info.poisoned = hsum(bad) != T(0);
   if (P.self_offset >= 0 && !P.include_self) {
     const int64_t js = i + P.self_offset;
-    if (js < P.N) x[js] = ninf;
+    if (js >= c0 && js < c0 + nc) x[js - c0] = ninf;
   }
-  if (has_p && P.exclude_partner) x[p] = ninf;
-  info.pos_in = has_p && x[p] > ninf;
+  if (p_here && P.exclude_partner) x[p - c0] = ninf;
+  info.pos_in = p_here && x[p - c0] != ninf;  // a NaN s stays in the set (the filter never drops a NaN)
+  return info;
+}
+
+// max and min of x over the set (x > -inf) of ncp entries
+template <typename T>
+void set_range(const T* x, int64_t ncp, T* smax, T* smin) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = cm::neg_inf<T>(), pinf = -ninf;
+  Vec vmax(ninf), vmin(pinf);
+  const Vec vpinf(pinf), vninf(ninf);
+  for (int64_t j = 0; j < ncp; j += W) {
+    const Vec v = Vec::loadu(x + j);
+    vmax = at::vec::maximum(vmax, v);
+    vmin = at::vec::minimum(vmin, Vec::blendv(vpinf, v, v > vninf));
+  }
+  *smax = hmax(vmax);
+  *smin = hmin(vmin);
+}
+
+// On entry x holds the raw dot products of row i (N valid, Npad wide). On exit:
+//   plain sets: x_j = s_ij on the set, -inf elsewhere; *smax / *smin = max / min of s over the set;
+//   Bayesian:   x_j = log ω(u_ij) + c s_ij on the set (-inf where ω <= 0), -inf elsewhere; *smax = max x.
+// rs: scratch of the rank pass (Bayesian only).
+template <typename T>
+RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* smax, T* smin) {
+  const T ninf = cm::neg_inf<T>(), pinf = -ninf;
+  const RowInfo info = mask_cols(P, i, 0, P.N, P.Npad, x);
 
   if (!P.bayes) {
-    Vec vmax(ninf), vmin(pinf);
-    const Vec vpinf(pinf);
-    for (int64_t j = 0; j < P.Npad; j += W) {
-      const Vec v = Vec::loadu(x + j);
-      vmax = at::vec::maximum(vmax, v);
-      vmin = at::vec::minimum(vmin, Vec::blendv(vpinf, v, v > vninf));
-    }
-    *smax = hmax(vmax);
-    *smin = hmin(vmin);
+    set_range(x, P.Npad, smax, smin);
     return info;
   }
   // Bayesian: exact within-row ranks of the set values. Radix-sort the set's (key, column) pairs; every
@@ -239,6 +259,30 @@ RowInfo prepare_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T*
 
 // ---------------------------------------------------------------- forward
 
+// Per scale k, over a plain set (x = s on the set, -inf elsewhere; ncp entries, smax / smin of the set):
+// m_k = max of c_k s, sum_k = sum exp(c_k s - m_k).
+template <typename T>
+void scaled_sums(const Problem<T>& P, const T* x, int64_t ncp, T smax, T smin, T* m, T* sum) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vninf(cm::neg_inf<T>()), zero(T(0));
+  for (int k = 0; k < P.K; ++k) {
+    const T c = P.scales[k];
+    m[k] = cm::scaled_max(c, smax, smin);
+    const Vec vc(c), vm(m[k]);
+    Vec acc(T(0));
+    if (c == T(1)) {  // exp(-inf - m) = 0 outside the set: no mask needed
+      for (int64_t j = 0; j < ncp; j += W) acc = acc + (Vec::loadu(x + j) - vm).exp();
+    } else {
+      for (int64_t j = 0; j < ncp; j += W) {
+        const Vec v = Vec::loadu(x + j);
+        acc = acc + Vec::blendv(zero, (vc * v - vm).exp(), v > vninf);
+      }
+    }
+    sum[k] = hsum(acc);
+  }
+}
+
 template <typename T>
 void forward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* lse, T* pos, T* pos_in) {
   using Vec = Vectorized<T>;
@@ -259,22 +303,9 @@ void forward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* ls
     lse[i] = cm::lse_finish(smax, hsum(acc));
     return;
   }
-  const Vec vninf(ninf), zero(T(0));
-  for (int k = 0; k < P.K; ++k) {
-    const T c = P.scales[k];
-    const T m = cm::scaled_max(c, smax, smin);
-    const Vec vc(c), vm(m);
-    Vec acc(T(0));
-    if (c == T(1)) {  // exp(-inf - m) = 0 outside the set: no mask needed
-      for (int64_t j = 0; j < P.Npad; j += W) acc = acc + (Vec::loadu(x + j) - vm).exp();
-    } else {
-      for (int64_t j = 0; j < P.Npad; j += W) {
-        const Vec v = Vec::loadu(x + j);
-        acc = acc + Vec::blendv(zero, (vc * v - vm).exp(), v > vninf);
-      }
-    }
-    lse[k * P.M + i] = cm::lse_finish(m, hsum(acc));
-  }
+  T m[kMaxScales], sum[kMaxScales];
+  scaled_sums(P, x, P.Npad, smax, smin, m, sum);
+  for (int k = 0; k < P.K; ++k) lse[k * P.M + i] = cm::lse_finish(m[k], sum[k]);
 }
 
 template <typename T>
@@ -293,22 +324,21 @@ struct BwdIn {
   const T* cpos;  // [M]
 };
 
-// On entry x holds the raw dot products of row i; on exit G_i (0 outside the set and in the padding).
+// x: row i's prepared values over ncp columns (prepare_row / mask_cols: s, or log w + c s, on the set, -inf
+// elsewhere); on exit G_ij there (0 outside the set and in the padding), cpos_i added at the partner's local
+// column p (-1: not among these columns). vbuf: ncp scratch when there are several scales.
 template <typename T>
-void backward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* vbuf, const BwdIn<T>& in) {
+void grad_cols(const Problem<T>& P, int64_t i, T* x, int64_t nc, int64_t ncp, int64_t p, T* vbuf, const BwdIn<T>& in) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const T ninf = cm::neg_inf<T>();
-  T smax, smin;
-  prepare_row(P, i, x, rs, &smax, &smin);
-  const Vec vninf(ninf), zero(T(0));
+  const Vec vninf(cm::neg_inf<T>()), zero(T(0));
   T* dst = P.K == 1 ? x : vbuf;  // one scale: G in place; several: accumulated in vbuf
   bool first = true;
   for (int k = 0; k < P.K; ++k) {
     const T L = in.lse[k * P.M + i], ck = in.coef[k * P.M + i], c = P.scales[k];
     if (ck == T(0) || !std::isfinite(L)) continue;  // a dead term contributes exactly 0
     const Vec va(ck * c), vL(L), vc(c);
-    for (int64_t j = 0; j < P.Npad; j += W) {
+    for (int64_t j = 0; j < ncp; j += W) {
       const Vec v = Vec::loadu(x + j);
       Vec g = P.bayes ? va * (v - vL).exp()  // x = log w + c s; -inf -> 0
                       : Vec::blendv(zero, va * (vc * v - vL).exp(), v > vninf);
@@ -318,13 +348,21 @@ void backward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* v
     first = false;
   }
   if (first) {
-    std::fill(x, x + P.Npad, T(0));
+    std::fill(x, x + ncp, T(0));
   } else if (dst != x) {
-    std::copy(vbuf, vbuf + P.Npad, x);
+    std::copy(vbuf, vbuf + ncp, x);
   }
-  for (int64_t j = P.N; j < P.Npad; ++j) x[j] = T(0);
+  for (int64_t j = nc; j < ncp; ++j) x[j] = T(0);
+  if (p >= 0) x[p] = in.cpos[i] + x[p];
+}
+
+// On entry x holds the raw dot products of row i; on exit G_i (0 outside the set and in the padding).
+template <typename T>
+void backward_row(const Problem<T>& P, int64_t i, T* x, RankScratch<T>* rs, T* vbuf, const BwdIn<T>& in) {
+  T smax, smin;
+  prepare_row(P, i, x, rs, &smax, &smin);
   const int64_t p = P.partner[i];
-  if (p >= 0 && p < P.N) x[p] = in.cpos[i] + x[p];
+  grad_cols(P, i, x, P.N, P.Npad, (p >= 0 && p < P.N) ? p : -1, vbuf, in);
 }
 
 template <typename T>
@@ -340,6 +378,114 @@ void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
       [&] { return BwdScratch<T>{RankScratch<T>(P.bayes ? P.N : 0),
                                  std::vector<T>(P.K > 1 ? static_cast<size_t>(P.Npad) : 0)}; },
       [&](BwdScratch<T>& s, int64_t i, T* x) { backward_row(P, i, x, &s.rs, s.vbuf.data(), in); });
+}
+
+// ---------------------------------------------------------------- symmetric path (C is A, self_offset 0, no bayes)
+//
+// The tiles of strip::sym_forward_tiles / sym_backward_tiles (csrc/cpu/strip_common.h): one GEMM per pair of
+// row blocks I <= J serves rows I over columns J and, transposed, rows J over columns I. Forward: per
+// (row i, column block J) the partial state (m_k, sum_k per scale, poisoned, pos, pos_in) of mask_cols and
+// scaled_sums on the block's columns, merged per row in block order: lse_k = M + log sum_J sum_kJ
+// exp(m_kJ - M), M = max_J m_kJ (bit-identical for any thread count). Backward: dX = inv_tau (G + Gᵀ) X,
+// G's rows formed by the same mask_cols + grad_cols as the general path's. 2 GEMM-equivalents per step
+// instead of 4.
+
+template <typename T>
+bool sym_ok(const Problem<T>& P) {
+  return !P.bayes && P.self_offset == 0 && P.M == P.N && strip::sym_fits<T>(P.N, P.Npad);
+}
+
+template <typename T>
+void sym_forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t N = P.N, K = P.K;
+  const int64_t nb = strip::SymGrid(N, strip::sym_block<T>(N)).nb;
+  const size_t slots = static_cast<size_t>(nb * N);
+  T* ws = strip::workspace<T>(slots * static_cast<size_t>(2 * K + 3), 1);
+  T* pm = ws;                  // [K][nb * N] m_kJ
+  T* ps = ws + K * slots;      // [K][nb * N] sum_kJ
+  T* pbad = ws + 2 * K * slots;  // 1 where the block holds a NaN or +-inf dot product
+  T* ppos = pbad + slots;      // the partner's s (0 unless the partner is in the block)
+  T* pin = ppos + slots;       // 1 where the partner is in the block and in the set
+  auto none = [] { return 0; };
+  strip::sym_forward_tiles<T>(
+      P.A, N, P.D, none, [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+        const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r, sl = J * N + i;
+          T* xr = x + r * ld;
+          const RowInfo info = mask_cols(P, i, c0, nc, ncp, xr);
+          T smax, smin, m[kMaxScales], sum[kMaxScales];
+          set_range(xr, ncp, &smax, &smin);
+          if (smax > cm::neg_inf<T>()) {
+            scaled_sums(P, xr, ncp, smax, smin, m, sum);
+          } else {
+            for (int k = 0; k < K; ++k) m[k] = cm::neg_inf<T>(), sum[k] = T(0);
+          }
+          for (int k = 0; k < K; ++k) {
+            pm[k * slots + sl] = m[k];
+            ps[k * slots + sl] = sum[k];
+          }
+          pbad[sl] = info.poisoned ? T(1) : T(0);
+          ppos[sl] = static_cast<T>(info.pos);
+          pin[sl] = info.pos_in ? T(1) : T(0);
+        }
+      });
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      bool bad = false;
+      T p = T(0), pi = T(0);
+      for (int64_t J = 0; J < nb; ++J) {
+        const int64_t sl = J * N + i;
+        bad = bad || pbad[sl] != T(0);
+        p += ppos[sl];
+        pi += pin[sl];
+      }
+      pos[i] = p;
+      pos_in[i] = pi;
+      for (int64_t k = 0; k < K; ++k) {
+        T M = cm::neg_inf<T>();
+        for (int64_t J = 0; J < nb; ++J)
+          if (ps[k * slots + J * N + i] > T(0)) M = std::max(M, pm[k * slots + J * N + i]);
+        T S = T(0);
+        if (M > cm::neg_inf<T>()) {
+          for (int64_t J = 0; J < nb; ++J) {
+            const T sj = ps[k * slots + J * N + i];
+            if (sj > T(0)) S += sj * std::exp(pm[k * slots + J * N + i] - M);
+          }
+        }
+        lse[k * N + i] = bad ? cm::quiet_nan<T>() : cm::lse_finish(M, S);
+      }
+    }
+  });
+}
+
+template <typename T>
+void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  strip::sym_backward_tiles<T>(
+      P.A, P.N, P.D, P.Npad, P.inv_tau, dX,
+      [&] { return std::vector<T>(P.K > 1 ? static_cast<size_t>(strip::sym_block<T>(P.N)) : 0); },
+      [&](std::vector<T>& vbuf, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
+        const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r, p = P.partner[i];
+          T* xr = x + r * ld;
+          mask_cols(P, i, c0, nc, ncp, xr);
+          grad_cols(P, i, xr, nc, ncp, (p >= c0 && p < c0 + nc) ? p - c0 : -1, vbuf.data(), in);
+        }
+      });
+}
+
+// symmetric=True: the caller guarantees C is A (the same storage) and self_offset 0
+void check_symmetric(const Tensor& A, const Tensor& C, int64_t self_offset, c10::ArrayRef<double> bayes,
+                     const char* op) {
+  TORCH_CHECK(self_offset == 0, op, ": symmetric=True needs self_offset == 0, got ", self_offset);
+  TORCH_CHECK(A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr(), op,
+              ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
+  TORCH_CHECK(bayes.empty(), op, ": symmetric=True is not available with the Bayesian weights");
 }
 
 // ---------------------------------------------------------------- ops
@@ -439,7 +585,8 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C,
                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
                                                bool exclude_partner, bool include_self, int64_t filter, double lower,
                                                double upper, c10::ArrayRef<double> bayes, const Tensor* rank_ref,
-                                               const Tensor* rank_n, const char* op) {
+                                               const Tensor* rank_n, const char* op, bool symmetric = false) {
+  if (symmetric) check_symmetric(A, C, self_offset, bayes, op);
   Prepared pp = prepare(A, C, partner, scales, filter, bayes, op);
   const RankRef rr = rank_ref != nullptr ? prepare_ref(pp, bayes, *rank_ref, *rank_n, op) : RankRef();
   const int64_t K = static_cast<int64_t>(scales.size());
@@ -450,7 +597,11 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C,
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
                                       upper, bayes);
       attach_ref(P, rr);
-      forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
+      if (symmetric && sym_ok(P)) {
+        sym_forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
+      } else {
+        forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
+      }
     });
   }
   return {lse, pos, pos_in};
@@ -459,9 +610,9 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C,
 std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
                                                int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
                                                bool exclude_partner, bool include_self, int64_t filter, double lower,
-                                               double upper, c10::ArrayRef<double> bayes) {
+                                               double upper, c10::ArrayRef<double> bayes, bool symmetric) {
   return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
-                     bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd");
+                     bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd", symmetric);
 }
 
 std::tuple<Tensor, Tensor, Tensor> ssl_fwd_ranked_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
@@ -478,7 +629,10 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
                                        bool include_self, int64_t filter, double lower, double upper,
                                        c10::ArrayRef<double> bayes, const Tensor* rank_ref, const Tensor* rank_n,
-                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos) {
+                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos,
+                                       bool symmetric = false) {
+  // symmetric: returns (dX, an empty [0, D] tensor), dX the gradient through both A and C
+  if (symmetric) check_symmetric(A, C, self_offset, bayes, "ltcl_fused::ssl_bwd");
   Prepared pp = prepare(A, C, partner, scales, filter, bayes, "ltcl_fused::ssl_bwd");
   const RankRef rr =
       rank_ref != nullptr ? prepare_ref(pp, bayes, *rank_ref, *rank_n, "ltcl_fused::ssl_bwd_ranked") : RankRef();
@@ -495,9 +649,15 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
                                       upper, bayes);
       attach_ref(P, rr);
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>()};
-      backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+      if (symmetric && sym_ok(P)) {
+        sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
+      } else {
+        backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
+        if (symmetric) dA.add_(dC);
+      }
     });
   }
+  if (symmetric) return {dA.to(pp.in_dtype), at::empty({0, pp.D}, A.options())};
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
 }
 
@@ -505,9 +665,9 @@ std::tuple<Tensor, Tensor> ssl_bwd_cpu(const Tensor& A, const Tensor& C, const T
                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
                                        bool include_self, int64_t filter, double lower, double upper,
                                        c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
-                                       const Tensor& cpos) {
+                                       const Tensor& cpos, bool symmetric) {
   return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
-                     bayes, nullptr, nullptr, lse, coef, cpos);
+                     bayes, nullptr, nullptr, lse, coef, cpos, symmetric);
 }
 
 std::tuple<Tensor, Tensor> ssl_bwd_ranked_cpu(const Tensor& A, const Tensor& C, const Tensor& partner,
@@ -567,13 +727,15 @@ TORCH_LIBRARY_FRAGMENT(ltcl_fused, m) {
   // bayes: [] or [alpha, beta, tau_plus].
   m.def(
       "ssl_fwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
-      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Gradient (dA, dC) of sum_k sum_i coef_ki lse_ki + sum_i cpos_i pos_i, recomputing S.
+      "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
+      "bool symmetric=False) -> (Tensor, Tensor, Tensor)");
+  // symmetric=True (C is A, self_offset 0, no bayes; CPU only): one GEMM per pair of row blocks.
+  // Gradient (dA, dC) of sum_k sum_i coef_ki lse_ki + sum_i cpos_i pos_i, recomputing S; symmetric=True
+  // returns (dX, an empty [0, D] tensor), dX the gradient through both A and C.
   m.def(
       "ssl_bwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
       "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
-      "Tensor lse, Tensor coef, Tensor cpos) -> (Tensor, Tensor)");
+      "Tensor lse, Tensor coef, Tensor cpos, bool symmetric=False) -> (Tensor, Tensor)");
   // Column blocks (the contract's rank reference): (vals [M, N], cnt [M] int64), row i's ascending set values
   // in this block, +inf after the first cnt_i.
   m.def(

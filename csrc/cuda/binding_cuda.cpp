@@ -258,7 +258,9 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C,
 std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,
                                                 int64_t self_offset, double inv_tau, c10::ArrayRef<double> scales,
                                                 bool exclude_partner, bool include_self, int64_t filter,
-                                                double lower, double upper, c10::ArrayRef<double> bayes) {
+                                                double lower, double upper, c10::ArrayRef<double> bayes,
+                                                bool symmetric) {
+  TORCH_CHECK(!symmetric, "ltcl_fused::ssl_fwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
   return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
                      bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd");
 }
@@ -311,7 +313,8 @@ std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const 
                                         double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
                                         bool include_self, int64_t filter, double lower, double upper,
                                         c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
-                                        const Tensor& cpos) {
+                                        const Tensor& cpos, bool symmetric) {
+  TORCH_CHECK(!symmetric, "ltcl_fused::ssl_bwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
   return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
                      bayes, nullptr, nullptr, lse, coef, cpos, "ltcl_fused::ssl_bwd");
 }

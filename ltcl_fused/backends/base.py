@@ -35,7 +35,9 @@ class Engine:
 
     # --- the "rowstats" operation (see ltcl_fused/engine/contract.py) ---
     # ``symmetric=True`` is passed only to engines listing "rowstats" in ``symmetric_ops``: C is A (an alias
-    # view), c_lab equals a_lab, self_offset == 0; the backward then returns (dX, None).
+    # view), c_lab equals a_lab, self_offset == 0; the backward then returns (dX, None). The "ssl" operation's
+    # ssl_forward / ssl_backward get it likewise ("ssl" in ``symmetric_ops``; C is A, self_offset == 0, no
+    # Bayesian weights).
     def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
                          symmetric: bool = False):
         raise NotImplementedError

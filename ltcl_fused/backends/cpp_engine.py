@@ -34,7 +34,7 @@ class CPUEngine(Engine):
     name = "cpu"
     ops = frozenset({"rowstats", "ssl", "ssl_ranked"})
     #: operations with a symmetric path (C is A: one GEMM per pair of row blocks, csrc/cpu/strip_common.h)
-    symmetric_ops = frozenset({"rowstats"})
+    symmetric_ops = frozenset({"rowstats", "ssl"})
     device_type = "cpu"
 
     def unavailable_reason(self, device) -> Optional[str]:
@@ -65,17 +65,24 @@ class CPUEngine(Engine):
                                                  cpos, cposf, cneg, r, rt)
 
     # --- the "ssl" operation (ltcl_fused/engine/ssl_contract.py; csrc/cpu/ssl_cpu.cpp) ---
-    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None):
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None, symmetric: bool = False):
         from ..engine.ssl_contract import SSLStats
         args = _ssl_args(self_offset, inv_tau, cfg)
         if rank_ref is not None:  # column blocks: counts against the whole row's sorted set values
             return SSLStats(*torch.ops.ltcl_fused.ssl_fwd_ranked(A, C, partner, *args, *rank_ref))
+        if symmetric:
+            return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *args, True))
         return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *args))
 
-    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None):
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None,
+                     symmetric: bool = False):
+        """(dA, dC); ``symmetric=True`` (C is A, self_offset 0, no bayes): (dX, None)."""
         args = _ssl_args(self_offset, inv_tau, cfg)
         if rank_ref is not None:
             return torch.ops.ltcl_fused.ssl_bwd_ranked(A, C, partner, *args, *rank_ref, lse, coef, cpos)
+        if symmetric:
+            dX, _ = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *args, lse, coef, cpos, True)
+            return dX, None
         return torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *args, lse, coef, cpos)
 
     def ssl_set_values(self, A, C, partner, self_offset, inv_tau, cfg):

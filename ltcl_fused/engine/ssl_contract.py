@@ -278,10 +278,11 @@ def merge_set_values(per_block, dtype=None):
 
 class _SSLRowStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A, C, partner, self_offset, inv_tau, cfg, engine, fn):
-        lse, pos, pos_in = engine.ssl_forward(A, C, partner, self_offset, inv_tau, cfg)
+    def forward(ctx, A, C, partner, self_offset, inv_tau, cfg, engine, fn, symmetric=False):
+        kw = {"symmetric": True} if symmetric else {}
+        lse, pos, pos_in = engine.ssl_forward(A, C, partner, self_offset, inv_tau, cfg, **kw)
         ctx.save_for_backward(A, C, partner, lse)
-        ctx.cfg = (self_offset, inv_tau, cfg, engine)
+        ctx.cfg = (self_offset, inv_tau, cfg, engine, symmetric)
         ctx.fn = fn
         ctx.mark_non_differentiable(pos_in)
         return lse, pos, pos_in
@@ -289,14 +290,16 @@ class _SSLRowStatsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse, g_pos, _g_pos_in):
         A, C, partner, lse = ctx.saved_tensors
-        self_offset, inv_tau, cfg, engine = ctx.cfg
+        self_offset, inv_tau, cfg, engine, symmetric = ctx.cfg
         coef = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype).contiguous()
         cpos = torch.zeros_like(lse[0]) if g_pos is None else g_pos.to(lse.dtype).contiguous()
         with torch.no_grad():  # first-order only (see first_order.py)
-            dA, dC = engine.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos)
+            kw = {"symmetric": True} if symmetric else {}
+            # symmetric: (dX, None); C is an alias view of A, so autograd gives A the whole dX
+            dA, dC = engine.ssl_backward(A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, **kw)
         dA, dC = first_order(ctx.fn, engine.name, (dA if ctx.needs_input_grad[0] else None,
                                                    dC if ctx.needs_input_grad[1] else None), (A, C))
-        return (dA, dC, None, None, None, None, None, None)
+        return (dA, dC, None, None, None, None, None, None, None)
 
 
 def ssl_row_stats(engine, A: torch.Tensor, C: torch.Tensor, partner: torch.Tensor, *, self_offset: int,
@@ -304,8 +307,16 @@ def ssl_row_stats(engine, A: torch.Tensor, C: torch.Tensor, partner: torch.Tenso
     """Differentiable SSL row statistics of S = A Cᵀ·inv_tau computed by ``engine`` (see the module doc).
 
     ``fn`` names the calling loss in the error raised on double backward; ``C is A`` is passed as an alias
-    (torch.compile refuses one tensor twice in ``apply``)."""
-    A, C, partner = A.contiguous(), C.contiguous(), partner.to(torch.int64).contiguous()
-    C = C.view_as(C) if C is A else C
+    (torch.compile refuses one tensor twice in ``apply``).
+
+    The symmetric path (one GEMM per pair of row blocks, about half the work) is taken when ``C is A``,
+    ``self_offset == 0``, there are no Bayesian weights and the engine lists "ssl" in ``symmetric_ops``
+    (decided from object identity: no host read)."""
+    sym = (C is A and int(self_offset) == 0 and cfg.bayes is None
+           and "ssl" in getattr(engine, "symmetric_ops", frozenset()))
+    same_c = C is A
+    A, partner = A.contiguous(), partner.to(torch.int64).contiguous()
+    C = A.view_as(A) if same_c else C.contiguous()
     check_inputs(A, C, partner, self_offset, cfg)
-    return SSLStats(*_SSLRowStatsFn.apply(A, C, partner, int(self_offset), float(inv_tau), cfg, engine, fn))
+    return SSLStats(*_SSLRowStatsFn.apply(A, C, partner, int(self_offset), float(inv_tau), cfg, engine, fn,
+                                          bool(sym)))
