@@ -545,6 +545,14 @@ static Problem<T> with_block_index(const Problem<T>& P0, int64_t b, std::vector<
   return P;
 }
 
+// f- = -log1p(-p) and u- = p / (1 - p) of one negative off the dominant column (p = exp(logp) <= 1/2), added
+template <typename T>
+static inline void neg_terms_exact(T logp, T* fn, T* un) {
+  const T p = std::exp(logp);
+  *fn -= std::log1p(-p);
+  *un += p / (T(1) - p);
+}
+
 // Exact f-, u- of the negatives of rows `rows` over the columns of block J (off self and the row's dominant
 // column), for the blocks whose largest p is too big for the series of the single-pass forward: one GEMM of
 // the gathered rows against the block's columns, then the scalar formulas. Written to S.fn / S.un[J * N + i].
@@ -565,10 +573,7 @@ static void sym_exact_negatives(const Problem<T>& P, int64_t J, int64_t b, const
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t j = c0 + c;
       if (j == i || j == tops[i] || P.ix->cid[j] == aid) continue;
-      const T lp = sim[r * nc + c] * P.inv_tau + (P.bo != nullptr ? P.bo[j] : T(0)) - lse[i];
-      const T pr = std::exp(lp);
-      fn -= std::log1p(-pr);
-      un += pr / (T(1) - pr);
+      neg_terms_exact<T>(sim[r * nc + c] * P.inv_tau + (P.bo != nullptr ? P.bo[j] : T(0)) - lse[i], &fn, &un);
     }
     S.fn[J * P.N + i] = fn;
     S.un[J * P.N + i] = un;
@@ -735,11 +740,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
             un += u;
           }
           const int64_t tj = S.top[sl];  // the block's top, when a negative other than the row's top
-          if (tj >= 0 && tj != top && P.ix->cid[tj] != aid) {
-            const T pr = std::exp(S.m[sl] - lse);
-            fn -= std::log1p(-pr);
-            un += pr / (T(1) - pr);
-          }
+          if (tj >= 0 && tj != top && P.ix->cid[tj] != aid) neg_terms_exact<T>(S.m[sl] - lse, &fn, &un);
         }
       } else {
         for (int64_t J = 0; J < nb; ++J) {
