@@ -157,6 +157,39 @@ def test_engine_vs_oracle_fp32(name, small_blocks):
     _check(A, C, partner, -1, 2.0, CONFIGS[name], None)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("n_split", [2, 3])
+@pytest.mark.parametrize("name", ["bayes", "bayes_zero", "bayes_filter_self"])
+def test_bayes_two_d_grid(name, n_split, dtype, small_blocks, monkeypatch):
+    """The Bayesian weighting pass on a 2-D grid: ``ops.FORCE_SPLIT`` column ranges per row block (on a GPU
+    ``ops.split_plan`` splits when the row blocks are fewer than the SMs); the forward's partials merged in range
+    order. fp64 against the oracle, fp32 by the truth rule, N not a multiple of the ranges."""
+    monkeypatch.setattr(ops, "FORCE_SPLIT", n_split)
+    small_blocks(SMALL, bayes_rows=7)
+    assert ops.split_plan(7, 150, ssl_ops._bayes_cfg().BLOCK_M, ssl_ops._bayes_cfg().BLOCK_N,
+                          torch.device("cpu"))[0] == n_split
+    A, C, partner = _problem(37, 150, 19, 0, dtype, seed=n_split, normalize=True)
+    _check(A, C, partner, 0, 2.0, CONFIGS[name], 1e-10 if dtype == F64 else None)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_bayes_two_d_grid_poisoned_and_deterministic(dtype, small_blocks, monkeypatch):
+    """A NaN feature poisons the rows that meet it (NaN LSE) under the split pass as without it; the other rows
+    equal the one-range pass to rounding, and repeated calls give the same bits."""
+    small_blocks(SMALL, bayes_rows=7)
+    A, C, partner = _problem(20, 150, 9, -1, dtype, seed=4, normalize=True)
+    A[3, 1] = math.nan
+    cfg = CONFIGS["bayes"]
+    A, C, partner = _to(A), _to(C), _to(partner)
+    one = ENG.ssl_forward(A, C, partner, -1, 2.0, cfg).lse
+    monkeypatch.setattr(ops, "FORCE_SPLIT", 3)
+    two = ENG.ssl_forward(A, C, partner, -1, 2.0, cfg).lse
+    assert torch.isnan(two[0, 3]) and torch.isnan(one[0, 3])
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(two, one, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.equal(ENG.ssl_forward(A, C, partner, -1, 2.0, cfg).lse.nan_to_num(), two.nan_to_num())
+
+
 @pytest.mark.parametrize("name", ["bayes", "bayes_mid", "bayes_hi", "bayes_filter_self"])
 def test_bayes_exact_ranks_with_ties(name, small_blocks):
     # integer features: many exactly tied similarities per row, ranks must count ties as <=

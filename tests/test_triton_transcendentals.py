@@ -76,6 +76,9 @@ EXPECTED = {
     # log w; then one exp: the online LSE (forward) or the strip of G (backward)
     ("ssl_bayes_kernel", "fwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
     ("ssl_bayes_kernel", "bwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
+    # the 2-D grid (column ranges): the same per element
+    ("ssl_bayes_kernel", "fwd_split"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
+    ("ssl_bayes_kernel", "bwd_split"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
 }
 for _k in ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel"):  # one scale: one exp
     for _v in ("dcl", "mttv_low_self", "mttv_both", "mttv_low", "mttv_both_self"):

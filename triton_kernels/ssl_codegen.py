@@ -20,7 +20,7 @@ from . import codegen
 from .codegen import compile_report
 
 KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel")
-INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset", "top_step", "n_steps")
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset", "top_step", "n_steps", "n_per")
 
 # (name, constexpr overrides). Default: HEAVY (two scales + the "both" filter), MTTV_LOW_SELF (the one
 # that needed the 4-warp rule of ssl_ops.bwd_config) and BAYES (STRIP / G_STRIP); --full: every variant
@@ -53,7 +53,9 @@ def jobs(full: bool = False):
     for dt in (("fp32", "fp64") if full else ("fp32",)):
         for cc in (80, 90):
             for bwd in (False, True):
-                out.append(("ssl_bayes_kernel", "bayes", dt, cc, ("bwd" if bwd else "fwd", dict(BWD=bwd))))
+                for split in (False, True):  # SPLIT: the 2-D grid (column ranges) of few row blocks
+                    name = ("bwd" if bwd else "fwd") + ("_split" if split else "")
+                    out.append(("ssl_bayes_kernel", "bayes", dt, cc, (name, dict(BWD=bwd, SPLIT=split))))
     return out
 
 

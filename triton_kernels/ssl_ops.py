@@ -16,7 +16,8 @@ Bayesian weights (exact ranks): the anchors are processed in row blocks of ``row
 masked similarities, ``torch.sort`` sorts each row, and ``ssl_bayes_kernel`` finds every element's
 exact rank by binary lifting and accumulates the weighted LSE (forward) or writes the block's G
 strip (backward), which the dA/dC kernels then multiply (G_STRIP); the dC of the blocks is summed in
-order (deterministic).
+order (deterministic). With few row blocks the weighting pass runs on a 2-D grid (row blocks x column ranges,
+``ops.split_plan``), its forward partials merged in range order (``_merge_bayes_parts``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .configs import BlockConfig
 from . import support
-from .ops import _acc, _config, _precision, _upcast, interpreted, launch
+from .ops import _acc, _config, _precision, _upcast, interpreted, launch, split_plan
 from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_fwd_kernel
 
 #: elements of one Bayesian row block's strip (rows = BAYES_BLOCK_ELEMENTS // N, at least one kernel
@@ -89,6 +90,37 @@ def _bayes_cfg() -> BlockConfig:
     return BAYES_CONFIG_INTERPRET if interpreted() else BAYES_CONFIG
 
 
+def _merge_bayes_parts(part: Tensor, nset: Tensor) -> Tensor:
+    """LSE [bm] of a split weighting pass from its partials part [2, n_split, bm] (max m_k, Σ exp(x − m_k)),
+    merged in k order: M = max_k m_k over the non-empty parts, LSE = M + log Σ_k s_k e^{m_k − M} (−inf when
+    every part is empty, NaN for a poisoned row, nset < 0), as the kernel's own _lse_final."""
+    m, s = part[0], part[1]
+    live = s > 0
+    ninf = torch.full_like(m, float("-inf"))
+    big = torch.where(live, m, ninf).amax(0)
+    ref = torch.where(big > float("-inf"), big, torch.zeros_like(big))
+    tot = torch.where(live, s * torch.exp(torch.where(live, m, ref) - ref), torch.zeros_like(s)).sum(0)
+    lse = torch.where(tot > 0, ref + torch.log(tot), ninf[0])
+    return torch.where(nset < 0, torch.full_like(lse, float("nan")), lse)
+
+
+def _bayes_launch(bm: int, N: int, device: torch.device, bwd: bool, *args, lse_out: Tensor, nset: Tensor):
+    """ssl_bayes_kernel over a strip of bm rows: a 2-D grid (row blocks x column ranges, ops.split_plan) when
+    the row blocks alone cannot fill the GPU; the forward's partials then merged by _merge_bayes_parts."""
+    bc = _bayes_cfg()
+    n_split, n_per = split_plan(bm, N, bc.BLOCK_M, bc.BLOCK_N, device)
+    meta = dict(BWD=bwd, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+    rows = triton.cdiv(bm, bc.BLOCK_M)
+    if n_split == 1:
+        launch(ssl_bayes_kernel, (rows,), device, *args, **meta)
+        return
+    part = None if bwd else torch.empty(2, n_split, bm, dtype=lse_out.dtype, device=device)
+    launch(ssl_bayes_kernel, (rows, n_split), device, *args, PART=part if part is not None else lse_out,
+           n_per=n_per, SPLIT=True, **meta)
+    if not bwd:
+        lse_out.copy_(_merge_bayes_parts(part, nset))
+
+
 def _strip(A_blk, C, partner_blk, self_off, params, pos, pos_in, filter_mode, exclude_partner, include_self, cfg,
            prec, upcast):
     """The masked similarity strip V [rows, N] (+inf off the set), its row-sorted copy and the set sizes."""
@@ -139,7 +171,6 @@ def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         raise ValueError("triton ssl: the Bayesian weights are defined for one scale only")
     params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, acc)
     bparams = _bayes_params(float(scales[0]), bayes, acc)
-    bc = _bayes_cfg()
     top, steps = _lifting(N)
     rows = _bayes_rows(M, N)
     for r0 in range(0, M, rows):
@@ -148,9 +179,8 @@ def _fwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         V, srt, nset = _strip(A[r0:r1], C, partner[r0:r1], so, params, pos[r0:r1], pos_in[r0:r1], filter_mode,
                               exclude_partner, include_self, cfg, prec, upcast)
         bm = r1 - r0
-        launch(ssl_bayes_kernel, (triton.cdiv(bm, bc.BLOCK_M),), A.device,
-               V, srt, nset, partner[r0:r1], lse[0, r0:r1], lse, lse, V, bm, N, top, steps, *bparams,
-               BWD=False, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+        _bayes_launch(bm, N, A.device, False, V, srt, nset, partner[r0:r1], lse[0, r0:r1], lse, lse, V, bm, N, top,
+                      steps, *bparams, lse_out=lse[0, r0:r1], nset=nset)
     return lse, pos, pos_in
 
 
@@ -199,7 +229,6 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
     fcfg = _config(M, N, D, A.dtype, "ssl").fwd
     params = _params(inv_tau, float(scales[0]), 0.0, lower, upper, acc)
     bparams = _bayes_params(float(scales[0]), bayes, acc)
-    bc = _bayes_cfg()
     top, steps = _lifting(N)
     rows = _bayes_rows(M, N)
     dA = torch.zeros(M, D, dtype=acc, device=A.device)  # zero-initialised: chunked-D accumulation
@@ -214,9 +243,8 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
         V, srt, nset = _strip(A_blk, C, p_blk, so, params, scratch[0, :bm], scratch[1, :bm], filter_mode,
                               exclude_partner, include_self, fcfg, prec, upcast)
         G = torch.empty_like(V)
-        launch(ssl_bayes_kernel, (triton.cdiv(bm, bc.BLOCK_M),), A.device,
-               V, srt, nset, p_blk, lse[0, r0:r1], coef[0, r0:r1], cpos[r0:r1], G, bm, N, top, steps, *bparams,
-               BWD=True, BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, num_warps=bc.num_warps, num_stages=bc.num_stages)
+        _bayes_launch(bm, N, A.device, True, V, srt, nset, p_blk, lse[0, r0:r1], coef[0, r0:r1], cpos[r0:r1], G, bm,
+                      N, top, steps, *bparams, lse_out=lse[0, r0:r1], nset=nset)
         del V, srt
         _bwd_launch(ssl_bwd_da_kernel, (triton.cdiv(bm, cfg.BLOCK_M),), A_blk, C, p_blk, params, lse, coef, cpos, G,
                     dA[r0:r1], so, False, filter_mode, exclude_partner, include_self, True, cfg.BLOCK_M, cfg.BLOCK_N,

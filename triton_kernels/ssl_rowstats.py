@@ -177,16 +177,25 @@ def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
 @triton.jit
 def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, n_steps, p_c, p_bb, p_a4, p_b,
                      p_al, p_al1, p_h1, p_h2, p_hden, p_tm, p_tp,
-                     BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PART=None, n_per=0, SPLIT: tl.constexpr = False):
     """Strip rows [M, N]: V (s on the set, +inf elsewhere), SRT = V sorted along each row, NSET [M] set sizes
     (−1 for a poisoned row: its LSE is NaN).
 
     ``cnt_ij = #{q: SRT_iq <= V_ij}`` by binary lifting (steps top_step, top_step/2, .., 1; top_step = the
     largest power of two <= N, n_steps = log2(top_step) + 1): exact, ties counted as <=.
     Forward: LSE [M] = log Σ_set ω e^{c s}. BWD: G [M, N] = 1[set] coef c ω e^{c s − lse} + 1[partner] cpos.
+    2-D grid (SPLIT, few row blocks: ops.split_plan): program (i, k) sweeps the columns [k·n_per, (k+1)·n_per)
+    only; the forward then writes its partial (max, Σ exp(x − max)) to PART [2, n_split, M] (merged in k order
+    by the host, ssl_ops._merge_bayes_parts), the backward its columns of G.
     """
     ACC: tl.constexpr = V.dtype.element_ty
     pid = tl.program_id(0)
+    n_lo = 0
+    n_hi = N
+    if SPLIT:
+        n_lo = tl.program_id(1) * n_per
+        n_hi = tl.minimum(n_lo + n_per, N)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ri = rows.to(tl.int64)
@@ -213,9 +222,9 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
         kc = (coef * c)[:, None]
         cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
         part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < n_hi
         ci = cols.to(tl.int64)
         mk = rmask[:, None] & cmask[None, :]
         v = tl.load(V + roff + ci[None, :], mask=mk, other=INF)
@@ -238,7 +247,12 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
         else:
             m, acc = _lse_update(m, acc, x)
     if not BWD:
-        tl.store(LSE + ri, tl.where(poisoned, float("nan"), _lse_final(m, acc)), mask=rmask)
+        if SPLIT:
+            w = PART + tl.program_id(1).to(tl.int64) * M + ri
+            tl.store(w, m, mask=rmask)
+            tl.store(w + tl.num_programs(1).to(tl.int64) * M, acc, mask=rmask)
+        else:
+            tl.store(LSE + ri, tl.where(poisoned, float("nan"), _lse_final(m, acc)), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
