@@ -9,21 +9,10 @@ import pytest
 import torch
 
 import ltcl_fused as lf
-from ltcl_fused import ext
 from ltcl_fused.engine.contract import dense_backward, dense_forward
 
+from _cpp import built, coefs, op, random_bias, training_problem  # noqa: F401 (built: the autouse fixture)
 from _truth import assert_within, check
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    reason = ext.unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"the C++ extension does not build here: {reason}")
-
-
-def op():
-    return torch.ops.ltcl_fused
 
 
 def _problem(M, N, D, dtype, self_offset, n_cls=4, bias=False, seed=0, scale=1.0):
@@ -36,17 +25,8 @@ def _problem(M, N, D, dtype, self_offset, n_cls=4, bias=False, seed=0, scale=1.0
         k = min(M, N - self_offset)
         C[self_offset:self_offset + k] = A[:k]
         cl[self_offset:self_offset + k] = al[:k]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    bs = bo = None
-    if bias:
-        bs = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
-        bo = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+    bs, bo = random_bias(g, N, dtype, bias)
     return A, C, al, cl, bs, bo
-
-
-def _coefs(M, acc, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(M, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
 
 
 def _close(got, ref, rtol, atol, what):
@@ -88,7 +68,7 @@ def test_contract_forward_backward(M, N, D, dtype):
                   lambda A, C, bs, bo: dense_forward(A, C, al, cl, self_offset, it, bs, bo, gamma, focal),
                   [A, C, bs, bo], grad=False, what=what, names=names)
         lse, top, lrest = ref[0], ref[6], ref[7]
-        cpos, cposf, cneg, r, rt = _coefs(M, lse.dtype)
+        cpos, cposf, cneg, r, rt = coefs(M, lse.dtype)
         rd = dense_backward(A, C, al, cl, self_offset, it, bs, bo, gamma, focal, lse, top, lrest,
                             cpos, cposf, cneg, r, rt)
         gd = op().rowstats_bwd(*args, self_offset, it, gamma, focal, lse, top, lrest, cpos, cposf, cneg, r, rt)
@@ -132,7 +112,7 @@ def test_dominant_column_fp32():
         got, _ = check(lambda A, C: op().rowstats_fwd(A, C, al, cl, None, None, -1, 1.0, 2.0, True),
                        lambda A, C: dense_forward(A, C, al, cl, -1, 1.0, None, None, 2.0, True),
                        [A64.float(), C64.float()], grad=False, what=f"lead {lead}")
-        co = [t.float() for t in _coefs(5, torch.float64)]
+        co = [t.float() for t in coefs(5, torch.float64)]
         top = got[6]
         check(lambda A, C, lse, lrest, *co: op().rowstats_bwd(A, C, al, cl, None, None, -1, 1.0, 2.0, True,
                                                               lse, top, lrest, *co),
@@ -242,7 +222,7 @@ def test_one_and_two_threads_bit_identical():
     old = torch.get_num_threads()
     # several row blocks and several backward super-blocks, with non-multiple sizes
     A, C, al, cl, bs, bo = _problem(600, 700, 130, torch.float32, 0, n_cls=7, bias=True)
-    co = _coefs(600, torch.float32)
+    co = coefs(600, torch.float32)
     res = []
     try:
         for nt in (1, 2):
@@ -267,17 +247,13 @@ def test_opcheck():
         C.requires_grad_(True)
         torch.library.opcheck(op().rowstats_fwd.default, (A, C, al, cl, bs, bo, 2, 2.0, 1.5, focal))
         st = op().rowstats_fwd(A.detach(), C.detach(), al, cl, bs, bo, 2, 2.0, 1.5, focal)
-        co = _coefs(9, torch.float64)
+        co = coefs(9, torch.float64)
         torch.library.opcheck(op().rowstats_bwd.default,
                               (A.detach(), C.detach(), al, cl, bs, bo, 2, 2.0, 1.5, focal, st[0], st[6], st[7], *co))
 
 
 def test_torch_compile_fullgraph_training_step():
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(32, 2, 16, generator=g)
-    y = torch.randint(0, 4, (32,), generator=g)
-    lin = torch.nn.Linear(16, 16)
+    x, y, lin = training_problem(32)
 
     def step(x, y):
         z = torch.nn.functional.normalize(lin(x), dim=-1)

@@ -11,22 +11,11 @@ import pytest
 import torch
 
 import ltcl_fused as lf
-from ltcl_fused import ext
 from ltcl_fused.backends.cpp_engine import CPUEngine
 from ltcl_fused.engine.contract import dense_backward, dense_forward
 
+from _cpp import acc_dtype, built, coefs, op, random_bias, training_problem  # noqa: F401 (built: the autouse fixture)
 from _truth import check
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    reason = ext.unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"the C++ extension does not build here: {reason}")
-
-
-def op():
-    return torch.ops.ltcl_fused
 
 
 NAMES = ["lse", "pos_sum", "fpos", "fneg", "upos", "uneg", "top", "lrest"]
@@ -40,17 +29,8 @@ def _problem(N, D, dtype, n_cls=4, bias=False, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     X = (torch.randn(N, D, generator=g, dtype=torch.float64) * scale).to(dtype)
     lab = torch.randint(0, n_cls, (N,), generator=g)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    bs = bo = None
-    if bias:
-        bs = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
-        bo = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+    bs, bo = random_bias(g, N, dtype, bias)
     return X, lab, bs, bo
-
-
-def _coefs(N, acc, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(N, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
 
 
 def _sym_fwd(X, lab, bs, bo, it, gamma, focal):
@@ -100,7 +80,7 @@ def test_symmetric_contract(N, dtype, block, monkeypatch):
                   lambda X, bs, bo: dense_forward(X, X, lab, lab, 0, it, bs, bo, gamma, focal),
                   [X, bs, bo], grad=False, what=what, names=NAMES)
         lse, top, lrest = ref[0], ref[6], ref[7]
-        co = _coefs(N, lse.dtype)
+        co = coefs(N, lse.dtype)
         if dtype == torch.float64:
             _close(_sym_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co),
                    _dense_bwd(X, lab, bs, bo, it, gamma, focal, lse, top, lrest, *co), f"{what} dX")
@@ -116,7 +96,7 @@ def test_symmetric_matches_general_path(monkeypatch):
     monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
     monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")
     X, lab, bs, bo = _problem(150, 9, torch.float64, n_cls=6, bias=True, seed=3)
-    co = _coefs(150, torch.float64)
+    co = coefs(150, torch.float64)
     for b, (focal, gamma) in itertools.product([(None, None), (bs, bo)], [(False, 0.0), (True, 2.0), (True, 0.7)]):
         sym = _sym_fwd(X, lab, *b, 2.0, gamma, focal)
         gen = op().rowstats_fwd(X, X, lab, lab, *b, 0, 2.0, gamma, focal)
@@ -175,7 +155,7 @@ def test_symmetric_focal_forward_modes(mode, dtype, data, monkeypatch):
         it = 12.0
     X = X.to(dtype)
     bias = dtype == torch.float64
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     bs = torch.randn(N, generator=g, dtype=torch.float64).mul(0.1).to(acc) if bias else None
     bo = torch.randn(N, generator=g, dtype=torch.float64).mul(0.1).to(acc) if bias else None
     pmax = _negative_p_max(X, lab, it, bs, bo)
@@ -353,7 +333,7 @@ def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
     monkeypatch.setenv("LTCL_CPU_SYM_FOCAL_FWD", "1")
     old = torch.get_num_threads()
     X, lab, bs, bo = _problem(650, 130, torch.float32, n_cls=7, bias=True)
-    co = _coefs(650, torch.float32)
+    co = coefs(650, torch.float32)
     res = {}
     try:
         for nt in (1, 2):
@@ -371,11 +351,7 @@ def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
 
 
 def test_torch_compile_fullgraph_symmetric():
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, 2, 16, generator=g)
-    y = torch.randint(0, 4, (24,), generator=g)
-    lin = torch.nn.Linear(16, 16)
+    x, y, lin = training_problem(24)
     codes = []
 
     def backend(gm, inputs):  # records the captured graphs, then runs them through aot_eager

@@ -8,32 +8,17 @@ tensor cores in the 16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90), 
 element (``tests/test_triton_transcendentals.py``). Also: the
 ``triton_ssl_fwd`` / ``triton_ssl_bwd`` triton_ops trace under fake tensors (unit and Bayesian weights).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from _hang import HANG_GUARD_S
+from _codegen import SCRIPT_HEAD, by_job, check_compiled, check_fake_trace, load_triton_kernels, run_compile_script
 from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
-pytest.importorskip("triton")
-
-from ltcl_fused.backends import get_engine  # noqa: E402
-
-get_engine("triton").unavailable_reason("cpu")  # loads ltcl_fused.triton_kernels from a source checkout too
+load_triton_kernels()
 from ltcl_fused.triton_kernels import ssl_codegen  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 JOBS = ssl_codegen.jobs(full=False)
 
-_SCRIPT = r"""
-import json, torch
-from ltcl_fused.backends.triton_engine import _load_kernels
-ops = _load_kernels()
-assert not ops.interpreted()
+_SCRIPT = SCRIPT_HEAD + r"""
 from ltcl_fused.triton_kernels import ssl_codegen, ssl_ops
 out = {"results": ssl_codegen.run(n_jobs=2)}
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -54,14 +39,8 @@ print("@@JSON@@" + json.dumps(out))
 
 @pytest.fixture(scope="session")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    out = json.loads(p.stdout.split("@@JSON@@", 1)[1])
-    return {(r["kernel"], r["config"], r["dtype"], r["cc"], r["variant"]): r for r in out["results"]}, out
+    out = run_compile_script(_SCRIPT, fp_fusion=True)
+    return by_job(out["results"]), out
 
 
 def test_every_shipped_config_is_covered():
@@ -74,22 +53,8 @@ def test_every_shipped_config_is_covered():
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('ssl_', '')}-{j[4][0]}")
 def test_codegen(compiled, job):
-    res, _ = compiled
-    k, cfg, dt, cc, var = job
-    r = res[(k, cfg, dt, cc, var[0])]
-    assert "error" not in r, r.get("error")
-    assert r["shared"] <= r["shared_limit"], f"shared memory {r['shared']} B > {r['shared_limit']} B"
-    assert r["stack"] == 0 and r["local"] == 0, f"register spills: STACK={r['stack']} LOCAL={r['local']} REG={r['reg']}"
-    if dt in ("bf16", "fp16"):
-        assert r["mma_sync"] if cc == 80 else r["wgmma"], "no tensor-core instructions in the PTX"
-    # transcendentals per tile element: the hand-written table of tests/test_triton_transcendentals.py
-    assert r["tile_transcendental_ops"] == TRANSCENDENTALS[(k, var[0])]
+    check_compiled(compiled[0], job, TRANSCENDENTALS)
 
 
 def test_triton_ops_trace_under_fake_tensors(compiled):
-    got = compiled[1]["fake_trace"]
-    if isinstance(got, str) and "active drivers" in got:
-        from ltcl_fused.triton_kernels import support
-        if support.triton_version()[:2] < (3, 4):
-            pytest.skip(f"Triton {support.triton_version()}: torch's wrap_triton tracing needs a GPU driver ({got})")
-    assert got is True
+    check_fake_trace(compiled[1]["fake_trace"])

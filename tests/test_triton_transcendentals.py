@@ -13,24 +13,13 @@ Before issue 12 the focal kernels evaluated log1mexp(log p) with both of its bra
 the dominant column's formulas on the whole tile: forward 9 (4 exp, 3 log, 2 div; 8 at γ = 0), dA / dC 9 each
 (4 exp, 3 log, 2 div; 8 at γ = 0). Now: forward 5 (pass 2: 4; γ = 0: 4), dA / dC 4 each (γ = 0: 2).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from _hang import HANG_GUARD_S
+from _codegen import SCRIPT_HEAD, load_triton_kernels, run_compile_script
 
-pytest.importorskip("triton")
-
-from ltcl_fused.backends import get_engine  # noqa: E402
-
-get_engine("triton").unavailable_reason("cpu")
+load_triton_kernels()
 from ltcl_fused.triton_kernels import codegen, ssl_codegen  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 #: (kernel, variant) -> {TTIR op: count} per tile element, from the formulas.
 EXPECTED = {
@@ -89,11 +78,7 @@ def expected(kernel, variant):
     return EXPECTED[(kernel, variant)]
 
 
-_SCRIPT = r"""
-import json
-from ltcl_fused.backends.triton_engine import _load_kernels
-ops = _load_kernels()
-assert not ops.interpreted()
+_SCRIPT = SCRIPT_HEAD + r"""
 from ltcl_fused.triton_kernels import codegen, ssl_codegen
 rs = [j for j in codegen.jobs(full=True) if j[1:4] in (("f_large", "fp32", 80), ("merge", "fp32", 80))]
 ss = [j for j in ssl_codegen.jobs(full=True) if j[1:4] in (("f_large", "fp32", 80), ("bayes", "fp32", 80))]
@@ -105,13 +90,7 @@ print("@@JSON@@" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def counted():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return {(r["kernel"], r["variant"]): r for r in json.loads(p.stdout.split("@@JSON@@", 1)[1])}
+    return {(r["kernel"], r["variant"]): r for r in run_compile_script(_SCRIPT, fp_fusion=True)}
 
 
 def test_table_covers_every_variant():

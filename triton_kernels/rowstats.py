@@ -165,6 +165,48 @@ def _scale_rows(OUT, oi, omask, D, scale, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _block(start, BLOCK: tl.constexpr, n):
+    """The indices [start, start + BLOCK) of a tile: (idx, idx < n, idx as int64)."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < n, idx.to(tl.int64)
+
+
+@triton.jit
+def _program_block(n, p_inv_tau, p_gamma, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The BLOCK rows (or columns) owned by this program, ``_block`` of program_id(0), and the kernel's float
+    parameters: (idx, mask, idx int64, inv_tau, gamma)."""
+    idx, mask, i64 = _block(tl.program_id(0) * BLOCK, BLOCK, n)
+    return idx, mask, i64, _param(p_inv_tau, ACC), _param(p_gamma, ACC)
+
+
+@triton.jit
+def _load_rows(X, xi, xmask, stride_x, D, BLOCK_D: tl.constexpr):
+    """The rows ``xi`` of X as one [rows, BLOCK_D] register tile (SINGLE_D: the program's resident operand)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(X + xi[:, None] * stride_x + offs_d[None, :], mask=xmask[:, None] & (offs_d[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
+def _bias_pair(BS, BO, idx, mask, AX: tl.constexpr):
+    """(bias_same, bias_other) of the columns ``idx`` as vectors expanded along axis AX (0: a row [1, n] of a
+    [rows, columns] tile; 1: a column [n, 1] of a transposed one)."""
+    bs = tl.load(BS + idx, mask=mask, other=0.0)
+    bo = tl.load(BO + idx, mask=mask, other=0.0)
+    return tl.expand_dims(bs, AX), tl.expand_dims(bo, AX)
+
+
+@triton.jit
+def _write_rows(OUT, oi, omask, acc, scale, D, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """The backward's last step on the rows ``oi`` of OUT: ``scale · acc`` stored from registers (SINGLE_D) or the
+    workspace scaled in place."""
+    if SINGLE_D:
+        _store_rows(OUT, oi, omask, acc * scale, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, oi, omask, D, scale, BLOCK_D)
+
+
+@triton.jit
 def _s_tile(X, Y, xi, yi, xmask, ymask, D, stride_x, stride_y, x_res, ACC: tl.constexpr,
             BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
             PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -332,9 +374,7 @@ def _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
     top = tl.full([BLOCK_M], -1, tl.int32)
     psum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n_hi
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _block(n0, BLOCK_N, n_hi)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
@@ -342,9 +382,8 @@ def _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
                                  clab[None, :], self_offset)
         psum += tl.sum(tl.where(pos, s, 0.0), 1)
         if HAS_BIAS:
-            bs = tl.load(BS + ci, mask=cmask, other=0.0)
-            bo = tl.load(BO + ci, mask=cmask, other=0.0)
-            s = s + tl.where(pos, bs[None, :], bo[None, :])
+            bs, bo = _bias_pair(BS, BO, ci, cmask, 0)
+            s = s + tl.where(pos, bs, bo)
         x = tl.where(valid, s, float("-inf"))
         # the tile's max and first argmax as one pair (tm = x at tj even when a NaN is present)
         tm, tj = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -374,18 +413,15 @@ def _fwd_sweep2(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
     upos = tl.zeros([BLOCK_M], ACC)
     uneg = tl.zeros([BLOCK_M], ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n_hi
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _block(n0, BLOCK_N, n_hi)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N,
                     BLOCK_D, SINGLE_D, PREC, UPCAST) * inv_tau
         valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab[:, None],
                                  clab[None, :], self_offset)
         if HAS_BIAS:
-            bs = tl.load(BS + ci, mask=cmask, other=0.0)
-            bo = tl.load(BO + ci, mask=cmask, other=0.0)
-            s = s + tl.where(pos, bs[None, :], bo[None, :])
+            bs, bo = _bias_pair(BS, BO, ci, cmask, 0)
+            s = s + tl.where(pos, bs, bo)
         is_top = valid & (cols[None, :] == top[:, None])
         logp = tl.where(valid & (is_top == 0), s - lse_safe, -1.0)
         fp, fn, up, un = _focal_tile(logp, tl.exp(logp), gamma, GAMMA_ZERO)
@@ -413,18 +449,11 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UN
                         SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False,
                         WS=None, WTOP=None, n_per=0, PASS: tl.constexpr = 0):
     ACC: tl.constexpr = LSE.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
+    rows, rmask, ri, inv_tau, gamma = _program_block(M, p_inv_tau, p_gamma, ACC, BLOCK_M)
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)
     a_res = None
     if SINGLE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+        a_res = _load_rows(A, ri, rmask, stride_a, D, BLOCK_D)
     if PASS == 0:
         m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, 0, N, D, stride_a,
                                              stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M, BLOCK_N,
@@ -537,34 +566,24 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
+    rows, rmask, ri, inv_tau, gamma = _program_block(M, p_inv_tau, p_gamma, ACC, BLOCK_M)
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)[:, None]
     lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt = _bwd_row_stats(
         LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
-    offs_d = tl.arange(0, BLOCK_D)
     a_res = None
     acc = None
     if SINGLE_D:
-        a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+        a_res = _load_rows(A, ri, rmask, stride_a, D, BLOCK_D)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _block(n0, BLOCK_N, N)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)[None, :]
         s = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
         valid, pos, neg = _masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], alab, clab,
                                  self_offset)
         if HAS_BIAS:
-            bs = tl.load(BS + ci, mask=cmask, other=0.0)[None, :]
-            bo = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
+            bs, bo = _bias_pair(BS, BO, ci, cmask, 0)
             s = s + tl.where(pos, bs, bo)
         g = _grad_tile_stats(s, valid, pos, neg, cols[None, :], lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos,
                              cposf, cneg, r, rt, gamma, 1, FOCAL, GAMMA_ZERO)
@@ -572,10 +591,7 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
             acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
             _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
-    if SINGLE_D:
-        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)
+    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,29 +606,19 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    ci = cols.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
+    cols, cmask, ci, inv_tau, gamma = _program_block(N, p_inv_tau, p_gamma, ACC, BLOCK_N)
     clab = tl.load(CLAB + ci, mask=cmask, other=-1)[:, None]
     bs = inv_tau
     bo = inv_tau
     if HAS_BIAS:
-        bs = tl.load(BS + ci, mask=cmask, other=0.0)[:, None]
-        bo = tl.load(BO + ci, mask=cmask, other=0.0)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)
+        bs, bo = _bias_pair(BS, BO, ci, cmask, 1)
     c_res = None
     acc = None
     if SINGLE_D:
-        c_res = tl.load(C + ci[:, None] * stride_c + offs_d[None, :], mask=cmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+        c_res = _load_rows(C, ci, cmask, stride_c, D, BLOCK_D)
         acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        ri = rows.to(tl.int64)
+        rows, rmask, ri = _block(m0, BLOCK_M, M)
         alab = tl.load(ALAB + ri, mask=rmask, other=-1)[None, :]
         lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt = _bwd_row_stats(
             LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
@@ -629,10 +635,7 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
             acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
             _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
-    if SINGLE_D:
-        _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, ci, cmask, D, inv_tau, BLOCK_D)
+    _write_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,31 +653,21 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    gamma = _param(p_gamma, ACC)
+    rows, rmask, ri, inv_tau, gamma = _program_block(N, p_inv_tau, p_gamma, ACC, BLOCK_M)
     alab = tl.load(LAB + ri, mask=rmask, other=-1)[:, None]
     lse_i, top_i, lrest_i, rest_i, gtp_i, gtn_i, cpos_i, cposf_i, cneg_i, r_i, rt_i = _bwd_row_stats(
         LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
     bs_i = inv_tau
     bo_i = inv_tau
     if HAS_BIAS:
-        bs_i = tl.load(BS + ri, mask=rmask, other=0.0)[:, None]
-        bo_i = tl.load(BO + ri, mask=rmask, other=0.0)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)
+        bs_i, bo_i = _bias_pair(BS, BO, ri, rmask, 1)
     x_res = None
     acc = None
     if SINGLE_D:
-        x_res = tl.load(X + ri[:, None] * stride_x + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+        x_res = _load_rows(X, ri, rmask, stride_x, D, BLOCK_D)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _block(n0, BLOCK_N, N)
         clab = tl.load(LAB + ci, mask=cmask, other=-1)[None, :]
         s = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST) * inv_tau
@@ -685,8 +678,7 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
         x_ij = s
         x_ji = s
         if HAS_BIAS:
-            bs_j = tl.load(BS + ci, mask=cmask, other=0.0)[None, :]
-            bo_j = tl.load(BO + ci, mask=cmask, other=0.0)[None, :]
+            bs_j, bo_j = _bias_pair(BS, BO, ci, cmask, 0)
             x_ij = s + tl.where(pos, bs_j, bo_j)
             x_ji = s + tl.where(pos, bs_i, bo_i)
         g = _grad_tile_stats(x_ij, valid, pos, neg, cols[None, :], lse_i, top_i, lrest_i, rest_i, gtp_i, gtn_i,
@@ -699,7 +691,4 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
             acc = _gy_registers(g, X, ci, cmask, stride_x, acc, D, ACC, BLOCK_D, PREC, UPCAST)
         else:
             _gy_workspace(g, X, ci, cmask, stride_x, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
-    if SINGLE_D:
-        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)
+    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)

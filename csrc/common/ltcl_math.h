@@ -185,28 +185,6 @@ LTCL_HD void focal_pos_offtop(T logp, T p, T gamma, T* f, T* u) {
   *u = -w * (T(1) + gamma * rho);
 }
 
-// grad_element for a column off the dominant one from log p alone (log(1 - p) is not needed: p <= 1/2):
-// one exp, a second one only for the dominant negative's share (rt != 0). Same formula as grad_element.
-template <typename T>
-LTCL_HD T grad_element_offtop(T logp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r,
-                              T rt) {
-  const T p = f_exp(logp);
-  T g = -r * p;
-  if (!focal) return is_pos ? g + cpos : g;
-  if (rt != T(0)) g -= rt * f_exp(logp - lrest);
-  if (is_pos) {
-    g += cpos;
-    if (cposf != T(0)) {
-      T f, u;
-      focal_pos_offtop(logp, p, gamma, &f, &u);
-      g += cposf * u;
-    }
-  } else if (cneg != T(0)) {
-    g += cneg * (p / (T(1) - p));
-  }
-  return g;
-}
-
 // Negative-pair terms: f-(q) = -log(1-q), u-(q) = q f-'(q) = q / (1-q).
 template <typename T>
 LTCL_HD void focal_neg(T logp, T log1mp, T* f, T* u) {
@@ -218,9 +196,11 @@ LTCL_HD void focal_neg(T logp, T log1mp, T* f, T* u) {
 //   1[P] (cpos + cposf u+) + 1[N] cneg u- - r p - rt p / rest,
 // the dominant negative's share rt p / rest = rt exp(log p - lrest) (<= rt: log p - lrest <= 0 off the
 // top column, so it never overflows when rest underflows). A zero coefficient contributes exactly 0.
-template <typename T>
-LTCL_HD T grad_element(T logp, T log1mp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r,
-                       T rt) {
+// OFFTOP: u+ by focal_pos_offtop from p alone (log1mp is not read: pass anything); otherwise by focal_pos
+// from log1mp. Either way one exp, a second one only for the dominant negative's share (rt != 0).
+template <bool OFFTOP, typename T>
+LTCL_HD T grad_element_from(T logp, T log1mp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg,
+                            T r, T rt) {
   const T p = f_exp(logp);
   T g = -r * p;
   if (!focal) return is_pos ? g + cpos : g;
@@ -229,13 +209,30 @@ LTCL_HD T grad_element(T logp, T log1mp, T lrest, bool is_pos, bool focal, T gam
     g += cpos;
     if (cposf != T(0)) {
       T f, u;
-      focal_pos(logp, log1mp, false, lrest, gamma, &f, &u);
+      if (OFFTOP) {
+        focal_pos_offtop(logp, p, gamma, &f, &u);
+      } else {
+        focal_pos(logp, log1mp, false, lrest, gamma, &f, &u);
+      }
       g += cposf * u;
     }
   } else if (cneg != T(0)) {
     g += cneg * (p / (T(1) - p));  // u- = p / (1 - p), p <= 1/2 here
   }
   return g;
+}
+
+template <typename T>
+LTCL_HD T grad_element(T logp, T log1mp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r,
+                       T rt) {
+  return grad_element_from<false>(logp, log1mp, lrest, is_pos, focal, gamma, cpos, cposf, cneg, r, rt);
+}
+
+// grad_element for a column off the dominant one from log p alone (log(1 - p) is not needed: p <= 1/2).
+template <typename T>
+LTCL_HD T grad_element_offtop(T logp, T lrest, bool is_pos, bool focal, T gamma, T cpos, T cposf, T cneg, T r,
+                              T rt) {
+  return grad_element_from<true>(logp, T(0), lrest, is_pos, focal, gamma, cpos, cposf, cneg, r, rt);
 }
 
 // G at the dominant column (logp, log1mp from lrest): 1[P] (cpos + cposf u+) + 1[N] cneg p - r p.

@@ -180,6 +180,23 @@ static inline Vectorized<T> neg_u(const Vectorized<T>& pn) {
   return u * pn;
 }
 
+// The row's dominant column's own focal terms, from lrest (p and 1 - p as the contract's row_logp gives them
+// there): a positive adds f+ and u+ to (fp, up); a negative adds its f- to fn, its u- not (uneg leaves the top
+// out, the backward's rt carries it). Shared by the general forward and the symmetric merge.
+template <typename T>
+static inline void add_top_focal(T lrest, bool is_pos, T gamma, T* fp, T* up, T* fn) {
+  T lp, l1, f, u;
+  cm::elem_logp<T>(T(0), T(0), true, lrest, &lp, &l1);  // the top branch reads lrest only
+  if (is_pos) {
+    cm::focal_pos<T>(lp, l1, true, lrest, gamma, &f, &u);
+    *fp += f;
+    *up += u;
+  } else {
+    cm::focal_neg<T>(lp, l1, &f, &u);
+    *fn += f;
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 struct FwdOut {
@@ -289,24 +306,21 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
   if (!P.focal) return;
 
   // pass C, positives (a short list per row)
-  T fp = T(0), up = T(0);
+  T fp = T(0), up = T(0), fn = T(0), un = T(0);
   for (int64_t k = 0; k < np; ++k) {
     const int64_t j = pl[k];
     if (j == self) continue;
-    T f, u;
     if (j == top) {
-      T lp, l1;
-      cm::elem_logp<T>(x[j], lse, true, lrest, &lp, &l1);
-      cm::focal_pos<T>(lp, l1, true, lrest, P.gamma, &f, &u);
-    } else {
-      const T lp = x[j] - lse;
-      cm::focal_pos_offtop<T>(lp, std::exp(lp), P.gamma, &f, &u);
+      add_top_focal<T>(lrest, true, P.gamma, &fp, &up, &fn);
+      continue;
     }
+    const T lp = x[j] - lse;
+    T f, u;
+    cm::focal_pos_offtop<T>(lp, std::exp(lp), P.gamma, &f, &u);
     fp += f;
     up += u;
   }
   // pass C, negatives other than top (p <= 1/2): f- = -log1p(-p), u- = p / (1 - p), p = e exp(m2 - lse)
-  T fn = T(0), un = T(0);
   if (m2 > ninf) {
     const Vec vis(std::exp(m2 - lse)), zero(T(0));
     Vec fa(T(0)), ua(T(0));
@@ -317,12 +331,7 @@ static void forward_row(const Problem<T>& P, int64_t i, T* x, T* e, const FwdOut
     fn = hsum(fa);
     un = hsum(ua);
   }
-  if (P.ix->cid[top] != aid) {  // the dominant column is a negative: its f- counts, its u- does not
-    T lp, l1, f, u;
-    cm::elem_logp<T>(m, lse, true, lrest, &lp, &l1);
-    cm::focal_neg<T>(lp, l1, &f, &u);
-    fn += f;
-  }
+  if (P.ix->cid[top] != aid) add_top_focal<T>(lrest, false, P.gamma, &fp, &up, &fn);  // a negative: its f- only
   static_cast<T*>(o.fpos)[i] = fp;
   static_cast<T*>(o.upos)[i] = up;
   static_cast<T*>(o.fneg)[i] = fn;
@@ -751,16 +760,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
           un += S.un[sl];
         }
       }
-      T lp, l1, f, u;
-      cm::elem_logp<T>(T(0), lse, true, lrest, &lp, &l1);  // the dominant column: from lrest
-      if (P.ix->cid[top] == aid) {
-        cm::focal_pos<T>(lp, l1, true, lrest, P.gamma, &f, &u);
-        fp += f;
-        up += u;
-      } else {  // its f- counts, its u- does not
-        cm::focal_neg<T>(lp, l1, &f, &u);
-        fn += f;
-      }
+      add_top_focal<T>(lrest, P.ix->cid[top] == aid, P.gamma, &fp, &up, &fn);  // the dominant column
       static_cast<T*>(o.fpos)[i] = fp;
       static_cast<T*>(o.upos)[i] = up;
       static_cast<T*>(o.fneg)[i] = fn;

@@ -1,0 +1,50 @@
+"""Shared pieces of the C++ CPU engine tests (test_cpp_engine.py, test_symmetric_cpu.py): the extension
+fixture, the op namespace and the random problem parts both draw (same generator calls, same order)."""
+import pytest
+import torch
+
+from ltcl_fused import ext
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Module-wide: fails (not skips) the module's tests when the C++ extension does not build here. A test
+    module imports it by name (``from _cpp import built``) for pytest to find it."""
+    reason = ext.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the C++ extension does not build here: {reason}")
+
+
+def op():
+    return torch.ops.ltcl_fused
+
+
+def acc_dtype(dtype):
+    """The accumulation dtype of the engine for input dtype ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def random_bias(g, N, dtype, bias):
+    """(bias_same, bias_other) [N] in the accumulation dtype, drawn from ``g`` (None, None without bias)."""
+    if not bias:
+        return None, None
+    acc = acc_dtype(dtype)
+    bs = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+    bo = torch.randn(N, generator=g, dtype=torch.float64).to(acc)
+    return bs, bo
+
+
+def coefs(M, acc, seed=1):
+    """The five backward coefficients (cpos, cposf, cneg, r, rt) [M] in dtype ``acc``, fixed by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(M, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
+
+
+def training_problem(n):
+    """A fresh dynamo and a small training step's inputs: x [n, 2, 16] (two views) and labels [n] in 4 classes
+    from a fixed generator, and a Linear(16, 16) (torch's global generator)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 2, 16, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return x, y, torch.nn.Linear(16, 16)
