@@ -1,4 +1,4 @@
-"""Shared pieces of the C++ CPU engine tests (test_cpp_engine.py, test_symmetric_cpu.py): the extension
+"""Shared pieces of the C++ CPU engine tests (test_cpp_engine.py, test_symmetric_cpu*.py): the extension
 fixture, the op namespace and the random problem parts both draw (same generator calls, same order)."""
 import pytest
 import torch
@@ -48,3 +48,23 @@ def training_problem(n):
     x = torch.randn(n, 2, 16, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
     return x, y, torch.nn.Linear(16, 16)
+
+
+def spy_symmetric(monkeypatch, engine_cls, op_name):
+    """Records the calls of ``engine_cls.<op_name>_forward`` / ``_backward``: ("fwd", symmetric) and ("bwd",
+    symmetric, whether the second gradient came back None, as the symmetric path returns it)."""
+    calls = []
+    orig_f, orig_b = getattr(engine_cls, op_name + "_forward"), getattr(engine_cls, op_name + "_backward")
+
+    def fwd(self, *a, **k):
+        calls.append(("fwd", k.get("symmetric", False)))
+        return orig_f(self, *a, **k)
+
+    def bwd(self, *a, **k):
+        out = orig_b(self, *a, **k)
+        calls.append(("bwd", k.get("symmetric", False), out[1] is None))
+        return out
+
+    monkeypatch.setattr(engine_cls, op_name + "_forward", fwd)
+    monkeypatch.setattr(engine_cls, op_name + "_backward", bwd)
+    return calls

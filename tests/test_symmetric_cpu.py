@@ -14,7 +14,7 @@ import ltcl_fused as lf
 from ltcl_fused.backends.cpp_engine import CPUEngine
 from ltcl_fused.engine.contract import dense_backward, dense_forward
 
-from _cpp import acc_dtype, built, coefs, op, random_bias, training_problem  # noqa: F401 (built: the autouse fixture)
+from _cpp import acc_dtype, built, coefs, op, random_bias, spy_symmetric, training_problem  # noqa: F401 (built: the autouse fixture)
 from _truth import check
 
 
@@ -210,26 +210,8 @@ def test_symmetric_op_checks_its_inputs():
 
 # ------------------------------------------------------------------ losses: the path is taken, and right
 
-def _spy(monkeypatch):
-    calls = []
-    orig_f, orig_b = CPUEngine.rowstats_forward, CPUEngine.rowstats_backward
-
-    def fwd(self, *a, **k):
-        calls.append(("fwd", k.get("symmetric", False)))
-        return orig_f(self, *a, **k)
-
-    def bwd(self, *a, **k):
-        out = orig_b(self, *a, **k)
-        calls.append(("bwd", k.get("symmetric", False), out[1] is None))
-        return out
-
-    monkeypatch.setattr(CPUEngine, "rowstats_forward", fwd)
-    monkeypatch.setattr(CPUEngine, "rowstats_backward", bwd)
-    return calls
-
-
 def test_losses_take_the_symmetric_path_only_when_c_is_a(monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = spy_symmetric(monkeypatch, CPUEngine, "rowstats")
     g = torch.Generator().manual_seed(2)
     x = torch.randn(12, 2, 8, generator=g, requires_grad=True)
     y = torch.randint(0, 3, (12,), generator=g)

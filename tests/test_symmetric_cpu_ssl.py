@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import ltcl_fused as lf
-from ltcl_fused import ext
 from ltcl_fused.backends import get_engine
 from ltcl_fused.backends.cpp_engine import CPUEngine
 from ltcl_fused.engine.ssl_contract import SSLConfig, dense_backward, dense_forward
 
+from _cpp import built, spy_symmetric  # noqa: F401 (built: the autouse fixture)
 from _truth import check
 
 F64, F32 = torch.float64, torch.float32
@@ -32,13 +32,6 @@ CONFIGS = {
     "mttv-low-self": SSLConfig(exclude_partner=False, include_self=True, filter="low", lower=0.2),
 }
 NAMES = ("lse", "pos", "pos_in")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    reason = ext.unavailable_reason()
-    if reason is not None:
-        pytest.fail(f"the C++ extension does not build here: {reason}")
 
 
 def eng():
@@ -180,24 +173,6 @@ def test_symmetric_ssl_op_checks_its_inputs():
 
 # ------------------------------------------------------------------ losses: the path is taken, and right
 
-def _spy(monkeypatch):
-    calls = []
-    orig_f, orig_b = CPUEngine.ssl_forward, CPUEngine.ssl_backward
-
-    def fwd(self, *a, **k):
-        calls.append(("fwd", k.get("symmetric", False)))
-        return orig_f(self, *a, **k)
-
-    def bwd(self, *a, **k):
-        out = orig_b(self, *a, **k)
-        calls.append(("bwd", k.get("symmetric", False), out[1] is None))
-        return out
-
-    monkeypatch.setattr(CPUEngine, "ssl_forward", fwd)
-    monkeypatch.setattr(CPUEngine, "ssl_backward", bwd)
-    return calls
-
-
 LOSSES = [
     ("dcl", lambda z1, z2, E, b: lf.dcl(z1, z2, backend=b)),
     ("dcl_biased_sum", lambda z1, z2, E, b: lf.dcl(z1, z2, debiased=False, reduction="sum", backend=b)),
@@ -209,7 +184,7 @@ LOSSES = [
 
 
 def test_losses_take_the_symmetric_path(monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = spy_symmetric(monkeypatch, CPUEngine, "ssl")
     g = torch.Generator().manual_seed(2)
     z1, z2, E = (torch.randn(n, 8, generator=g).requires_grad_(True) for n in (12, 12, 24))
     for name, fn in LOSSES:
