@@ -10,15 +10,9 @@ spills (``cuobjdump -res-usage``: LOCAL and STACK are 0), tensor-core instructio
 each kernel (bias + focal pass + γ ≠ 0) and the γ = 0 forward;
 ``python -m ltcl_fused.triton_kernels.codegen --full`` adds the others, fp64 and TF32.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from _hang import HANG_GUARD_S
+from _triton_env import run_compile_script
 from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
 pytest.importorskip("triton")
@@ -28,7 +22,6 @@ from ltcl_fused.backends import get_engine  # noqa: E402
 get_engine("triton").unavailable_reason("cpu")  # loads ltcl_fused.triton_kernels from a source checkout too
 from ltcl_fused.triton_kernels import codegen  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 JOBS = codegen.jobs(full=False)
 
 _SCRIPT = r"""
@@ -56,12 +49,7 @@ print("@@JSON@@" + json.dumps(out))
 
 @pytest.fixture(scope="session")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    out = json.loads(p.stdout.split("@@JSON@@", 1)[1])
+    out = run_compile_script(_SCRIPT)
     return {(r["kernel"], r["config"], r["dtype"], r["cc"], r["variant"]): r for r in out["results"]}, out
 
 

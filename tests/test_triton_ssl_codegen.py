@@ -8,15 +8,9 @@ tensor cores in the 16-bit kernels (``mma.sync`` on sm_80, ``wgmma`` on sm_90), 
 element (``tests/test_triton_transcendentals.py``). Also: the
 ``triton_ssl_fwd`` / ``triton_ssl_bwd`` triton_ops trace under fake tensors (unit and Bayesian weights).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from _hang import HANG_GUARD_S
+from _triton_env import run_compile_script
 from test_triton_transcendentals import EXPECTED as TRANSCENDENTALS
 
 pytest.importorskip("triton")
@@ -26,7 +20,6 @@ from ltcl_fused.backends import get_engine  # noqa: E402
 get_engine("triton").unavailable_reason("cpu")  # loads ltcl_fused.triton_kernels from a source checkout too
 from ltcl_fused.triton_kernels import ssl_codegen  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 JOBS = ssl_codegen.jobs(full=False)
 
 _SCRIPT = r"""
@@ -54,13 +47,7 @@ print("@@JSON@@" + json.dumps(out))
 
 @pytest.fixture(scope="session")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    out = json.loads(p.stdout.split("@@JSON@@", 1)[1])
+    out = run_compile_script(_SCRIPT)
     return {(r["kernel"], r["config"], r["dtype"], r["cc"], r["variant"]): r for r in out["results"]}, out
 
 
@@ -69,7 +56,9 @@ def test_every_shipped_config_is_covered():
     need = {(n, dt) for n, c in SHIPPED.items() for dt in c.dtypes if dt != "fp64"}
     have = {(j[1], j[2]) for j in JOBS if j[0] != "ssl_bayes_kernel"}
     assert need == have
-    assert {j[0] for j in JOBS} == {"ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bayes_kernel"}
+    assert {j[0] for j in JOBS} == {"ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bwd_sym_kernel",
+                                    "ssl_bayes_kernel"}
+    assert not [j for j in JOBS if j[0] == "ssl_bwd_sym_kernel" and j[4][0] == "bayes"]  # unit weights only
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('ssl_', '')}-{j[4][0]}")

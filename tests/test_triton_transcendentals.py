@@ -13,15 +13,9 @@ Before issue 12 the focal kernels evaluated log1mexp(log p) with both of its bra
 the dominant column's formulas on the whole tile: forward 9 (4 exp, 3 log, 2 div; 8 at γ = 0), dA / dC 9 each
 (4 exp, 3 log, 2 div; 8 at γ = 0). Now: forward 5 (pass 2: 4; γ = 0: 4), dA / dC 4 each (γ = 0: 2).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from _hang import HANG_GUARD_S
+from _triton_env import run_compile_script
 
 pytest.importorskip("triton")
 
@@ -30,7 +24,6 @@ from ltcl_fused.backends import get_engine  # noqa: E402
 get_engine("triton").unavailable_reason("cpu")
 from ltcl_fused.triton_kernels import codegen, ssl_codegen  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 #: (kernel, variant) -> {TTIR op: count} per tile element, from the formulas.
 EXPECTED = {
@@ -72,14 +65,17 @@ EXPECTED = {
     ("ssl_bwd_dc_kernel", "k2_both"): {"math.exp": 2},
     ("ssl_bwd_dc_kernel", "hcl"): {"math.exp": 2},
     ("ssl_bwd_dc_kernel", "bayes"): {},
+    # symmetric backward: two G tiles per recomputed S tile (G_ij from row i, G_ji from row j), each as dA's
+    ("ssl_bwd_sym_kernel", "k2_both"): {"math.exp": 4},
+    ("ssl_bwd_sym_kernel", "hcl"): {"math.exp": 4},
     # Bayesian weighting pass: log ω(u): u = cnt/nset, x = 2u/(b + sqrt(b² + 4au)), ψ_htn/den, ψ_htn/(…),
     # log w; then one exp: the online LSE (forward) or the strip of G (backward)
     ("ssl_bayes_kernel", "fwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
     ("ssl_bayes_kernel", "bwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
 }
-for _k in ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel"):  # one scale: one exp
-    for _v in ("dcl", "mttv_low_self", "mttv_both", "mttv_low", "mttv_both_self"):
-        EXPECTED[(_k, _v)] = {"math.exp": 1}
+for _k in ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bwd_sym_kernel"):  # one scale: one exp
+    for _v in ("dcl", "mttv_low_self", "mttv_both", "mttv_low", "mttv_both_self"):  # (symmetric: one per G tile)
+        EXPECTED[(_k, _v)] = {"math.exp": 2 if _k == "ssl_bwd_sym_kernel" else 1}
 
 
 def expected(kernel, variant):
@@ -102,13 +98,7 @@ print("@@JSON@@" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def counted():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return {(r["kernel"], r["variant"]): r for r in json.loads(p.stdout.split("@@JSON@@", 1)[1])}
+    return {(r["kernel"], r["variant"]): r for r in run_compile_script(_SCRIPT)}
 
 
 def test_table_covers_every_variant():
