@@ -26,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 from ltcl_fused.engine.ssl_contract import SSLConfig, dense_backward, dense_forward  # noqa: E402
 
 from _triton_env import engine_and_device, run_compile_script  # noqa: E402
+from test_triton_ssl import CONFIGS as SSL_CONFIGS  # noqa: E402
 from _truth import check  # noqa: E402
 
 ENG, DEVICE = engine_and_device()
@@ -39,17 +40,9 @@ SMALL = KernelConfig(BlockConfig(16, 16, 16, 1, 1), BlockConfig(16, 16, 16, 1, 1
 SINGLE = KernelConfig(BlockConfig(16, 16, 64, 1, 1), BlockConfig(16, 32, 64, 1, 1), (), 64,
                       BlockConfig(32, 16, 64, 1, 1))
 
-CONFIGS = {
-    "dcl": SSLConfig(),
-    "hcl": SSLConfig(scales=(0.5, 1.5)),
-    "three_scales": SSLConfig(scales=(0.3, 1.0, 2.0)),
-    "keep_partner": SSLConfig(exclude_partner=False),
-    "mttv_both": SSLConfig(exclude_partner=False, filter="both", lower=0.1, upper=0.5),
-    "mttv_low": SSLConfig(exclude_partner=False, filter="low", lower=0.2),
-    "mttv_both_self": SSLConfig(exclude_partner=False, include_self=True, filter="both", lower=0.1, upper=0.5),
-    "mttv_low_self": SSLConfig(exclude_partner=False, include_self=True, filter="low", lower=0.2),
-    "hcl_filter": SSLConfig(scales=(0.5, 2.0), filter="both", lower=0.05, upper=0.4),
-}
+#: every unit-weight configuration of tests/test_triton_ssl.py (DCL, HCL with β = 0 and β > 0, three scales, the
+#: partner kept, the four MTTV variants, two scales with a filter)
+CONFIGS = {k: v for k, v in SSL_CONFIGS.items() if v.bayes is None}
 
 
 def _problem(N, D, seed, pairs=False):
@@ -228,7 +221,7 @@ def test_nan_poisoned_rows(force_config, dtype, name):
 # against the general kernels, and the engine's contract
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
-@pytest.mark.parametrize("name", ["hcl", "three_scales", "mttv_low_self", "hcl_filter"])
+@pytest.mark.parametrize("name", ["hcl", "three_scales", "mttv_low_self", "scaled_filter"])
 def test_matches_the_general_kernels(force_config, dtype, name):
     """The symmetric kernel and dA + dC of the general pair agree (fp64 to rounding; fp32 to a few ulps of the
     largest entry: the same terms summed in another order)."""
