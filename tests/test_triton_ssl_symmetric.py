@@ -121,7 +121,7 @@ def test_fp64_vs_contract(force_config, name, shape):
     _check(*shape, CONFIGS[name], F64, seed=shape[0])
 
 
-@pytest.mark.parametrize("name", ["dcl", "hcl", "three_scales", "mttv_both", "mttv_low_self"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_fp32_vs_truth(force_config, name):
     force_config(SMALL)
     _check(37, 20, CONFIGS[name], F32, seed=4)
