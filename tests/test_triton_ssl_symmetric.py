@@ -8,8 +8,9 @@ configurations (filters "both" and "low", the self column kept, the partner kept
 launches): sizes that are not multiples of the blocks with several row and column tiles of different sizes,
 chunked and single-chunk D, N = 1 and 2, rows without a partner, zero coefficients, rows with lse = −inf (empty
 sets, and forced), NaN-poisoned rows; the symmetric result against the general kernels' dA + dC; the engine's
-argument checks. Then (a subprocess without TRITON_INTERPRET) the kernel's sm_80 / sm_90 code for the loss
-variants the default sweep of tests/test_triton_ssl_codegen.py leaves out, and the op under fake tensors.
+argument checks and ``torch.library.opcheck`` of the op. Then (a subprocess without TRITON_INTERPRET) the
+kernel's sm_80 / sm_90 code for the loss variants the default sweep of tests/test_triton_ssl_codegen.py leaves
+out, and the op under fake tensors.
 fp64 needs Triton >= 3.5: on an older Triton the fp64 tests skip (conftest) and the fp32 ones run.
 """
 import json
@@ -264,6 +265,16 @@ def test_forward_accepts_and_ignores_symmetric():
     b = ENG.ssl_forward(_to(X), _to(X), _to(partner), 0, 2.0, cfg)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_opcheck():
+    """The op's schema, fake kernel and dispatch (``torch.library.opcheck``; an opaque custom op here)."""
+    X, partner = _problem(7, 5, seed=3)
+    X = X.float()
+    lse, coef, cpos = (t.float() for t in _inputs(X, partner, 2.0, CONFIGS["hcl"], seed=3))
+    torch.library.opcheck(torch.ops.ltcl_fused.triton_ssl_bwd_sym.default,
+                          (_to(X), _to(partner), 2.0, [0.5, 1.5], True, False, 1, 0.1, 0.9, "ieee", _to(lse),
+                           _to(coef), _to(cpos)))
 
 
 # ----------------------------------------------------------------------------------------------
