@@ -14,7 +14,7 @@ TRITON_OLD_PY := .venv-triton-old/bin/python
 TRITON_OLD_TESTS := tests/test_triton_codegen.py tests/test_triton_ssl_codegen.py tests/test_mining_triton_codegen.py \
 	tests/test_triton_support.py tests/test_triton_host.py tests/test_triton_engine.py tests/test_triton_losses.py \
 	tests/test_triton_ssl.py tests/test_mining.py tests/test_triton_transcendentals.py \
-	tests/test_triton_symmetric.py tests/test_triton_split.py
+	tests/test_triton_symmetric.py tests/test_triton_split.py tests/test_triton_ssl_symmetric.py
 
 .PHONY: setup env demo demo-synthetic test test-triton-old docs check-wheel bench
 setup:

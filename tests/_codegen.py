@@ -29,16 +29,16 @@ def load_triton_kernels():
     get_engine("triton").unavailable_reason("cpu")
 
 
-def run_compile_script(script, fp_fusion=False):
-    """Runs ``script`` with this Python in a subprocess without TRITON_INTERPRET (real code generation for the GPU
-    targets; the checkout first on PYTHONPATH) and returns the JSON it printed after ``@@JSON@@``. fp_fusion: set
-    TRITON_DEFAULT_FP_FUSION=1 unless the environment sets it."""
+def run_compile_script(script, *argv, fp_fusion=False):
+    """Runs ``script`` (with the arguments ``argv``) with this Python in a subprocess without TRITON_INTERPRET (real
+    code generation for the GPU targets; the checkout first on PYTHONPATH) and returns the JSON it printed after
+    ``@@JSON@@``. fp_fusion: set TRITON_DEFAULT_FP_FUSION=1 unless the environment sets it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if fp_fusion:
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    p = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                       timeout=HANG_GUARD_S)
+    p = subprocess.run([sys.executable, "-c", script, *argv], cwd=str(ROOT), env=env, capture_output=True,
+                       text=True, timeout=HANG_GUARD_S)
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.split("@@JSON@@", 1)[1])
 

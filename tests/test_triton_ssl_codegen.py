@@ -48,7 +48,9 @@ def test_every_shipped_config_is_covered():
     need = {(n, dt) for n, c in SHIPPED.items() for dt in c.dtypes if dt != "fp64"}
     have = {(j[1], j[2]) for j in JOBS if j[0] != "ssl_bayes_kernel"}
     assert need == have
-    assert {j[0] for j in JOBS} == {"ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bayes_kernel"}
+    assert {j[0] for j in JOBS} == {"ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bwd_sym_kernel",
+                                    "ssl_bayes_kernel"}
+    assert not [j for j in JOBS if j[0] == "ssl_bwd_sym_kernel" and j[4][0] == "bayes"]  # unit weights only
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda j: f"{j[1]}-{j[2]}-sm{j[3]}-{j[0].replace('ssl_', '')}-{j[4][0]}")

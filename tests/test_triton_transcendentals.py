@@ -61,6 +61,9 @@ EXPECTED = {
     ("ssl_bwd_dc_kernel", "k2_both"): {"math.exp": 2},
     ("ssl_bwd_dc_kernel", "hcl"): {"math.exp": 2},
     ("ssl_bwd_dc_kernel", "bayes"): {},
+    # symmetric backward: two G tiles per recomputed S tile (G_ij from row i, G_ji from row j), each as dA's
+    ("ssl_bwd_sym_kernel", "k2_both"): {"math.exp": 4},
+    ("ssl_bwd_sym_kernel", "hcl"): {"math.exp": 4},
     # Bayesian weighting pass: log ω(u): u = cnt/nset, x = 2u/(b + sqrt(b² + 4au)), ψ_htn/den, ψ_htn/(…),
     # log w; then one exp: the online LSE (forward) or the strip of G (backward)
     ("ssl_bayes_kernel", "fwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
@@ -69,9 +72,9 @@ EXPECTED = {
     ("ssl_bayes_kernel", "fwd_split"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
     ("ssl_bayes_kernel", "bwd_split"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},
 }
-for _k in ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel"):  # one scale: one exp
-    for _v in ("dcl", "mttv_low_self", "mttv_both", "mttv_low", "mttv_both_self"):
-        EXPECTED[(_k, _v)] = {"math.exp": 1}
+for _k in ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bwd_sym_kernel"):  # one scale: one exp
+    for _v in ("dcl", "mttv_low_self", "mttv_both", "mttv_low", "mttv_both_self"):  # (symmetric: one per G tile)
+        EXPECTED[(_k, _v)] = {"math.exp": 2 if _k == "ssl_bwd_sym_kernel" else 1}
 
 
 def expected(kernel, variant):

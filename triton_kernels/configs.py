@@ -34,7 +34,8 @@ class KernelConfig(NamedTuple):
     bwd: BlockConfig
     dtypes: Tuple[str, ...]  # input dtypes this configuration is shipped for
     max_d: int               # used for D <= max_d (0: any D, D swept in BLOCK_D chunks)
-    sym: Optional[BlockConfig] = None  # the symmetric backward (rowstats_bwd_sym_kernel); None: as bwd
+    sym: Optional[BlockConfig] = None  # the symmetric backward (rowstats_bwd_sym_kernel, and ssl_ops.sym_config's
+    #                                    base of ssl_bwd_sym_kernel); None: as bwd
     fwd90: Optional[BlockConfig] = None  # the row-statistics forward on sm_90 (Hopper); None: as fwd
 
     def sym_config(self) -> BlockConfig:
@@ -80,7 +81,8 @@ LEGACY = (
     ((3, 7), "rowstats", "h_large", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
     ((3, 4), "rowstats", "f_d32", dict(bwd=BlockConfig(32, 32, 32, 4, 2))),
     ((3, 4), "rowstats", "f_large", dict(fwd=BlockConfig(32, 32, 16, 4, 1))),
-    ((3, 7), "ssl", "f_large", dict(bwd=BlockConfig(32, 32, 32, 4, 1))),
+    # (the SSL symmetric backward keeps the 32x16 tile: 32x32 used 8 B with one scale on sm_80, Triton 3.3.1)
+    ((3, 7), "ssl", "f_large", dict(bwd=BlockConfig(32, 32, 32, 4, 1), sym=BlockConfig(32, 16, 32, 4, 1))),
 )
 FAMILIES = ("rowstats", "ssl")
 

@@ -147,6 +147,40 @@ def _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, t0, D, ACC: tl.cons
 
 
 @triton.jit
+def _resident_rows(X, xi, xmask, stride_x, D, ACC: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(the X rows ``xi`` [BLOCK_X, BLOCK_D], a zero accumulator of that shape in ACC): what a SINGLE_D program
+    keeps in registers (its resident operand of ``_s_tile`` and its output rows). With chunked D neither is
+    used (``_s_tile`` sweeps D itself, ``_gy_step`` returns the accumulator unchanged) and the compiler drops
+    both."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x = tl.load(X + xi[:, None] * stride_x + offs_d[None, :], mask=xmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    return x, tl.zeros([BLOCK_X, BLOCK_D], ACC)
+
+
+@triton.jit
+def _gy_step(g, Y, yi, ymask, stride_y, acc, OUT, oi, omask, t0, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+             SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One swept tile's share of a backward product ``Σ_y G_oy Y_y``: SINGLE_D, into the register accumulator
+    (``_gy_registers``, returned); else into the workspace rows ``oi`` of OUT (``_gy_workspace``; ``acc`` is
+    returned unchanged)."""
+    if SINGLE_D:
+        acc = _gy_registers(g, Y, yi, ymask, stride_y, acc, D, ACC, BLOCK_D, PREC, UPCAST)
+    else:
+        _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, t0, D, ACC, BLOCK_D, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _finish_rows(OUT, oi, omask, acc, scale, D, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """The owned output rows ``oi`` times ``scale``: stored from the register accumulator (SINGLE_D), or the
+    workspace scaled in place."""
+    if SINGLE_D:
+        _store_rows(OUT, oi, omask, acc * scale, D, BLOCK_D)
+    else:
+        _scale_rows(OUT, oi, omask, D, scale, BLOCK_D)
+
+
+@triton.jit
 def _store_rows(OUT, oi, omask, val, D, BLOCK_D: tl.constexpr):
     """``OUT[oi] = val`` for a [rows, BLOCK_D] register tile (SINGLE_D)."""
     offs_d = tl.arange(0, BLOCK_D)

@@ -7,7 +7,8 @@ picked by the same heuristic), so every shipped configuration is compiled for th
 the Bayesian weighting pass (no ``tl.dot``) with ``ssl_ops.BAYES_CONFIG`` in fp32 (and fp64 with
 ``--full``). Default variants: the heaviest of each kernel (two scales + the "both" filter), MTTV's
 "low" filter with the self column, and the Bayesian ones (STRIP forward, G_STRIP dA/dC, both modes
-of the weighting pass); ``--full`` adds the
+of the weighting pass; the symmetric backward ``ssl_bwd_sym_kernel`` has no Bayesian variant and runs with
+``ssl_ops.sym_config``); ``--full`` adds the
 other variants the losses use and fp64. Reports come from ``codegen.compile_report``
 (shared memory, registers, STACK/LOCAL spills, mma.sync / wgmma in the PTX).
 Must run with TRITON_INTERPRET unset. Used by ``tests/test_triton_ssl_codegen.py`` (in a subprocess).
@@ -19,8 +20,10 @@ import sys
 from . import codegen
 from .codegen import compile_report
 
-KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel")
-INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "self_offset", "top_step", "n_steps", "n_per")
+KERNELS = ("ssl_fwd_kernel", "ssl_bwd_da_kernel", "ssl_bwd_dc_kernel", "ssl_bwd_sym_kernel")
+#: kernels without a Bayesian variant (the symmetric backward: unit weights only)
+UNIT_ONLY = ("ssl_bwd_sym_kernel",)
+INT_ARGS = ("M", "N", "D", "stride_a", "stride_c", "stride_x", "self_offset", "top_step", "n_steps", "n_per")
 
 # (name, constexpr overrides). Default: HEAVY (two scales + the "both" filter), MTTV_LOW_SELF (the one
 # that needed the 4-warp rule of ssl_ops.bwd_config) and BAYES (STRIP / G_STRIP); --full: every variant
@@ -47,7 +50,8 @@ def jobs(full: bool = False):
         for dt in dts:
             for cc in (80, 90):
                 for k in KERNELS:
-                    variants = [HEAVY, BAYES, MTTV_LOW_SELF] + (list(LOSS_VARIANTS) if full else [])
+                    variants = [HEAVY] + ([] if k in UNIT_ONLY else [BAYES]) + [MTTV_LOW_SELF] + \
+                        (list(LOSS_VARIANTS) if full else [])
                     for var in variants:
                         out.append((k, name, dt, cc, var))
     for dt in (("fp32", "fp64") if full else ("fp32",)):
@@ -73,7 +77,7 @@ def _compile_one(job):
     from . import ssl_rowstats
     from .configs import shipped
     SHIPPED = shipped("ssl")
-    from .ssl_ops import BAYES_CONFIG, bwd_config
+    from .ssl_ops import BAYES_CONFIG, bwd_config, sym_config
     kernel = getattr(ssl_rowstats, k)
     acc = "fp64" if dt == "fp64" else "fp32"
     if k == "ssl_bayes_kernel":
@@ -81,16 +85,19 @@ def _compile_one(job):
         constexprs = dict(BLOCK_M=bc.BLOCK_M, BLOCK_N=bc.BLOCK_N, **flags)
     else:
         kc = SHIPPED[cfg_name]
-        bc = kc.fwd if k == "ssl_fwd_kernel" else kc.bwd
-        if k != "ssl_fwd_kernel":
-            bc = bwd_config(bc, var_name == "bayes")
+        if k == "ssl_fwd_kernel":
+            bc = kc.fwd
+        elif k == "ssl_bwd_sym_kernel":
+            bc = sym_config(kc)
+        else:
+            bc = bwd_config(kc.bwd, var_name == "bayes")
         # the dC program owns BLOCK_M columns (kernel's BLOCK_N) and sweeps BLOCK_N rows (kernel's BLOCK_M)
         bm, bn = (bc.BLOCK_N, bc.BLOCK_M) if k == "ssl_bwd_dc_kernel" else (bc.BLOCK_M, bc.BLOCK_N)
         constexprs = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc.BLOCK_D, SINGLE_D=0 < kc.max_d <= bc.BLOCK_D,
                           PREC="ieee", UPCAST=False)
         if k == "ssl_fwd_kernel":
             constexprs["STRIP"] = var_name == "bayes"
-        else:
+        elif k != "ssl_bwd_sym_kernel":
             constexprs["G_STRIP"] = var_name == "bayes"
     sig = {}
     for p in kernel.params:
@@ -101,7 +108,7 @@ def _compile_one(job):
             sig[n] = "i32"
         elif n.startswith("p_"):  # a float parameter (support.kernel_param): fp32, or fp64 bits as an int64
             sig[n] = "i64" if acc == "fp64" else "fp32"
-        elif n in ("A", "C"):
+        elif n in ("A", "C", "X"):
             sig[n] = "*" + dt
         elif n == "PARTNER":
             sig[n] = "*i64"

@@ -1,7 +1,9 @@
 """Host side of the SSL kernels (``ssl_rowstats.py``), registered as torch.library custom ops.
 
 ``torch.ops.ltcl_fused.triton_ssl_fwd`` / ``triton_ssl_bwd`` implement the forward / backward of
-``ltcl_fused/engine/ssl_contract.py`` (the autograd wrapper is ``ssl_row_stats`` there). On GPUs they
+``ltcl_fused/engine/ssl_contract.py`` (the autograd wrapper is ``ssl_row_stats`` there);
+``triton_ssl_bwd_sym`` the backward of the symmetric case (A = C = X, self_offset = 0, no Bayesian weights):
+dX = dA + dC from one row-parallel kernel, ``ssl_bwd_sym_kernel``. On GPUs they
 are ``torch.library.triton_op``s launching the kernels through ``wrap_triton``; under the Triton
 interpreter they are opaque ``custom_op``s with fake implementations (as in ``ops.py``).
 
@@ -31,7 +33,7 @@ from torch import Tensor
 from .configs import BlockConfig
 from . import support
 from .ops import _acc, _config, _precision, _upcast, interpreted, launch, split_plan
-from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_fwd_kernel
+from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_bwd_sym_kernel, ssl_fwd_kernel
 
 #: elements of one Bayesian row block's strip (rows = BAYES_BLOCK_ELEMENTS // N, at least one kernel
 #: row tile). A block keeps about 5 strips alive: V, its sorted copy and sort indices (int64), G.
@@ -54,6 +56,20 @@ def bwd_config(bc: BlockConfig, g_strip: bool) -> BlockConfig:
         bc = bc._replace(num_warps=min(bc.num_warps, 4))
     if g_strip:
         bc = bc._replace(BLOCK_N=max(bc.BLOCK_N, 32))
+    return bc
+
+
+def sym_config(kc) -> BlockConfig:
+    """Block shape of ``ssl_bwd_sym_kernel`` (two G tiles per S tile): the row-statistics symmetric backward's
+    shape of the KernelConfig ``kc`` (``KernelConfig.sym_config``) with column tiles of at least 16 (the fp64
+    32x8 tile of "d_any" used an 8-byte stack frame on sm_80 with a filter, Triton 3.9) and at most 4 warps on
+    tiles of <= 32x16 (the 8-warp fp32 32x16 tile of "f_d32" used 8 bytes with two scales on Triton 3.3.1).
+    Not the 4-warp rule of ``bwd_config`` (<= 32x32): the 4-warp 64x16 16-bit tile of "h_d128" spilled
+    184-248 B. Checked by ssl_codegen."""
+    bc = kc.sym_config()
+    bc = bc._replace(BLOCK_N=max(bc.BLOCK_N, 16))
+    if bc.BLOCK_M * bc.BLOCK_N <= 32 * 16:
+        bc = bc._replace(num_warps=min(bc.num_warps, 4))
     return bc
 
 
@@ -256,6 +272,36 @@ def _bwd_impl(A: Tensor, C: Tensor, partner: Tensor, self_offset: int, inv_tau: 
     return dA.to(A.dtype), dC.to(C.dtype)
 
 
+def _bwd_sym_impl(X: Tensor, partner: Tensor, inv_tau: float, scales: List[float], exclude_partner: bool,
+                  include_self: bool, filter_mode: int, lower: float, upper: float, precision: str, lse: Tensor,
+                  coef: Tensor, cpos: Tensor) -> Tensor:
+    """dX [N, D] in the input dtype: the SSL contract backward of A = C = X, self_offset = 0, unit weights, i.e.
+    dA + dC, by one row-parallel kernel per two scales (``ssl_bwd_sym_kernel``)."""
+    N, D = X.shape
+    if N == 0:
+        return torch.zeros_like(X)
+    acc = _acc(X.dtype)
+    cfg = sym_config(_config(N, N, D, X.dtype, "ssl"))
+    prec, upcast = _precision(X.dtype, precision), _upcast(X.dtype)
+    dX = None
+    zero = torch.zeros_like(cpos)
+    for k, c0, c1, two in _groups(scales):
+        out = torch.zeros(N, D, dtype=acc, device=X.device)  # zero-initialised: chunked-D accumulation
+        launch(ssl_bwd_sym_kernel, (triton.cdiv(N, cfg.BLOCK_M),), X.device,
+               X, partner, lse[k], coef[k], cpos if k == 0 else zero, out, N, D, X.stride(0),
+               *_params(inv_tau, c0, c1, lower, upper, acc),
+               K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self,
+               BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
+               UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dX = out if dX is None else dX.add_(out)
+    return dX.to(X.dtype)
+
+
+def _bwd_sym_fake(X, partner, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper, precision,
+                  lse, coef, cpos):
+    return torch.empty_like(X)
+
+
 def _fwd_fake(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter_mode, lower, upper,
               bayes, precision):
     M = A.shape[0]
@@ -273,6 +319,9 @@ if interpreted():
     triton_ssl_fwd.register_fake(_fwd_fake)
     triton_ssl_bwd = torch.library.custom_op("ltcl_fused::triton_ssl_bwd", _bwd_impl, mutates_args=())
     triton_ssl_bwd.register_fake(_bwd_fake)
+    triton_ssl_bwd_sym = torch.library.custom_op("ltcl_fused::triton_ssl_bwd_sym", _bwd_sym_impl, mutates_args=())
+    triton_ssl_bwd_sym.register_fake(_bwd_sym_fake)
 else:
     triton_ssl_fwd = torch.library.triton_op("ltcl_fused::triton_ssl_fwd", _fwd_impl, mutates_args=())
     triton_ssl_bwd = torch.library.triton_op("ltcl_fused::triton_ssl_bwd", _bwd_impl, mutates_args=())
+    triton_ssl_bwd_sym = torch.library.triton_op("ltcl_fused::triton_ssl_bwd_sym", _bwd_sym_impl, mutates_args=())

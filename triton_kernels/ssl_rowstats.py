@@ -19,6 +19,8 @@ Kernels (every variant is a compile-time constant):
                        column-parallel. G is formed in registers from the recomputed S tile, or
                        (G_STRIP, the Bayesian path) loaded from the strip of the weighting pass.
                        Deterministic: every output row is owned by one program (no atomics).
+``ssl_bwd_sym_kernel`` the symmetric case (C is A, self_offset = 0, unit weights): dX = inv_tau·(G + Gᵀ) X,
+                       row-parallel, one recomputed S tile for both halves (2 GEMM-equivalents, not 4).
 
 Only ``tl.exp``/``tl.log``/``tl.sqrt`` are used, so the same code runs under the Triton interpreter.
 The tile helpers (``_s_tile``, ``_mma``, ``_log1p``) are imported from ``rowstats.py``.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rowstats import _gy_registers, _gy_workspace, _param, _s_tile, _scale_rows, _store_rows
+from .rowstats import _finish_rows, _gy_step, _param, _resident_rows, _s_tile
 
 INF = tl.constexpr(float("inf"))
 
@@ -36,6 +38,13 @@ INF = tl.constexpr(float("inf"))
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _span(start, n, BLOCK: tl.constexpr):
+    """Indices ``start + [0, BLOCK)`` of a block of rows or columns: (int32 indices, ``< n`` mask, int64 indices)."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < n, idx.to(tl.int64)
+
+
 @triton.jit
 def _ssl_masks(rows, cols, rmask, cmask, g, part, self_offset, lower, upper, FILTER: tl.constexpr,
                EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr):
@@ -91,6 +100,41 @@ def _ssl_grad(s, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2: tl.constexpr):
 
 
 @triton.jit
+def _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC: tl.constexpr):
+    """The float parameters of a launch (``ssl_ops._params``): (inv_tau, c0, c1, lower, upper) in ACC."""
+    return _param(p_inv_tau, ACC), _param(p_c0, ACC), _param(p_c1, ACC), _param(p_lower, ACC), _param(p_upper, ACC)
+
+
+@triton.jit
+def _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, M, K2: tl.constexpr):
+    """The backward inputs of rows ``ri`` as vectors: (partner, lse_0, coef_0, lse_1, coef_1, cpos), a dead term
+    (lse = −inf) with lse 0 and coefficient 0 (``_live``); LSE/COEF [K2 + 1, M] (row stride M). Without K2 the
+    second term repeats the first (unused)."""
+    part = tl.load(PARTNER + ri, mask=rmask, other=-1)
+    l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
+    l1 = l0
+    k1 = k0
+    if K2:
+        l1, k1 = _live(tl.load(LSE + M + ri, mask=rmask, other=0.0), tl.load(COEF + M + ri, mask=rmask, other=0.0))
+    cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)
+    return part, l0, k0, l1, k1, cpos
+
+
+@triton.jit
+def _ssl_grad_tile(gd, own, other, own_mask, other_mask, part, l0, k0, l1, k1, cpos, self_offset, inv_tau, c0, c1,
+                   lower, upper, SAX: tl.constexpr, K2: tl.constexpr, FILTER: tl.constexpr,
+                   EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr):
+    """G = ∂/∂S on a tile of raw dot products ``gd`` (``_ssl_masks``, ``_ssl_grad``). The statistic-owning rows
+    (2-D ``own``/``own_mask``, their vectors of ``_ssl_row_stats``) lie along tile axis 1 − SAX, the other index
+    (``other``/``other_mask``) along axis SAX: SAX = 1 for a [rows, columns] tile (dA), 0 for a [columns, rows]
+    one (dC, and the transposed half of the symmetric kernel)."""
+    in_set, is_p = _ssl_masks(own, other, own_mask, other_mask, gd, tl.expand_dims(part, SAX), self_offset, lower,
+                              upper, FILTER, EXCL_PARTNER, INCL_SELF)
+    return _ssl_grad(gd * inv_tau, in_set, is_p, tl.expand_dims(cpos, SAX), tl.expand_dims(l0, SAX),
+                     tl.expand_dims(k0, SAX), c0, tl.expand_dims(l1, SAX), tl.expand_dims(k1, SAX), c1, K2)
+
+
+@triton.jit
 def _bayes_logw(cnt, nset, bb, a4, b, al, al1, h1, h2, hden, tm, tp):
     """log ω(u), u = cnt / nset (SPEC.md section 5, the operations in the order of ``bayes_omega``); −inf where ω = 0.
 
@@ -118,15 +162,8 @@ def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
                    SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     """LSE [K2 + 1, M] (row stride M), POS/POS_IN [M]; with STRIP: V [M, N], NSET [M] (int32) instead of LSE."""
     ACC: tl.constexpr = POS.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    c0 = _param(p_c0, ACC)
-    c1 = _param(p_c1, ACC)
-    lower = _param(p_lower, ACC)
-    upper = _param(p_upper, ACC)
+    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, M, BLOCK_M)
+    inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     part = tl.load(PARTNER + ri, mask=rmask, other=-1)
     a_res = None
     if SINGLE_D:
@@ -142,9 +179,7 @@ def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
     bad = tl.zeros([BLOCK_M], ACC)  # Σ g·0: NaN iff a dot product of the row is NaN or ±inf (poisoned row)
     cnt = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _span(n0, N, BLOCK_N)
         g = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST)
         in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], g, part[:, None],
@@ -196,9 +231,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
     if SPLIT:
         n_lo = tl.program_id(1) * n_per
         n_hi = tl.minimum(n_lo + n_per, N)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
+    rows, rmask, ri = _span(pid * BLOCK_M, M, BLOCK_M)
     c = _param(p_c, ACC)
     bb = _param(p_bb, ACC)
     a4 = _param(p_a4, ACC)
@@ -223,9 +256,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
         cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
         part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n_hi
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _span(n0, n_hi, BLOCK_N)
         mk = rmask[:, None] & cmask[None, :]
         v = tl.load(V + roff + ci[None, :], mask=mk, other=INF)
         in_set = v < INF
@@ -267,54 +298,21 @@ def ssl_bwd_da_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
     """OUT [M, D] in the accumulation dtype (cast by the host). LSE/COEF [K2 + 1, M] (row stride M), CPOS [M];
     with G_STRIP, G is read from GS [M, N] (row stride N) instead of being recomputed."""
     ACC: tl.constexpr = OUT.dtype.element_ty
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    ri = rows.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    c0 = _param(p_c0, ACC)
-    c1 = _param(p_c1, ACC)
-    lower = _param(p_lower, ACC)
-    upper = _param(p_upper, ACC)
-    part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
-    l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
-    l1 = l0
-    k1 = k0
-    if K2:
-        l1, k1 = _live(tl.load(LSE + M + ri, mask=rmask, other=0.0), tl.load(COEF + M + ri, mask=rmask, other=0.0))
-    l0 = l0[:, None]
-    k0 = k0[:, None]
-    l1 = l1[:, None]
-    k1 = k1[:, None]
-    cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)
-    a_res = None
-    acc = None
-    if SINGLE_D:
-        if not G_STRIP:
-            a_res = tl.load(A + ri[:, None] * stride_a + offs_d[None, :],
-                            mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, M, BLOCK_M)
+    inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
+    part, l0, k0, l1, k1, cpos = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, M, K2)
+    a_res, acc = _resident_rows(A, ri, rmask, stride_a, D, ACC, BLOCK_M, BLOCK_D)  # (a_res unused with G_STRIP)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        ci = cols.to(tl.int64)
+        cols, cmask, ci = _span(n0, N, BLOCK_N)
         if G_STRIP:
             g = tl.load(GS + ri[:, None] * N + ci[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         else:
             gd = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                          SINGLE_D, PREC, UPCAST)
-            in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], gd, part,
-                                      self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
-            g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0, k0, c0, l1, k1, c1, K2)
-        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
-        else:
-            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
-    if SINGLE_D:
-        _store_rows(OUT, ri, rmask, acc * inv_tau, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, ri, rmask, D, inv_tau, BLOCK_D)
+            g = _ssl_grad_tile(gd, rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], part, l0, k0, l1, k1,
+                               cpos, self_offset, inv_tau, c0, c1, lower, upper, 1, K2, FILTER, EXCL_PARTNER, INCL_SELF)
+        acc = _gy_step(g, C, ci, cmask, stride_c, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
+    _finish_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,49 +326,53 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
                       SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     """OUT [N, D]: a program owns BLOCK_N columns and sweeps anchor-row tiles of BLOCK_M."""
     ACC: tl.constexpr = OUT.dtype.element_ty
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    ci = cols.to(tl.int64)
-    inv_tau = _param(p_inv_tau, ACC)
-    c0 = _param(p_c0, ACC)
-    c1 = _param(p_c1, ACC)
-    lower = _param(p_lower, ACC)
-    upper = _param(p_upper, ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    c_res = None
-    acc = None
-    if SINGLE_D:
-        if not G_STRIP:
-            c_res = tl.load(C + ci[:, None] * stride_c + offs_d[None, :],
-                            mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    cols, cmask, ci = _span(tl.program_id(0) * BLOCK_N, N, BLOCK_N)
+    inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
+    c_res, acc = _resident_rows(C, ci, cmask, stride_c, D, ACC, BLOCK_N, BLOCK_D)  # (c_res unused with G_STRIP)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        ri = rows.to(tl.int64)
+        rows, rmask, ri = _span(m0, M, BLOCK_M)
         if G_STRIP:
             g = tl.load(GS + ri[None, :] * N + ci[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0)
         else:
-            part = tl.load(PARTNER + ri, mask=rmask, other=-1)[None, :]
-            l0, k0 = _live(tl.load(LSE + ri, mask=rmask, other=0.0), tl.load(COEF + ri, mask=rmask, other=0.0))
-            l1 = l0
-            k1 = k0
-            if K2:
-                l1, k1 = _live(tl.load(LSE + M + ri, mask=rmask, other=0.0),
-                               tl.load(COEF + M + ri, mask=rmask, other=0.0))
-            cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[None, :]
+            part, l0, k0, l1, k1, cpos = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, M, K2)
             gd = _s_tile(C, A, ci, ri, cmask, rmask, D, stride_c, stride_a, c_res, ACC, BLOCK_N, BLOCK_M, BLOCK_D,
                          SINGLE_D, PREC, UPCAST)
-            in_set, is_p = _ssl_masks(rows[None, :], cols[:, None], rmask[None, :], cmask[:, None], gd, part,
-                                      self_offset, lower, upper, FILTER, EXCL_PARTNER, INCL_SELF)
-            g = _ssl_grad(gd * inv_tau, in_set, is_p, cpos, l0[None, :], k0[None, :], c0, l1[None, :], k1[None, :],
-                          c1, K2)
-        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
-        else:
-            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
-    if SINGLE_D:
-        _store_rows(OUT, ci, cmask, acc * inv_tau, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, ci, cmask, D, inv_tau, BLOCK_D)
+            g = _ssl_grad_tile(gd, rows[None, :], cols[:, None], rmask[None, :], cmask[:, None], part, l0, k0, l1, k1,
+                               cpos, self_offset, inv_tau, c0, c1, lower, upper, 0, K2, FILTER, EXCL_PARTNER, INCL_SELF)
+        acc = _gy_step(g, A, ri, rmask, stride_a, acc, OUT, ci, cmask, m0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
+    _finish_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# backward, symmetric case (the anchors are the columns: C is A, self_offset = 0; unit weights)
+# ----------------------------------------------------------------------------------------------
+# dX_i = inv_tau · Σ_j (G_ij + G_ji) X_j   (program = BLOCK_M rows i, sweep over column tiles j of BLOCK_N), with
+# G_ij = Σ_k 1[j∈set(i)] coef_ki c_k exp(c_k s_ij − lse_ki) + 1[j = partner(i)] cpos_i. S is symmetric (and so is
+# the filter on g), so one recomputed tile s_ij = s_ji serves both halves: G_ij from rows i's (lse, coef, cpos,
+# partner) as in dA, G_ji from rows j's as in dC (row j's masks: self i = j, partner(j) = i), by the same
+# ``_ssl_grad_tile``. Two GEMM-equivalents (S, (G + Gᵀ) X) instead of four; every output row is owned by one
+# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype (cast by the host).
+@triton.jit
+def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
+                       K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+    ACC: tl.constexpr = OUT.dtype.element_ty
+    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, N, BLOCK_M)
+    inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
+    part_i, l0_i, k0_i, l1_i, k1_i, cpos_i = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, N, K2)
+    # self_offset = 0 as a tensor (the interpreter of Triton 3.3 cannot mask with a Python bool)
+    zero = tl.zeros([1, 1], tl.int32)
+    x_res, acc = _resident_rows(X, ri, rmask, stride_x, D, ACC, BLOCK_M, BLOCK_D)
+    for n0 in range(0, N, BLOCK_N):
+        cols, cmask, ci = _span(n0, N, BLOCK_N)
+        gd = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                     SINGLE_D, PREC, UPCAST)
+        g = _ssl_grad_tile(gd, rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], part_i, l0_i, k0_i, l1_i,
+                           k1_i, cpos_i, zero, inv_tau, c0, c1, lower, upper, 1, K2, FILTER, EXCL_PARTNER, INCL_SELF)
+        part_j, l0_j, k0_j, l1_j, k1_j, cpos_j = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ci, cmask, N, K2)
+        g += _ssl_grad_tile(gd, cols[None, :], rows[:, None], cmask[None, :], rmask[:, None], part_j, l0_j, k0_j, l1_j,
+                            k1_j, cpos_j, zero, inv_tau, c0, c1, lower, upper, 0, K2, FILTER, EXCL_PARTNER, INCL_SELF)
+        acc = _gy_step(g, X, ci, cmask, stride_x, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
+    _finish_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)

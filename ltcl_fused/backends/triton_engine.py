@@ -50,8 +50,9 @@ def _load_kernels(module: str = "ops"):
 class TritonEngine(Engine):
     name = "triton"
     ops = frozenset({"rowstats", "ssl"})
-    #: ops whose backward has a symmetric form (C is A, same labels, self_offset = 0: one dX kernel, no dC)
-    symmetric_ops = frozenset({"rowstats"})
+    #: ops whose backward has a symmetric form (C is A, same labels, self_offset = 0: one dX kernel, no dC;
+    #: "ssl": without Bayesian weights)
+    symmetric_ops = frozenset({"rowstats", "ssl"})
 
     def __init__(self):
         self._ops = None
@@ -181,15 +182,26 @@ class TritonEngine(Engine):
                 ssl_ops.FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper),
                 [] if cfg.bayes is None else [float(x) for x in cfg.bayes], self._precision())
 
-    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg):
+    def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, symmetric=False):
+        # ``symmetric`` changes nothing here: the forward sweeps every column (only the backward is symmetric)
         from ..engine.ssl_contract import SSLStats
         args = self._ssl_args(A, C, partner, self_offset, inv_tau, cfg, self._ssl())
         return SSLStats(*torch.ops.ltcl_fused.triton_ssl_fwd(*args))
 
-    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos):
+    def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, symmetric=False):
+        """(dA, dC); ``symmetric`` (the caller's promise: C is A, self_offset == 0, no Bayesian weights):
+        (dA + dC, None) from one row-parallel kernel per two scales (``ssl_bwd_sym_kernel``)."""
+        if symmetric and (int(self_offset) != 0 or A.shape != C.shape or cfg.bayes is not None):
+            raise ValueError("triton engine: the symmetric SSL backward needs C = A, self_offset = 0 and no Bayesian "
+                             f"weights (got A {tuple(A.shape)}, C {tuple(C.shape)}, self_offset {int(self_offset)}, "
+                             f"bayes {cfg.bayes})")
         args = self._ssl_args(A, C, partner, self_offset, inv_tau, cfg, self._ssl())
         acc = acc_dtype(A.dtype)
         lse, coef, cpos = (t.to(acc).contiguous() for t in (lse, coef, cpos))
+        if symmetric:
+            X, _C, partner, _so, inv_tau, *rest, _bayes, precision = args
+            dX = torch.ops.ltcl_fused.triton_ssl_bwd_sym(X, partner, inv_tau, *rest, precision, lse, coef, cpos)
+            return dX, None
         return torch.ops.ltcl_fused.triton_ssl_bwd(*args, lse, coef, cpos)
 
     def _fail(self):
