@@ -152,9 +152,7 @@ def _resident_rows(X, xi, xmask, stride_x, D, ACC: tl.constexpr, BLOCK_X: tl.con
     keeps in registers (its resident operand of ``_s_tile`` and its output rows). With chunked D neither is
     used (``_s_tile`` sweeps D itself, ``_gy_step`` returns the accumulator unchanged) and the compiler drops
     both."""
-    offs_d = tl.arange(0, BLOCK_D)
-    x = tl.load(X + xi[:, None] * stride_x + offs_d[None, :], mask=xmask[:, None] & (offs_d[None, :] < D), other=0.0)
-    return x, tl.zeros([BLOCK_X, BLOCK_D], ACC)
+    return _load_rows(X, xi, xmask, stride_x, D, BLOCK_D), tl.zeros([BLOCK_X, BLOCK_D], ACC)
 
 
 @triton.jit
@@ -168,16 +166,6 @@ def _gy_step(g, Y, yi, ymask, stride_y, acc, OUT, oi, omask, t0, D, ACC: tl.cons
     else:
         _gy_workspace(g, Y, yi, ymask, stride_y, OUT, oi, omask, t0, D, ACC, BLOCK_D, PREC, UPCAST)
     return acc
-
-
-@triton.jit
-def _finish_rows(OUT, oi, omask, acc, scale, D, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
-    """The owned output rows ``oi`` times ``scale``: stored from the register accumulator (SINGLE_D), or the
-    workspace scaled in place."""
-    if SINGLE_D:
-        _store_rows(OUT, oi, omask, acc * scale, D, BLOCK_D)
-    else:
-        _scale_rows(OUT, oi, omask, D, scale, BLOCK_D)
 
 
 @triton.jit

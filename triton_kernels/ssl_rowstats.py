@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rowstats import _finish_rows, _gy_step, _param, _resident_rows, _s_tile
+from .rowstats import _block, _gy_step, _param, _resident_rows, _s_tile, _write_rows
 
 INF = tl.constexpr(float("inf"))
 
@@ -38,13 +38,6 @@ INF = tl.constexpr(float("inf"))
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _span(start, n, BLOCK: tl.constexpr):
-    """Indices ``start + [0, BLOCK)`` of a block of rows or columns: (int32 indices, ``< n`` mask, int64 indices)."""
-    idx = start + tl.arange(0, BLOCK)
-    return idx, idx < n, idx.to(tl.int64)
-
-
 @triton.jit
 def _ssl_masks(rows, cols, rmask, cmask, g, part, self_offset, lower, upper, FILTER: tl.constexpr,
                EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr):
@@ -162,7 +155,7 @@ def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
                    SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     """LSE [K2 + 1, M] (row stride M), POS/POS_IN [M]; with STRIP: V [M, N], NSET [M] (int32) instead of LSE."""
     ACC: tl.constexpr = POS.dtype.element_ty
-    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, M, BLOCK_M)
+    rows, rmask, ri = _block(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
     inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     part = tl.load(PARTNER + ri, mask=rmask, other=-1)
     a_res = None
@@ -179,7 +172,7 @@ def ssl_fwd_kernel(A, C, PARTNER, LSE, POS, POS_IN, V, NSET,
     bad = tl.zeros([BLOCK_M], ACC)  # Σ g·0: NaN iff a dot product of the row is NaN or ±inf (poisoned row)
     cnt = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
-        cols, cmask, ci = _span(n0, N, BLOCK_N)
+        cols, cmask, ci = _block(n0, BLOCK_N, N)
         g = _s_tile(A, C, ri, ci, rmask, cmask, D, stride_a, stride_c, a_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                     SINGLE_D, PREC, UPCAST)
         in_set, is_p = _ssl_masks(rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], g, part[:, None],
@@ -231,7 +224,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
     if SPLIT:
         n_lo = tl.program_id(1) * n_per
         n_hi = tl.minimum(n_lo + n_per, N)
-    rows, rmask, ri = _span(pid * BLOCK_M, M, BLOCK_M)
+    rows, rmask, ri = _block(pid * BLOCK_M, BLOCK_M, M)
     c = _param(p_c, ACC)
     bb = _param(p_bb, ACC)
     a4 = _param(p_a4, ACC)
@@ -256,7 +249,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
         cpos = tl.load(CPOS + ri, mask=rmask, other=0.0)[:, None]
         part = tl.load(PARTNER + ri, mask=rmask, other=-1)[:, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols, cmask, ci = _span(n0, n_hi, BLOCK_N)
+        cols, cmask, ci = _block(n0, BLOCK_N, n_hi)
         mk = rmask[:, None] & cmask[None, :]
         v = tl.load(V + roff + ci[None, :], mask=mk, other=INF)
         in_set = v < INF
@@ -298,12 +291,12 @@ def ssl_bwd_da_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
     """OUT [M, D] in the accumulation dtype (cast by the host). LSE/COEF [K2 + 1, M] (row stride M), CPOS [M];
     with G_STRIP, G is read from GS [M, N] (row stride N) instead of being recomputed."""
     ACC: tl.constexpr = OUT.dtype.element_ty
-    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, M, BLOCK_M)
+    rows, rmask, ri = _block(tl.program_id(0) * BLOCK_M, BLOCK_M, M)
     inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     part, l0, k0, l1, k1, cpos = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, M, K2)
     a_res, acc = _resident_rows(A, ri, rmask, stride_a, D, ACC, BLOCK_M, BLOCK_D)  # (a_res unused with G_STRIP)
     for n0 in range(0, N, BLOCK_N):
-        cols, cmask, ci = _span(n0, N, BLOCK_N)
+        cols, cmask, ci = _block(n0, BLOCK_N, N)
         if G_STRIP:
             g = tl.load(GS + ri[:, None] * N + ci[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         else:
@@ -312,7 +305,7 @@ def ssl_bwd_da_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
             g = _ssl_grad_tile(gd, rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], part, l0, k0, l1, k1,
                                cpos, self_offset, inv_tau, c0, c1, lower, upper, 1, K2, FILTER, EXCL_PARTNER, INCL_SELF)
         acc = _gy_step(g, C, ci, cmask, stride_c, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
-    _finish_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,11 +319,11 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
                       SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     """OUT [N, D]: a program owns BLOCK_N columns and sweeps anchor-row tiles of BLOCK_M."""
     ACC: tl.constexpr = OUT.dtype.element_ty
-    cols, cmask, ci = _span(tl.program_id(0) * BLOCK_N, N, BLOCK_N)
+    cols, cmask, ci = _block(tl.program_id(0) * BLOCK_N, BLOCK_N, N)
     inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     c_res, acc = _resident_rows(C, ci, cmask, stride_c, D, ACC, BLOCK_N, BLOCK_D)  # (c_res unused with G_STRIP)
     for m0 in range(0, M, BLOCK_M):
-        rows, rmask, ri = _span(m0, M, BLOCK_M)
+        rows, rmask, ri = _block(m0, BLOCK_M, M)
         if G_STRIP:
             g = tl.load(GS + ri[None, :] * N + ci[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0)
         else:
@@ -340,7 +333,7 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
             g = _ssl_grad_tile(gd, rows[None, :], cols[:, None], rmask[None, :], cmask[:, None], part, l0, k0, l1, k1,
                                cpos, self_offset, inv_tau, c0, c1, lower, upper, 0, K2, FILTER, EXCL_PARTNER, INCL_SELF)
         acc = _gy_step(g, A, ri, rmask, stride_a, acc, OUT, ci, cmask, m0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
-    _finish_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+    _write_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
 
@@ -359,14 +352,14 @@ def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_t
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                        PREC: tl.constexpr, UPCAST: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
-    rows, rmask, ri = _span(tl.program_id(0) * BLOCK_M, N, BLOCK_M)
+    rows, rmask, ri = _block(tl.program_id(0) * BLOCK_M, BLOCK_M, N)
     inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     part_i, l0_i, k0_i, l1_i, k1_i, cpos_i = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, N, K2)
     # self_offset = 0 as a tensor (the interpreter of Triton 3.3 cannot mask with a Python bool)
     zero = tl.zeros([1, 1], tl.int32)
     x_res, acc = _resident_rows(X, ri, rmask, stride_x, D, ACC, BLOCK_M, BLOCK_D)
     for n0 in range(0, N, BLOCK_N):
-        cols, cmask, ci = _span(n0, N, BLOCK_N)
+        cols, cmask, ci = _block(n0, BLOCK_N, N)
         gd = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                      SINGLE_D, PREC, UPCAST)
         g = _ssl_grad_tile(gd, rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], part_i, l0_i, k0_i, l1_i,
@@ -375,4 +368,4 @@ def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_t
         g += _ssl_grad_tile(gd, cols[None, :], rows[:, None], cmask[None, :], rmask[:, None], part_j, l0_j, k0_j, l1_j,
                             k1_j, cpos_j, zero, inv_tau, c0, c1, lower, upper, 0, K2, FILTER, EXCL_PARTNER, INCL_SELF)
         acc = _gy_step(g, X, ci, cmask, stride_x, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
-    _finish_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
