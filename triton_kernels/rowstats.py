@@ -592,11 +592,7 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
     alab = tl.load(ALAB + ri, mask=rmask, other=-1)[:, None]
     lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos, cposf, cneg, r, rt = _bwd_row_stats(
         LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ri, rmask, gamma, FOCAL, GAMMA_ZERO)
-    a_res = None
-    acc = None
-    if SINGLE_D:
-        a_res = _load_rows(A, ri, rmask, stride_a, D, BLOCK_D)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    a_res, acc = _resident_rows(A, ri, rmask, stride_a, D, ACC, BLOCK_M, BLOCK_D)
     for n0 in range(0, N, BLOCK_N):
         cols, cmask, ci = _block(n0, BLOCK_N, N)
         clab = tl.load(CLAB + ci, mask=cmask, other=-1)[None, :]
@@ -609,10 +605,7 @@ def rowstats_bwd_da_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
             s = s + tl.where(pos, bs, bo)
         g = _grad_tile_stats(s, valid, pos, neg, cols[None, :], lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos,
                              cposf, cneg, r, rt, gamma, 1, FOCAL, GAMMA_ZERO)
-        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _gy_registers(g, C, ci, cmask, stride_c, acc, D, ACC, BLOCK_D, PREC, UPCAST)
-        else:
-            _gy_workspace(g, C, ci, cmask, stride_c, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
+        acc = _gy_step(g, C, ci, cmask, stride_c, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
     _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
@@ -634,11 +627,7 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
     bo = inv_tau
     if HAS_BIAS:
         bs, bo = _bias_pair(BS, BO, ci, cmask, 1)
-    c_res = None
-    acc = None
-    if SINGLE_D:
-        c_res = _load_rows(C, ci, cmask, stride_c, D, BLOCK_D)
-        acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    c_res, acc = _resident_rows(C, ci, cmask, stride_c, D, ACC, BLOCK_N, BLOCK_D)
     for m0 in range(0, M, BLOCK_M):
         rows, rmask, ri = _block(m0, BLOCK_M, M)
         alab = tl.load(ALAB + ri, mask=rmask, other=-1)[None, :]
@@ -653,10 +642,7 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
             s = s + tl.where(pos, bs, bo)
         g = _grad_tile_stats(s, valid, pos, neg, cols[:, None], lse_safe, top, lrest, rest, gt_pos, gt_neg, cpos,
                              cposf, cneg, r, rt, gamma, 0, FOCAL, GAMMA_ZERO)
-        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _gy_registers(g, A, ri, rmask, stride_a, acc, D, ACC, BLOCK_D, PREC, UPCAST)
-        else:
-            _gy_workspace(g, A, ri, rmask, stride_a, OUT, ci, cmask, m0, D, ACC, BLOCK_D, PREC, UPCAST)
+        acc = _gy_step(g, A, ri, rmask, stride_a, acc, OUT, ci, cmask, m0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
     _write_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
@@ -683,11 +669,7 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
     bo_i = inv_tau
     if HAS_BIAS:
         bs_i, bo_i = _bias_pair(BS, BO, ri, rmask, 1)
-    x_res = None
-    acc = None
-    if SINGLE_D:
-        x_res = _load_rows(X, ri, rmask, stride_x, D, BLOCK_D)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    x_res, acc = _resident_rows(X, ri, rmask, stride_x, D, ACC, BLOCK_M, BLOCK_D)
     for n0 in range(0, N, BLOCK_N):
         cols, cmask, ci = _block(n0, BLOCK_N, N)
         clab = tl.load(LAB + ci, mask=cmask, other=-1)[None, :]
@@ -709,8 +691,5 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
             LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ci, cmask, gamma, FOCAL, GAMMA_ZERO)
         g += _grad_tile_stats(x_ji, valid, pos, neg, rows[:, None], lse_j, top_j, lrest_j, rest_j, gtp_j, gtn_j,
                               cpos_j, cposf_j, cneg_j, r_j, rt_j, gamma, 0, FOCAL, GAMMA_ZERO)
-        if SINGLE_D:  # register accumulator (a loop-carried value only in this variant)
-            acc = _gy_registers(g, X, ci, cmask, stride_x, acc, D, ACC, BLOCK_D, PREC, UPCAST)
-        else:
-            _gy_workspace(g, X, ci, cmask, stride_x, OUT, ri, rmask, n0, D, ACC, BLOCK_D, PREC, UPCAST)
+        acc = _gy_step(g, X, ci, cmask, stride_x, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
     _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)

@@ -336,7 +336,6 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
     _write_rows(OUT, ci, cmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # backward, symmetric case (the anchors are the columns: C is A, self_offset = 0; unit weights)
 # ----------------------------------------------------------------------------------------------

@@ -367,6 +367,12 @@ constexpr int kSeriesTerms = sizeof(T) == 4 ? 5 : 8;
 template <typename T>
 constexpr T kSeriesMaxP = sizeof(T) == 4 ? T(0.03125) : T(0.0078125);
 
+// Whether a block whose largest negative logit (off its top) is xn needs the exact sums, given the row's lse
+template <typename T>
+static inline bool block_needs_exact(T xn, T lse) {
+  return xn > cm::neg_inf<T>() && std::exp(xn - lse) >= kSeriesMaxP<T>;
+}
+
 template <typename T>
 struct SymParts {  // [nb * N] each, slot J * N + i; per-thread workspaces (strip::workspace), every slot written
   T *m, *m2, *s2, *ps, *fp, *up, *fn, *un;
@@ -698,7 +704,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
         std::vector<int64_t> rows;
         for (int64_t i = 0; i < N; ++i) {
           const T xn = S.xn[J * N + i];
-          if (tops[i] >= 0 && xn > ninf && std::exp(xn - out_lse[i]) >= kSeriesMaxP<T>) rows.push_back(i);
+          if (tops[i] >= 0 && block_needs_exact(xn, out_lse[i])) rows.push_back(i);
         }
         if (!rows.empty()) sym_exact_negatives<T>(P, J, b, rows, out_lse, tops, S);
       }
@@ -733,7 +739,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
         for (int64_t J = 0; J < nb; ++J) {  // negatives, block by block
           const int64_t sl = J * N + i;
           const T xn = S.xn[sl];
-          if (xn > ninf && std::exp(xn - lse) >= kSeriesMaxP<T>) {  // exact (sym_exact_negatives)
+          if (block_needs_exact(xn, lse)) {  // exact (sym_exact_negatives)
             fn += S.fn[sl];
             un += S.un[sl];
             continue;
