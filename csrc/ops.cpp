@@ -8,7 +8,8 @@ TORCH_LIBRARY(ltcl_fused, m) {
   m.def(
       "rowstats_fwd(Tensor A, Tensor C, Tensor a_lab, Tensor c_lab, Tensor? bias_same, Tensor? bias_other, "
       "int self_offset, float inv_tau, float gamma, bool focal, bool symmetric=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // symmetric=True (C is A, c_lab equal to a_lab, self_offset 0; CPU only): one GEMM per pair of row blocks.
+  // symmetric=True (C is A, c_lab equal to a_lab, self_offset 0): the CPU kernels visit each pair of row blocks
+  // once; the CUDA kernels run the general forward and one (G + G^T) X backward kernel.
   // Gradient (dA, dC) of sum_ij G_ij s_ij for the G of the contract, recomputing S; symmetric=True returns
   // (dX, an empty [0, D] tensor) with dX the whole gradient of the one input.
   m.def(

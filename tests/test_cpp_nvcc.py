@@ -13,11 +13,12 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 
 # source -> (kernels per architecture (float and double), whether ptxas must report no spills)
 SOURCES = {
-    "rowstats_cuda.cu": (6, True),   # forward, dA, dC
+    "rowstats_cuda.cu": (8, True),   # forward, dA, dC, symmetric dX
     "mining_cuda.cu": (2, True),     # one mining kernel
-    # forward for 1, 2 and 8 scales and Bayesian, dA and dC plain and Bayesian, the rank pass (keys, keys to
-    # values, float and double; segment offsets) and CUB's segmented radix sort (2 kernels per key width + 1)
-    "ssl_cuda.cu": (26, True),
+    # forward for 1, 2 and 8 scales and Bayesian, dA and dC plain and Bayesian, symmetric dX, the rank pass
+    # (keys, keys to values, float and double; segment offsets) and CUB's segmented radix sort (2 kernels per
+    # key width + 1)
+    "ssl_cuda.cu": (28, True),
 }
 
 

@@ -318,3 +318,54 @@ def test_cuda_groups_wait_for_the_build(tmp_path):
         nin.poll()
         time.sleep(0.1)
     assert nin.row["status"] == "unavailable" and not report.is_failure(nin.row)
+
+
+# --- opt-in symmetric kernels: every correctness case of such a backend runs once more with them on ---------------------
+def _sym_case():
+    return dict(id="correctness/torch/supcon/fp32/D8/N12", kind="loss", backend="torch", loss="supcon",
+                dtype="fp32", D=8, B=6, N=12)
+
+
+def test_loss_case_runs_the_opt_in_symmetric_kernels_and_restores_the_env(monkeypatch):
+    import types
+    monkeypatch.setattr(K, "SYMMETRIC_OPT_IN", {"torch": "LTCL_TEST_SYMMETRIC"})
+    monkeypatch.delenv("LTCL_TEST_SYMMETRIC", raising=False)
+    seen = []
+    real = K.evaluate
+
+    def spy(sp, x, backend, check_finite=True):
+        seen.append(os.environ.get("LTCL_TEST_SYMMETRIC"))
+        return real(sp, x, backend, check_finite)
+
+    monkeypatch.setattr(K, "evaluate", spy)
+    res = K.run_loss_case(_sym_case(), types.SimpleNamespace(device=torch.device("cpu")), {})
+    assert res["status"] == "pass" and res["symmetric_ok"] is True, res
+    assert res["symmetric_e_grad"] <= res["bound_grad"]
+    assert "1" in seen and None in seen  # one run with the variable set, the others without it
+    assert "LTCL_TEST_SYMMETRIC" not in os.environ
+
+
+def test_loss_case_fails_when_the_symmetric_kernels_are_wrong(monkeypatch):
+    import types
+    monkeypatch.setattr(K, "SYMMETRIC_OPT_IN", {"torch": "LTCL_TEST_SYMMETRIC"})
+    real = K.evaluate
+
+    def broken_when_on(sp, x, backend, check_finite=True):
+        out = real(sp, x, backend, check_finite)
+        if os.environ.get("LTCL_TEST_SYMMETRIC") == "1":  # a symmetric kernel that drops half of G + G^T
+            out = K.Outcome(out.value, {k: 0.5 * g for k, g in out.grads.items()})
+        return out
+
+    monkeypatch.setattr(K, "evaluate", broken_when_on)
+    res = K.run_loss_case(_sym_case(), types.SimpleNamespace(device=torch.device("cpu")), {})
+    assert res["status"] == "fail" and res["symmetric_ok"] is False
+    assert "symmetric kernels (LTCL_TEST_SYMMETRIC=1)" in res["reason"]
+
+
+def test_cuda_engine_symmetric_kernels_are_opt_in(monkeypatch):
+    from ltcl_fused.backends.cpp_engine import CPUEngine, CUDAEngine
+    monkeypatch.delenv("LTCL_CUDA_SYMMETRIC", raising=False)
+    assert CUDAEngine().symmetric_ops == frozenset()
+    monkeypatch.setenv("LTCL_CUDA_SYMMETRIC", "1")
+    assert CUDAEngine().symmetric_ops == frozenset({"rowstats", "ssl"}) == CPUEngine().symmetric_ops
+    assert K.SYMMETRIC_OPT_IN["cuda"] == "LTCL_CUDA_SYMMETRIC"

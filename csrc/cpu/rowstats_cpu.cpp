@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../common/ltcl_math.h"
+#include "../symmetric_check.h"
 #include "strip_common.h"
 
 // MKL (linked into torch's CPU wheels) is asked to run every GEMM of a worker single-threaded, so a
@@ -948,11 +949,8 @@ static Prepared prepare(const Tensor& A, const Tensor& C, const Tensor& a_lab, c
 // symmetric=True: the caller guarantees C is A (the same storage), c_lab equal to a_lab and self_offset 0
 static void check_symmetric(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
                             int64_t self_offset, const char* op) {
-  TORCH_CHECK(self_offset == 0, op, ": symmetric=True needs self_offset == 0, got ", self_offset);
-  TORCH_CHECK(A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr(), op,
-              ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
-  TORCH_CHECK(a_lab.data_ptr() == c_lab.data_ptr() || at::equal(a_lab, c_lab), op,
-              ": symmetric=True needs c_lab equal to a_lab");
+  check_symmetric_operands(A, C, self_offset, op);
+  check_symmetric_labels(a_lab, c_lab, op);
 }
 
 template <typename T>

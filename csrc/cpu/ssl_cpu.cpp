@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../common/ssl_math.h"
+#include "../symmetric_check.h"
 #include "strip_common.h"
 
 
@@ -482,10 +483,8 @@ void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
 // symmetric=True: the caller guarantees C is A (the same storage) and self_offset 0
 void check_symmetric(const Tensor& A, const Tensor& C, int64_t self_offset, c10::ArrayRef<double> bayes,
                      const char* op) {
-  TORCH_CHECK(self_offset == 0, op, ": symmetric=True needs self_offset == 0, got ", self_offset);
-  TORCH_CHECK(A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr(), op,
-              ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
-  TORCH_CHECK(bayes.empty(), op, ": symmetric=True is not available with the Bayesian weights");
+  check_symmetric_operands(A, C, self_offset, op);
+  check_symmetric_no_bayes(bayes, op);
 }
 
 // ---------------------------------------------------------------- ops
@@ -729,7 +728,8 @@ TORCH_LIBRARY_FRAGMENT(ltcl_fused, m) {
       "ssl_fwd(Tensor A, Tensor C, Tensor partner, int self_offset, float inv_tau, float[] scales, "
       "bool exclude_partner, bool include_self, int filter, float lower, float upper, float[] bayes, "
       "bool symmetric=False) -> (Tensor, Tensor, Tensor)");
-  // symmetric=True (C is A, self_offset 0, no bayes; CPU only): one GEMM per pair of row blocks.
+  // symmetric=True (C is A, self_offset 0, no bayes): the CPU kernels visit each pair of row blocks once; the
+  // CUDA kernels run the general forward and one (G + G^T) X backward kernel.
   // Gradient (dA, dC) of sum_k sum_i coef_ki lse_ki + sum_i cpos_i pos_i, recomputing S; symmetric=True
   // returns (dX, an empty [0, D] tensor), dX the gradient through both A and C.
   m.def(

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../symmetric_check.h"
 #include "mining_cuda.h"
 #include "rowstats_cuda.h"
 #include "ssl_cuda.h"
@@ -57,7 +58,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rowst
     const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor& c_lab,
     const c10::optional<Tensor>& bias_same, const c10::optional<Tensor>& bias_other, int64_t self_offset,
     double inv_tau, double gamma, bool focal, bool symmetric) {
-  TORCH_CHECK(!symmetric, "ltcl_fused::rowstats_fwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
+  // symmetric=True: the general forward kernel (one row-parallel pass over C = A); only the backward differs
+  if (symmetric) {
+    check_symmetric_operands(A, C, self_offset, "ltcl_fused::rowstats_fwd");
+    check_symmetric_labels(a_lab, c_lab, "ltcl_fused::rowstats_fwd");
+  }
   const c10::cuda::CUDAGuard guard(A.device());
   Prep p = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_fwd");
   auto opts = A.options().dtype(p.acc);
@@ -85,17 +90,31 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cuda(const Tensor& A, const Tensor& C, c
                                              const Tensor& top, const Tensor& lrest, const Tensor& cpos,
                                              const Tensor& cposf, const Tensor& cneg, const Tensor& r,
                                              const Tensor& rt, bool symmetric) {
-  TORCH_CHECK(!symmetric, "ltcl_fused::rowstats_bwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
+  const char* op = "ltcl_fused::rowstats_bwd";
+  if (symmetric) {
+    check_symmetric_operands(A, C, self_offset, op);
+    check_symmetric_labels(a_lab, c_lab, op);
+  }
   const c10::cuda::CUDAGuard guard(A.device());
-  Prep p = prepare(A, C, a_lab, c_lab, bias_same, bias_other, "ltcl_fused::rowstats_bwd");
+  Prep p = prepare(A, C, a_lab, c_lab, bias_same, bias_other, op);
   auto opts = A.options().dtype(p.acc);
-  Tensor dA = at::empty({p.M, p.D}, opts), dC = at::empty({p.N, p.D}, opts);
+  // symmetric: (dX, an empty [0, D] tensor), dX = (G + G^T) X / tau the gradient through both A and C
+  Tensor dA = at::empty({p.M, p.D}, opts), dC = at::empty({symmetric ? int64_t(0) : p.N, p.D}, opts);
   Tensor l = lse.to(p.acc).contiguous(), tp = top.to(at::kLong).contiguous(), lr = lrest.to(p.acc).contiguous(),
          a = cpos.to(p.acc).contiguous(), b = cposf.to(p.acc).contiguous(), c = cneg.to(p.acc).contiguous(),
          rr = r.to(p.acc).contiguous(), rtt = rt.to(p.acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES(p.acc, "rowstats_bwd_cuda", [&] {
+    if (symmetric) {
+      err = rowstats_backward_symmetric<scalar_t>(
+          p.A.data_ptr<scalar_t>(), p.al.data_ptr<int64_t>(), opt_ptr<scalar_t>(p.bs), opt_ptr<scalar_t>(p.bo), p.M,
+          p.D, static_cast<scalar_t>(inv_tau), static_cast<scalar_t>(gamma), focal, l.data_ptr<scalar_t>(),
+          tp.data_ptr<int64_t>(), lr.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+          c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(), rtt.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(),
+          stream.stream());
+      return;
+    }
     err = rowstats_backward<scalar_t>(
         p.A.data_ptr<scalar_t>(), p.C.data_ptr<scalar_t>(), p.al.data_ptr<int64_t>(), p.cl.data_ptr<int64_t>(),
         opt_ptr<scalar_t>(p.bs), opt_ptr<scalar_t>(p.bo), p.M, p.N, p.D, self_offset,
@@ -260,7 +279,11 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_cuda(const Tensor& A, const Tensor& C
                                                 bool exclude_partner, bool include_self, int64_t filter,
                                                 double lower, double upper, c10::ArrayRef<double> bayes,
                                                 bool symmetric) {
-  TORCH_CHECK(!symmetric, "ltcl_fused::ssl_fwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
+  // symmetric=True: the general forward kernel (one row-parallel pass over C = A); only the backward differs
+  if (symmetric) {
+    check_symmetric_operands(A, C, self_offset, "ltcl_fused::ssl_fwd");
+    check_symmetric_no_bayes(bayes, "ltcl_fused::ssl_fwd");
+  }
   return ssl_fwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
                      bayes, nullptr, nullptr, "ltcl_fused::ssl_fwd");
 }
@@ -279,7 +302,12 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
                                        double inv_tau, c10::ArrayRef<double> scales, bool exclude_partner,
                                        bool include_self, int64_t filter, double lower, double upper,
                                        c10::ArrayRef<double> bayes, const Tensor* rank_ref, const Tensor* rank_n,
-                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos, const char* op) {
+                                       const Tensor& lse, const Tensor& coef, const Tensor& cpos, const char* op,
+                                       bool symmetric = false) {
+  if (symmetric) {
+    check_symmetric_operands(A, C, self_offset, op);
+    check_symmetric_no_bayes(bayes, op);
+  }
   const c10::cuda::CUDAGuard guard(A.device());
   SSLPrep pp = ssl_prepare(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter,
                            lower, upper, bayes, op);
@@ -290,11 +318,18 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
               "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
   TORCH_CHECK(cpos.dim() == 1 && cpos.size(0) == pp.M, "ltcl_fused::ssl_bwd: cpos must have shape [M]");
   auto opts = A.options().dtype(pp.acc);
-  Tensor dA = at::empty({pp.M, pp.D}, opts), dC = at::empty({pp.N, pp.D}, opts);
+  // symmetric: (dX, an empty [0, D] tensor), dX = (G + G^T) X / tau the gradient through both A and C
+  Tensor dA = at::empty({pp.M, pp.D}, opts), dC = at::empty({symmetric ? int64_t(0) : pp.N, pp.D}, opts);
   Tensor l = lse.to(pp.acc).contiguous(), cf = coef.to(pp.acc).contiguous(), cp = cpos.to(pp.acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   AT_DISPATCH_FLOATING_TYPES(pp.acc, "ssl_bwd_cuda", [&] {
+    if (symmetric) {
+      err = ssl_backward_symmetric<scalar_t>(pp.A.data_ptr<scalar_t>(), pp.partner.data_ptr<int64_t>(), pp.M, pp.D,
+                                             pp.params, l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(),
+                                             cp.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), stream.stream());
+      return;
+    }
     const SSLRankRef<scalar_t> rr{rp.ref.defined() ? rp.ref.data_ptr<scalar_t>() : nullptr,
                                   rp.n.defined() ? rp.n.data_ptr<int64_t>() : nullptr,
                                   rp.ref.defined() ? rp.ref.size(1) : 0};
@@ -314,9 +349,8 @@ std::tuple<Tensor, Tensor> ssl_bwd_cuda(const Tensor& A, const Tensor& C, const 
                                         bool include_self, int64_t filter, double lower, double upper,
                                         c10::ArrayRef<double> bayes, const Tensor& lse, const Tensor& coef,
                                         const Tensor& cpos, bool symmetric) {
-  TORCH_CHECK(!symmetric, "ltcl_fused::ssl_bwd: symmetric=True is CPU-only (the CUDA engine takes the general path)");
   return ssl_bwd_run(A, C, partner, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower, upper,
-                     bayes, nullptr, nullptr, lse, coef, cpos, "ltcl_fused::ssl_bwd");
+                     bayes, nullptr, nullptr, lse, coef, cpos, "ltcl_fused::ssl_bwd", symmetric);
 }
 
 std::tuple<Tensor, Tensor> ssl_bwd_ranked_cuda(const Tensor& A, const Tensor& C, const Tensor& partner,

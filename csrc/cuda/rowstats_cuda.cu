@@ -190,52 +190,19 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdRows<T>& R, int6
                           P.focal ? R.rt[i] : T(0));
 }
 
-// dA rows r0..r0+31: this block owns them (no atomics).
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) backward_da_kernel(Args<T> P, BwdRows<T> R, T* dA) {
+// dA rows (general path, SYM = false; rows_backward) or, on the symmetric path (C is A, c_lab equal to
+// a_lab, self_offset 0), dX = (G + G^T) X / tau with G_ji from row j's statistics (SYM = true).
+template <typename T, bool SYM>
+__global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(Args<T> P, BwdRows<T> R, T* out) {
   __shared__ Smem<T> sm;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
-    T acc[kRowsPerThread];
-    tile_dots(P, r0, c0, sm, acc);
-#pragma unroll
-    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kTile) * P.D; e += kThreads) {
-      const int rr = static_cast<int>(e / P.D);
-      const int64_t d = e % P.D, i = r0 + rr;
-      if (i >= P.M) continue;
-      T s = T(0);
-      for (int cc = 0; cc < kTile && c0 + cc < P.N; ++cc) s += sm.g[rr][cc] * P.C[(c0 + cc) * P.D + d];
-      dA[i * P.D + d] += P.inv_tau * s;
-    }
-    __syncthreads();
-  }
+  tile::rows_backward<SYM, T>(P, [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); }, sm, out);
 }
 
-// dC columns c0..c0+31: this block owns them (no atomics).
+// dC columns (general path; cols_backward).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) backward_dc_kernel(Args<T> P, BwdRows<T> R, T* dC) {
+__global__ void __launch_bounds__(kThreads, 1) backward_cols_kernel(Args<T> P, BwdRows<T> R, T* out) {
   __shared__ Smem<T> sm;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t r0 = 0; r0 < P.M; r0 += kTile) {
-    T acc[kRowsPerThread];
-    tile_dots(P, r0, c0, sm, acc);
-#pragma unroll
-    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kTile) * P.D; e += kThreads) {
-      const int cc = static_cast<int>(e / P.D);
-      const int64_t d = e % P.D, j = c0 + cc;
-      if (j >= P.N) continue;
-      T s = T(0);
-      for (int rr = 0; rr < kTile && r0 + rr < P.M; ++rr) s += sm.g[rr][cc] * P.A[(r0 + rr) * P.D + d];
-      dC[j * P.D + d] += P.inv_tau * s;
-    }
-    __syncthreads();
-  }
+  tile::cols_backward<T>(P, [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); }, sm, out);
 }
 
 template <typename T>
@@ -273,6 +240,21 @@ cudaError_t rowstats_forward(const T* A, const T* C, const int64_t* a_lab, const
 }
 
 template <typename T>
+BwdRows<T> bwd_rows(const T* lse, const int64_t* top, const T* lrest, const T* cpos, const T* cposf, const T* cneg,
+                    const T* r, const T* rt) {
+  BwdRows<T> R;
+  R.lse = lse;
+  R.lrest = lrest;
+  R.cpos = cpos;
+  R.cposf = cposf;
+  R.cneg = cneg;
+  R.r = r;
+  R.rt = rt;
+  R.top = top;
+  return R;
+}
+
+template <typename T>
 cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab,
                               const T* bias_same, const T* bias_other, int64_t M, int64_t N, int64_t D,
                               int64_t self_offset, T inv_tau, T gamma, bool focal, const T* lse,
@@ -283,19 +265,24 @@ cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, cons
   err = cudaMemsetAsync(dC, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
   if (err != cudaSuccess || M <= 0 || N <= 0 || D <= 0) return err;
   const auto P = make_args(A, C, a_lab, c_lab, bias_same, bias_other, M, N, D, self_offset, inv_tau, gamma, focal);
-  BwdRows<T> R;
-  R.lse = lse;
-  R.lrest = lrest;
-  R.cpos = cpos;
-  R.cposf = cposf;
-  R.cneg = cneg;
-  R.r = r;
-  R.rt = rt;
-  R.top = top;
-  backward_da_kernel<T><<<static_cast<unsigned>((M + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dA);
+  const auto R = bwd_rows(lse, top, lrest, cpos, cposf, cneg, r, rt);
+  backward_rows_kernel<T, false><<<static_cast<unsigned>((M + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dA);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  backward_dc_kernel<T><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dC);
+  backward_cols_kernel<T><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dC);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t rowstats_backward_symmetric(const T* X, const int64_t* lab, const T* bias_same, const T* bias_other,
+                                        int64_t N, int64_t D, T inv_tau, T gamma, bool focal, const T* lse,
+                                        const int64_t* top, const T* lrest, const T* cpos, const T* cposf,
+                                        const T* cneg, const T* r, const T* rt, T* dX, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(dX, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
+  if (err != cudaSuccess || N <= 0 || D <= 0) return err;
+  const auto P = make_args(X, X, lab, lab, bias_same, bias_other, N, N, D, int64_t(0), inv_tau, gamma, focal);
+  const auto R = bwd_rows(lse, top, lrest, cpos, cposf, cneg, r, rt);
+  backward_rows_kernel<T, true><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dX);
   return cudaGetLastError();
 }
 
@@ -306,7 +293,11 @@ cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, cons
   template cudaError_t rowstats_backward<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,         \
                                             const T*, int64_t, int64_t, int64_t, int64_t, T, T, bool, const T*,  \
                                             const int64_t*, const T*, const T*, const T*, const T*, const T*,    \
-                                            const T*, T*, T*, cudaStream_t);
+                                            const T*, T*, T*, cudaStream_t);                                     \
+  template cudaError_t rowstats_backward_symmetric<T>(const T*, const int64_t*, const T*, const T*, int64_t,      \
+                                                      int64_t, T, T, bool, const T*, const int64_t*, const T*,    \
+                                                      const T*, const T*, const T*, const T*, const T*, T*,       \
+                                                      cudaStream_t);
 
 LTCL_INSTANTIATE(float)
 LTCL_INSTANTIATE(double)

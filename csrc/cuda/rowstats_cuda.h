@@ -25,5 +25,13 @@ cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, cons
                               const int64_t* top, const T* lrest, const T* cpos, const T* cposf, const T* cneg,
                               const T* r, const T* rt, T* dA, T* dC, cudaStream_t stream);
 
+// Symmetric path (C is A = X [N, D], one label vector, self_offset 0): dX = (G + G^T) X * inv_tau [N, D],
+// the gradient through both operands, fully overwritten; one kernel (2 GEMM-equivalents instead of 4).
+template <typename T>
+cudaError_t rowstats_backward_symmetric(const T* X, const int64_t* lab, const T* bias_same, const T* bias_other,
+                                        int64_t N, int64_t D, T inv_tau, T gamma, bool focal, const T* lse,
+                                        const int64_t* top, const T* lrest, const T* cpos, const T* cposf,
+                                        const T* cneg, const T* r, const T* rt, T* dX, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ltcl

@@ -11,7 +11,10 @@
 // exp(c_k s - max)) over the row's set (self / partner / filter masks), the positive's s and whether it
 // stayed in the set. NK (a template constant: 1, 2 or 8) is the smallest supported count >= K.
 // Backward: recompute the tile, form G in shared memory, dA row-parallel (one block owns its rows),
-// dC column-parallel (one block owns its columns): no atomics.
+// dC column-parallel (one block owns its columns): no atomics (tile::rows_backward / cols_backward).
+// Symmetric path (C is A, self_offset 0, no Bayesian weights): one row-parallel kernel
+// dX_I = sum_J (G_IJ + G_JI^T) X_J / tau, G_JI^T from row j's saved lse / coef / cpos on the same recomputed
+// tile (2 GEMM-equivalents instead of 4; the forward is the general one).
 // Bayesian weights (exact ranks, ties count as <=, -0 == +0), as the CPU kernel: a rank pass sorts each
 // row's set values, then u_ij = #{set values <= s_ij} / n_i and w = ω(u). Anchors go in chunks of
 // R = max(1, kSSLRankChunkElements / N) rows: (1) rank_keys_kernel writes the chunk's R x N keys
@@ -184,66 +187,20 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdIn<T>& R, int64_
   return G;
 }
 
-// dA rows r0..r0+31: this block owns them (no atomics).
-template <typename T, bool BAYES>
-__global__ void __launch_bounds__(kThreads, 1) backward_da_kernel(Args<T> P, BwdIn<T> R, T* dA) {
+// dA rows (general path, SYM = false; tile::rows_backward) or, on the symmetric path (C is A, self_offset 0,
+// no Bayesian weights), dX = (G + G^T) X / tau with G_ji from row j's lse / coef / cpos (SYM = true).
+template <typename T, bool BAYES, bool SYM>
+__global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(Args<T> P, BwdIn<T> R, T* out) {
   __shared__ Smem<T> sm;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
-    T acc[kRowsPerThread];
-    tile_dots(P, r0, c0, sm, acc);
-#pragma unroll
-    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at<T, BAYES>(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
-    __syncthreads();
-    // thread t owns feature columns d = t, t + 256, ...: 32 row accumulators, one read of C per (cc, d)
-    const int ncols = P.N - c0 < kTile ? static_cast<int>(P.N - c0) : kTile;
-    for (int64_t d = threadIdx.x; d < P.D; d += kThreads) {
-      T o[kTile];
-#pragma unroll
-      for (int rr = 0; rr < kTile; ++rr) o[rr] = T(0);
-      for (int cc = 0; cc < ncols; ++cc) {
-        const T cv = P.C[(c0 + cc) * P.D + d];
-#pragma unroll
-        for (int rr = 0; rr < kTile; ++rr) o[rr] += sm.g[rr][cc] * cv;
-      }
-#pragma unroll
-      for (int rr = 0; rr < kTile; ++rr)
-        if (r0 + rr < P.M) dA[(r0 + rr) * P.D + d] += P.inv_tau * o[rr];
-    }
-    __syncthreads();
-  }
+  tile::rows_backward<SYM, T>(P, [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); }, sm,
+                              out);
 }
 
-// dC columns c0..c0+31: this block owns them (no atomics).
+// dC columns (general path; tile::cols_backward).
 template <typename T, bool BAYES>
-__global__ void __launch_bounds__(kThreads, 1) backward_dc_kernel(Args<T> P, BwdIn<T> R, T* dC) {
+__global__ void __launch_bounds__(kThreads, 1) backward_cols_kernel(Args<T> P, BwdIn<T> R, T* out) {
   __shared__ Smem<T> sm;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t r0 = 0; r0 < P.M; r0 += kTile) {
-    T acc[kRowsPerThread];
-    tile_dots(P, r0, c0, sm, acc);
-#pragma unroll
-    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad_at<T, BAYES>(P, R, r0 + warp + 8 * q, c0 + lane, acc[q]);
-    __syncthreads();
-    // thread t owns feature columns d = t, t + 256, ...: 32 column accumulators, one read of A per (rr, d)
-    const int nrows = P.M - r0 < kTile ? static_cast<int>(P.M - r0) : kTile;
-    for (int64_t d = threadIdx.x; d < P.D; d += kThreads) {
-      T o[kTile];
-#pragma unroll
-      for (int cc = 0; cc < kTile; ++cc) o[cc] = T(0);
-      for (int rr = 0; rr < nrows; ++rr) {
-        const T av = P.A[(r0 + rr) * P.D + d];
-#pragma unroll
-        for (int cc = 0; cc < kTile; ++cc) o[cc] += sm.g[rr][cc] * av;
-      }
-#pragma unroll
-      for (int cc = 0; cc < kTile; ++cc)
-        if (c0 + cc < P.N) dC[(c0 + cc) * P.D + d] += P.inv_tau * o[cc];
-    }
-    __syncthreads();
-  }
+  tile::cols_backward<T>(P, [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); }, sm, out);
 }
 
 template <typename T>
@@ -488,9 +445,9 @@ cudaError_t ssl_backward(const T* A, const T* C, const int64_t* partner, int64_t
   const unsigned gm = static_cast<unsigned>((M + kTile - 1) / kTile), gn = static_cast<unsigned>((N + kTile - 1) / kTile);
   if (!p.bayes) {
     BwdIn<T> R{lse, coef, cpos};
-    backward_da_kernel<T, false><<<gm, kThreads, 0, stream>>>(P, R, dA);
+    backward_rows_kernel<T, false, false><<<gm, kThreads, 0, stream>>>(P, R, dA);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    backward_dc_kernel<T, false><<<gn, kThreads, 0, stream>>>(P, R, dC);
+    backward_cols_kernel<T, false><<<gn, kThreads, 0, stream>>>(P, R, dC);
     return cudaGetLastError();
   }
   if (rank_ref != nullptr) {
@@ -498,9 +455,9 @@ cudaError_t ssl_backward(const T* A, const T* C, const int64_t* partner, int64_t
     P.ref_n = rank_ref->n;
     P.ref_ld = rank_ref->ld;
     BwdIn<T> R{lse, coef, cpos};
-    backward_da_kernel<T, true><<<gm, kThreads, 0, stream>>>(P, R, dA);
+    backward_rows_kernel<T, true, false><<<gm, kThreads, 0, stream>>>(P, R, dA);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    backward_dc_kernel<T, true><<<gn, kThreads, 0, stream>>>(P, R, dC);
+    backward_cols_kernel<T, true><<<gn, kThreads, 0, stream>>>(P, R, dC);
     return cudaGetLastError();
   }
   const auto w = rank_layout<T>(M, N, ws);
@@ -514,13 +471,26 @@ cudaError_t ssl_backward(const T* A, const T* C, const int64_t* partner, int64_t
     Q.ref_n = reinterpret_cast<const int64_t*>(w.cnt);
     Q.ref_ld = N;
     BwdIn<T> R{lse + r0, coef + r0, cpos + r0};
-    backward_da_kernel<T, true><<<static_cast<unsigned>((rows + kTile - 1) / kTile), kThreads, 0, stream>>>(
+    backward_rows_kernel<T, true, false><<<static_cast<unsigned>((rows + kTile - 1) / kTile), kThreads, 0, stream>>>(
         Q, R, dA + r0 * D);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    backward_dc_kernel<T, true><<<gn, kThreads, 0, stream>>>(Q, R, dC);  // accumulates over the chunks
+    backward_cols_kernel<T, true><<<gn, kThreads, 0, stream>>>(Q, R, dC);  // accumulates over the chunks
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t ssl_backward_symmetric(const T* X, const int64_t* partner, int64_t N, int64_t D, const SSLParams& p,
+                                   const T* lse, const T* coef, const T* cpos, T* dX, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(dX, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
+  if (err != cudaSuccess || N <= 0 || D <= 0) return err;
+  if (bad_scales(p) || p.bayes || p.self_offset != 0) return cudaErrorInvalidValue;
+  const auto P = make_args(X, X, partner, N, N, D, p);
+  BwdIn<T> R{lse, coef, cpos};
+  backward_rows_kernel<T, false, true><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(
+      P, R, dX);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -549,6 +519,8 @@ cudaError_t ssl_set_values(const T* A, const T* C, const int64_t* partner, int64
   template cudaError_t ssl_backward<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,         \
                                        const SSLParams&, const SSLRankRef<T>*, void*, size_t, const T*,       \
                                        const T*, const T*, T*, T*, cudaStream_t);                             \
+  template cudaError_t ssl_backward_symmetric<T>(const T*, const int64_t*, int64_t, int64_t, const SSLParams&, \
+                                                 const T*, const T*, const T*, T*, cudaStream_t);              \
   template cudaError_t ssl_set_values<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,       \
                                          const SSLParams&, void*, size_t, T*, int64_t*, cudaStream_t);
 

@@ -58,6 +58,12 @@ cudaError_t ssl_backward(const T* A, const T* C, const int64_t* partner, int64_t
                          const SSLParams& p, const SSLRankRef<T>* rank_ref, void* ws, size_t ws_bytes,
                          const T* lse, const T* coef, const T* cpos, T* dA, T* dC, cudaStream_t stream);
 
+// Symmetric path (C is A = X [N, D], self_offset 0, no Bayesian weights): dX = (G + G^T) X * inv_tau [N, D],
+// the gradient through both operands, fully overwritten; one kernel (2 GEMM-equivalents instead of 4).
+template <typename T>
+cudaError_t ssl_backward_symmetric(const T* X, const int64_t* partner, int64_t N, int64_t D, const SSLParams& p,
+                                   const T* lse, const T* coef, const T* cpos, T* dX, cudaStream_t stream);
+
 // One column block's row-sorted set values vals [M, N] (+inf after the first cnt[i]) and cnt [M].
 // Workspace: ssl_workspace_bytes with p.bayes = true and no reference.
 template <typename T>

@@ -8,6 +8,7 @@ extension the first time it is asked (about a minute) and reports a failed build
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,11 +31,14 @@ def _ssl_args(self_offset, inv_tau, cfg):
             [] if cfg.bayes is None else [float(v) for v in cfg.bayes])
 
 
+_SYMMETRIC_OPS = frozenset({"rowstats", "ssl"})
+
+
 class CPUEngine(Engine):
     name = "cpu"
     ops = frozenset({"rowstats", "ssl", "ssl_ranked"})
     #: operations with a symmetric path (C is A: one GEMM per pair of row blocks, csrc/cpu/strip_common.h)
-    symmetric_ops = frozenset({"rowstats", "ssl"})
+    symmetric_ops = _SYMMETRIC_OPS
     device_type = "cpu"
 
     def unavailable_reason(self, device) -> Optional[str]:
@@ -98,7 +102,13 @@ class CUDAEngine(CPUEngine):
     # mining: csrc/cuda/mining_cuda.cu; ssl and ssl_ranked: csrc/cuda/ssl_cuda.cu (DCL/HCL/MTTV and the Bayesian
     # weights: a CUB segmented radix sort rank pass, then the tiled weighting pass)
     ops = frozenset({"rowstats", "mining", "ssl", "ssl_ranked"})
-    symmetric_ops = frozenset()  # the CUDA kernels take the general path
+
+    @property
+    def symmetric_ops(self) -> frozenset:
+        """The symmetric backward kernels (csrc/cuda: one (G + G^T) X kernel, 2 GEMM-equivalents instead of 4) are
+        compiled and ptxas-checked but have not yet run on a GPU, so they are opt-in: ``LTCL_CUDA_SYMMETRIC=1``
+        (``python -m ltcl_fused.gpu_check`` checks them against the reference as backend "cuda_symmetric")."""
+        return _SYMMETRIC_OPS if os.environ.get("LTCL_CUDA_SYMMETRIC", "0") == "1" else frozenset()
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
         """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""
