@@ -225,12 +225,16 @@ def test_losses_take_the_symmetric_path_only_when_c_is_a(monkeypatch):
         assert calls == [("fwd", True), ("bwd", True, True)]
     general = [lambda: lf.supcon(x, y, contrast_mode="one", backend="cpu"),
                lambda: lf.supcon(x, y, ref_features=R, ref_labels=torch.arange(5) % 3, backend="cpu"),
-               lambda: lf.afcl(x, y, contrast_mode="one", backend="cpu"),
-               lambda: lf.bcl(x, y, torch.randn(3, 8, generator=g), backend="cpu")]
+               lambda: lf.afcl(x, y, contrast_mode="one", backend="cpu")]
     for f in general:
         calls.clear()
         f().backward()
         assert calls == [("fwd", False), ("bwd", False, False)]
+    # BCL: the batch block against itself takes the symmetric path, the prototypes' block the general one
+    calls.clear()
+    lf.bcl(x, y, torch.randn(3, 8, generator=g), backend="cpu").backward()
+    assert calls[:2] == [("fwd", True), ("fwd", False)]
+    assert sorted(calls[2:]) == sorted([("bwd", True, True), ("bwd", False, False)])
 
 
 LOSSES = [

@@ -44,13 +44,20 @@ def bcl(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, 
     dev = features.device
     lab = base.repeat(Vw)
     c_lab = torch.cat([lab, torch.arange(n_cls, device=dev)])
-    C = torch.cat([X, prototypes], 0)
     cnt = class_counts(c_lab, n_cls).to(torch.float64)  # V·n_c + 1 per class
     bias_other = (-torch.log(cnt))[c_lab]
     bias_same = (-torch.log((cnt - 1).clamp(min=1)))[c_lab]  # own class: anchor i itself is not counted
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    bias_same, bias_other = bias_same.to(acc), bias_other.to(acc)
     eng = backends.resolve(backend, dev, "rowstats", fn, dtype=X.dtype)
-    st = row_stats(eng, X, C, lab, c_lab, self_offset=0, inv_tau=1.0 / tau,
-                   bias_same=bias_same.to(acc), bias_other=bias_other.to(acc), fn=fn)
+    # two column blocks: the batch against itself (C is A: the engine's symmetric path, about half the work)
+    # and the prototypes; the row statistics merge exactly (lse by logaddexp, the positives' sums add) and
+    # autograd carries each block's gradient through the merge
+    nb = X.shape[0]
+    st_b = row_stats(eng, X, X, lab, lab, self_offset=0, inv_tau=1.0 / tau, bias_same=bias_same[:nb],
+                     bias_other=bias_other[:nb], fn=fn)
+    st_p = row_stats(eng, X, prototypes, lab, c_lab[nb:], self_offset=-1, inv_tau=1.0 / tau,
+                     bias_same=bias_same[nb:], bias_other=bias_other[nb:], fn=fn)
+    lse = torch.logaddexp(st_b.lse, st_p.lse)
     npos = (cnt[lab] - 1).to(acc)  # every other column of the class, prototype included (>= 1)
-    return chk.poison(reduce(st.lse - st.pos_sum / npos, reduction))
+    return chk.poison(reduce(lse - (st_b.pos_sum + st_p.pos_sum) / npos, reduction))
