@@ -147,3 +147,86 @@ def test_deterministic(force_config, split):
         assert torch.equal(x, y)
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the split symmetric backward: program (I, k) sweeps column range k into slab k, slabs summed in range order
+# ----------------------------------------------------------------------------------------------
+import test_triton_ssl_symmetric as SSYM  # noqa: E402
+import test_triton_symmetric as SYM  # noqa: E402
+
+from ltcl_fused.triton_kernels import ssl_ops  # noqa: E402
+
+
+@pytest.fixture
+def slab_counts(monkeypatch):
+    """The number of slabs of every symmetric backward launch (that the split really happened)."""
+    seen = []
+    real = ops.sym_grid
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out[1].shape[0])
+        return out
+
+    monkeypatch.setattr(ops, "sym_grid", spy)
+    monkeypatch.setattr(ssl_ops, "sym_grid", spy)
+    return seen
+
+
+@pytest.mark.parametrize("n_split", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_symmetric_backward_split_vs_contract(force_config, split, slab_counts, n_split, dtype):
+    """rowstats_bwd_sym_kernel on a 2-D grid: the same checks as the one-range kernel (fp64 1e-10 against the
+    dense contract, fp32 by the truth rule), bias, focal γ > 0 and γ = 0, one class, N not a multiple of a tile."""
+    force_config(SYM.SMALL)
+    split(n_split)
+    SYM._check(150, 40, True, True, 0.5, dtype)
+    SYM._check(129, 17, False, False, 0.0, dtype, seed=2)
+    SYM._check(100, 40, True, True, 0.0, dtype, labels="one", seed=1)
+    # split_plan's ranges are whole column tiles (BLOCK_N 16 here), none empty: 150, 129, 100 columns
+    assert slab_counts == [ops.split_plan(n, n, 16, 16, torch.device("cpu"))[0] for n in (150, 129, 100)]
+    assert all(n > 1 for n in slab_counts)
+
+
+@pytest.mark.parametrize("name", ["dcl", "hcl", "mttv_both_self"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ssl_symmetric_backward_split_vs_contract(force_config, split, slab_counts, name, dtype):
+    force_config(SSYM.SMALL)
+    split(4)
+    SSYM._check(101, 19, SSYM.CONFIGS[name], dtype, seed=5)
+    assert slab_counts and all(n == 4 for n in slab_counts)  # 4 column tiles of 32: one per range
+
+
+def test_symmetric_backward_split_is_deterministic_and_matches_one_range(force_config, split):
+    """Repeated split calls are bitwise equal; split and one-range results agree to rounding (fp64)."""
+    force_config(SYM.SMALL)
+    X, lab, bs, bo, coefs = SYM._problem(97, 40, True, seed=3)
+    inv_tau = 1 / 0.3
+    ref = dense_forward(X, X, lab, lab, 0, inv_tau, bs, bo, 0.5, True)
+    st = (ref[0], ref[6], ref[7])
+    split(4)
+    a = SYM._sym(X, lab, inv_tau, bs, bo, 0.5, True, st, coefs)
+    b = SYM._sym(X, lab, inv_tau, bs, bo, 0.5, True, st, coefs)
+    split(1)
+    one = SYM._sym(X, lab, inv_tau, bs, bo, 0.5, True, st, coefs)
+    assert torch.equal(a, b)
+    assert (a - one).abs().max() <= 1e-12 * one.abs().max()
+
+
+def test_sym_grid_plan():
+    """One slab (the whole sweep, 1-D grid) on CPU tensors; with a forced split the slabs are zero-initialised and
+    their sum is taken in order."""
+    from ltcl_fused.triton_kernels.configs import BlockConfig
+    bc = BlockConfig(16, 32, 32, 1, 1)
+    grid, slabs, n_per = ops.sym_grid(100, 8, bc, torch.float64, torch.device("cpu"))
+    assert grid == (7, 1) and slabs.shape == (1, 100, 8) and n_per == 100
+    try:
+        ops.FORCE_SPLIT = 3
+        grid, slabs, n_per = ops.sym_grid(100, 8, bc, torch.float32, torch.device("cpu"))
+        # 4 column tiles of 32 in 3 ranges: 2 tiles per range, so 2 ranges (none empty)
+        assert grid == (7, 2) and slabs.shape == (2, 100, 8) and n_per == 64 and not slabs.any()
+    finally:
+        ops.FORCE_SPLIT = None
+    s = torch.arange(3 * 2 * 2, dtype=torch.float64).reshape(3, 2, 2)
+    assert torch.equal(ops.sum_slabs(s), s[0] + s[1] + s[2])

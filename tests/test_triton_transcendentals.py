@@ -64,6 +64,9 @@ EXPECTED = {
     # symmetric backward: two G tiles per recomputed S tile (G_ij from row i, G_ji from row j), each as dA's
     ("ssl_bwd_sym_kernel", "k2_both"): {"math.exp": 4},
     ("ssl_bwd_sym_kernel", "hcl"): {"math.exp": 4},
+    # their 2-D grids (SPLIT: a column range per program): the same per element
+    ("rowstats_bwd_sym_kernel", "split_focal_bias"): {"math.exp": 4, "arith.divf": 2, "math.log": 2},
+    ("ssl_bwd_sym_kernel", "k2_both_split"): {"math.exp": 4},
     # Bayesian weighting pass: log ω(u): u = cnt/nset, x = 2u/(b + sqrt(b² + 4au)), ψ_htn/den, ψ_htn/(…),
     # log w; then one exp: the online LSE (forward) or the strip of G (backward)
     ("ssl_bayes_kernel", "fwd"): {"arith.divf": 4, "math.sqrt": 1, "math.log": 1, "math.exp": 1},

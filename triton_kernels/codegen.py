@@ -47,6 +47,7 @@ def jobs(full: bool = False):
     plain = ("plain", False, False, True)      # SupCon / CL: pass 1 only
     split1 = ("split1", True, True, False, 1)  # a split sweep's pass 1 (ops.split_plan)
     split2 = ("split2", True, True, False, 2)  # a split sweep's pass 2 (bias, γ ≠ 0)
+    sym_split = ("split_focal_bias", True, True, False, "split")  # the symmetric backward's 2-D grid (SPLIT)
     out = []
     for name, cfg in SHIPPED.items():
         dts = list(cfg.dtypes)
@@ -63,6 +64,8 @@ def jobs(full: bool = False):
                         variants = (heavy, g0) if k == "rowstats_fwd_kernel" else (heavy,)
                     if k == "rowstats_fwd_kernel":
                         variants = variants + (split1, split2)
+                    elif k == "rowstats_bwd_sym_kernel":
+                        variants = variants + (sym_split,)
                     for var in variants:
                         out.append((k, name, dt, cc, var))
     for acc in (("fp32", "fp64") if full else ("fp32",)):
@@ -109,6 +112,8 @@ def _compile_one(job):
                       UPCAST=False)
     if k == "rowstats_fwd_kernel":
         constexprs["PASS"] = pass_[0] if pass_ else 0
+    elif k == "rowstats_bwd_sym_kernel":
+        constexprs["SPLIT"] = pass_ == ["split"]
     sig = {}
     for p in kernel.params:
         n = p.name

@@ -50,9 +50,10 @@ SHIPPED = {
     # 16-bit inputs: tensor-core tiles (mma.sync on sm_80, wgmma on sm_90)
     # (sm_90 forward: 128 rows, two warpgroups of 64-row wgmma, C read once per 128 anchors; 128x64 spilled 64 B
     # in the focal pass on Triton 3.3.1, 128x32 is spill-free on 3.3.1 and 3.9.0; the symmetric backward holds two
-    # G tiles: 64x16 where 64x32 spilled 16 B on sm_90 with chunked D)
+    # G tiles: 64x16 where 64x32 spilled 16 B on sm_90 with chunked D, and 8 B on sm_80 with D <= 64 on its 2-D
+    # grid, SPLIT)
     "h_d64": KernelConfig(BlockConfig(64, 64, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 64,
-                          None, BlockConfig(128, 32, 64, 8, 2)),
+                          BlockConfig(64, 16, 64, 8, 2), BlockConfig(128, 32, 64, 8, 2)),
     "h_d128": KernelConfig(BlockConfig(64, 64, 128, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 128,
                            BlockConfig(64, 16, 64, 8, 2), BlockConfig(128, 32, 128, 8, 2)),
     "h_large": KernelConfig(BlockConfig(64, 32, 64, 8, 2), BlockConfig(64, 32, 64, 8, 2), ("bf16", "fp16"), 0,
@@ -79,7 +80,8 @@ LEGACY = (
     ((3, 7), "rowstats", "h_d64", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
     ((3, 7), "rowstats", "h_d128", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
     ((3, 7), "rowstats", "h_large", dict(bwd=BlockConfig(64, 16, 64, 8, 2))),
-    ((3, 4), "rowstats", "f_d32", dict(bwd=BlockConfig(32, 32, 32, 4, 2))),
+    # (and its symmetric backward's 2-D grid, SPLIT, used 8-16 B with 8 warps on 3.3.1: 4 warps there)
+    ((3, 4), "rowstats", "f_d32", dict(bwd=BlockConfig(32, 32, 32, 4, 2), sym=BlockConfig(32, 16, 32, 4, 2))),
     ((3, 4), "rowstats", "f_large", dict(fwd=BlockConfig(32, 32, 16, 4, 1))),
     # (the SSL symmetric backward keeps the 32x16 tile: 32x32 used 8 B with one scale on sm_80, Triton 3.3.1)
     ((3, 7), "ssl", "f_large", dict(bwd=BlockConfig(32, 32, 32, 4, 1), sym=BlockConfig(32, 16, 32, 4, 1))),

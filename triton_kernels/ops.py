@@ -206,18 +206,36 @@ def _bwd_sym_impl(X: Tensor, lab: Tensor, bias_same: Optional[Tensor], bias_othe
     if N == 0:
         return torch.zeros_like(X)
     acc = _acc(X.dtype)
-    dX = torch.zeros(N, D, dtype=acc, device=X.device)  # zero-initialised: the chunked-D kernel accumulates into it
     has_bias = bias_same is not None
     bs = bias_same if has_bias else lse
     bo = bias_other if has_bias else lse
     cfg = _config(N, N, D, X.dtype).sym_config()
-    launch(rowstats_bwd_sym_kernel, (triton.cdiv(N, cfg.BLOCK_M),), X.device,
-           X, lab, bs, bo, lse, top, lrest, cpos, cposf, cneg, r, rt, dX, N, D, X.stride(0),
-           support.kernel_param(inv_tau, acc), support.kernel_param(gamma, acc),
+    grid, slabs, n_per = sym_grid(N, D, cfg, acc, X.device)
+    launch(rowstats_bwd_sym_kernel, grid, X.device,
+           X, lab, bs, bo, lse, top, lrest, cpos, cposf, cneg, r, rt, slabs, N, D, X.stride(0),
+           support.kernel_param(inv_tau, acc), support.kernel_param(gamma, acc), n_per,
            HAS_BIAS=has_bias, FOCAL=focal, GAMMA_ZERO=(gamma == 0.0), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
            BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=_precision(X.dtype, precision),
-           UPCAST=_upcast(X.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dX.to(X.dtype)
+           UPCAST=_upcast(X.dtype), SPLIT=grid[1] > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return sum_slabs(slabs).to(X.dtype)
+
+
+def sym_grid(N: int, D: int, cfg, acc: torch.dtype, device: torch.device):
+    """(grid, slabs, n_per) of a symmetric backward kernel: one program per BLOCK_M rows and, when that many row
+    blocks cannot fill the GPU (``split_plan``), per column range too, each range into its own zero-initialised
+    output slab [N, D] (slabs: [n_split, N, D] in the accumulation dtype; the chunked-D kernels accumulate
+    into them)."""
+    n_split, n_per = split_plan(N, N, cfg.BLOCK_M, cfg.BLOCK_N, device)
+    slabs = torch.zeros(n_split, N, D, dtype=acc, device=device)
+    return (triton.cdiv(N, cfg.BLOCK_M), n_split), slabs, n_per
+
+
+def sum_slabs(slabs: Tensor) -> Tensor:
+    """The [N, D] sum of a split backward's slabs in range order (a view of the only one when unsplit)."""
+    out = slabs[0]
+    for k in range(1, slabs.shape[0]):
+        out = out + slabs[k]
+    return out
 
 
 def _bwd_sym_fake(X, lab, bias_same, bias_other, lse, top, lrest, cpos, cposf, cneg, r, rt, inv_tau, gamma, focal,

@@ -202,6 +202,28 @@ def _program_block(n, p_inv_tau, p_gamma, ACC: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _split_range(N, n_per, SPLIT: tl.constexpr):
+    """The column range [n_lo, n_hi) of program_id(1) in a split backward sweep (SPLIT; else the whole sweep,
+    [0, N)); its output rows go to slab program_id(1) (``_slab``), which the host sums in range order."""
+    if SPLIT:
+        n_lo = tl.program_id(1) * n_per
+        n_hi = tl.minimum(n_lo + n_per, N)
+    else:
+        n_lo = 0
+        n_hi = N
+    return n_lo, n_hi
+
+
+@triton.jit
+def _slab(OUT, N, D, SPLIT: tl.constexpr):
+    """Slab program_id(1) of a split backward's output [n_split, N, D] (SPLIT; else OUT itself), formed where it
+    is used (with SINGLE_D only by the last store: no register held across the sweep)."""
+    if SPLIT:
+        OUT = OUT + tl.program_id(1).to(tl.int64) * N * D
+    return OUT
+
+
+@triton.jit
 def _load_rows(X, xi, xmask, stride_x, D, BLOCK_D: tl.constexpr):
     """The rows ``xi`` of X as one [rows, BLOCK_D] register tile (SINGLE_D: the program's resident operand)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -653,14 +675,17 @@ def rowstats_bwd_dc_kernel(A, C, ALAB, CLAB, BS, BO, LSE, TOP, LREST, CPOS, CPOS
 # symmetric, so one recomputed tile s_ij = s_ji serves both halves: G_ij from row i's statistics (as dA) and
 # G_ji from row j's (as dC, the tile read transposed: x_ji = s_ij + b_ji, the bias of column i), by the same
 # ``_grad_tile_stats``. Two GEMM-equivalents (S, (G + Gᵀ) X) instead of four; every output row is owned by one
-# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype, cast by the host.
+# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype, cast by the host. Split sweep (SPLIT, few
+# row blocks, ``ops.sym_grid``): program (I, k) sweeps the column range k only, into slab k of OUT [n_split, N, D].
 @triton.jit
 def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, OUT,
-                            N, D, stride_x, p_inv_tau, p_gamma,
+                            N, D, stride_x, p_inv_tau, p_gamma, n_per,
                             HAS_BIAS: tl.constexpr, FOCAL: tl.constexpr, GAMMA_ZERO: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+                            SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+                            SPLIT: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
+    n_lo, n_hi = _split_range(N, n_per, SPLIT)
     rows, rmask, ri, inv_tau, gamma = _program_block(N, p_inv_tau, p_gamma, ACC, BLOCK_M)
     alab = tl.load(LAB + ri, mask=rmask, other=-1)[:, None]
     lse_i, top_i, lrest_i, rest_i, gtp_i, gtn_i, cpos_i, cposf_i, cneg_i, r_i, rt_i = _bwd_row_stats(
@@ -670,7 +695,7 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
     if HAS_BIAS:
         bs_i, bo_i = _bias_pair(BS, BO, ri, rmask, 1)
     x_res, acc = _resident_rows(X, ri, rmask, stride_x, D, ACC, BLOCK_M, BLOCK_D)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols, cmask, ci = _block(n0, BLOCK_N, N)
         clab = tl.load(LAB + ci, mask=cmask, other=-1)[None, :]
         s = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -691,5 +716,6 @@ def rowstats_bwd_sym_kernel(X, LAB, BS, BO, LSE, TOP, LREST, CPOS, CPOSF, CNEG, 
             LSE, TOP, LREST, CPOS, CPOSF, CNEG, R, RT, ci, cmask, gamma, FOCAL, GAMMA_ZERO)
         g += _grad_tile_stats(x_ji, valid, pos, neg, rows[:, None], lse_j, top_j, lrest_j, rest_j, gtp_j, gtn_j,
                               cpos_j, cposf_j, cneg_j, r_j, rt_j, gamma, 0, FOCAL, GAMMA_ZERO)
-        acc = _gy_step(g, X, ci, cmask, stride_x, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
-    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+        acc = _gy_step(g, X, ci, cmask, stride_x, acc, _slab(OUT, N, D, SPLIT), ri, rmask, n0 - n_lo, D, ACC, BLOCK_D,
+                       SINGLE_D, PREC, UPCAST)
+    _write_rows(_slab(OUT, N, D, SPLIT), ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)

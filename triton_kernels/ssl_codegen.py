@@ -52,6 +52,8 @@ def jobs(full: bool = False):
                 for k in KERNELS:
                     variants = [HEAVY] + ([] if k in UNIT_ONLY else [BAYES]) + [MTTV_LOW_SELF] + \
                         (list(LOSS_VARIANTS) if full else [])
+                    if k == "ssl_bwd_sym_kernel":  # its 2-D grid (SPLIT: column ranges of few row blocks)
+                        variants.append((HEAVY[0] + "_split", dict(HEAVY[1], SPLIT=True)))
                     for var in variants:
                         out.append((k, name, dt, cc, var))
     for dt in (("fp32", "fp64") if full else ("fp32",)):
@@ -99,6 +101,8 @@ def _compile_one(job):
             constexprs["STRIP"] = var_name == "bayes"
         elif k != "ssl_bwd_sym_kernel":
             constexprs["G_STRIP"] = var_name == "bayes"
+        else:
+            constexprs.setdefault("SPLIT", False)
     sig = {}
     for p in kernel.params:
         n = p.name

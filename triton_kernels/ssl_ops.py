@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .configs import BlockConfig
 from . import support
-from .ops import _acc, _config, _precision, _upcast, interpreted, launch, split_plan
+from .ops import _acc, _config, _precision, _upcast, interpreted, launch, split_plan, sum_slabs, sym_grid
 from .ssl_rowstats import ssl_bayes_kernel, ssl_bwd_da_kernel, ssl_bwd_dc_kernel, ssl_bwd_sym_kernel, ssl_fwd_kernel
 
 #: elements of one Bayesian row block's strip (rows = BAYES_BLOCK_ELEMENTS // N, at least one kernel
@@ -286,13 +286,14 @@ def _bwd_sym_impl(X: Tensor, partner: Tensor, inv_tau: float, scales: List[float
     dX = None
     zero = torch.zeros_like(cpos)
     for k, c0, c1, two in _groups(scales):
-        out = torch.zeros(N, D, dtype=acc, device=X.device)  # zero-initialised: chunked-D accumulation
-        launch(ssl_bwd_sym_kernel, (triton.cdiv(N, cfg.BLOCK_M),), X.device,
-               X, partner, lse[k], coef[k], cpos if k == 0 else zero, out, N, D, X.stride(0),
-               *_params(inv_tau, c0, c1, lower, upper, acc),
+        grid, slabs, n_per = sym_grid(N, D, cfg, acc, X.device)
+        launch(ssl_bwd_sym_kernel, grid, X.device,
+               X, partner, lse[k], coef[k], cpos if k == 0 else zero, slabs, N, D, X.stride(0),
+               *_params(inv_tau, c0, c1, lower, upper, acc), n_per,
                K2=two, FILTER=filter_mode, EXCL_PARTNER=exclude_partner, INCL_SELF=include_self,
                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, SINGLE_D=cfg.single_d(D), PREC=prec,
-               UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+               UPCAST=upcast, SPLIT=grid[1] > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out = sum_slabs(slabs)
         dX = out if dX is None else dX.add_(out)
     return dX.to(X.dtype)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rowstats import _block, _gy_step, _param, _resident_rows, _s_tile, _write_rows
+from .rowstats import _block, _gy_step, _param, _resident_rows, _s_tile, _slab, _split_range, _write_rows
 
 INF = tl.constexpr(float("inf"))
 
@@ -344,20 +344,22 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
 # the filter on g), so one recomputed tile s_ij = s_ji serves both halves: G_ij from rows i's (lse, coef, cpos,
 # partner) as in dA, G_ji from rows j's as in dC (row j's masks: self i = j, partner(j) = i), by the same
 # ``_ssl_grad_tile``. Two GEMM-equivalents (S, (G + Gᵀ) X) instead of four; every output row is owned by one
-# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype (cast by the host).
+# program (deterministic, no atomics). OUT: [N, D] in the accumulation dtype (cast by the host). Split sweep (SPLIT,
+# few row blocks, ``ops.sym_grid``): program (I, k) sweeps the column range k only, into slab k of OUT [n_split, N, D].
 @triton.jit
 def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
-                       K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr, INCL_SELF: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr = False):
+                       n_per, K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr,
+                       INCL_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr = False, SPLIT: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
+    n_lo, n_hi = _split_range(N, n_per, SPLIT)
     rows, rmask, ri = _block(tl.program_id(0) * BLOCK_M, BLOCK_M, N)
     inv_tau, c0, c1, lower, upper = _ssl_params(p_inv_tau, p_c0, p_c1, p_lower, p_upper, ACC)
     part_i, l0_i, k0_i, l1_i, k1_i, cpos_i = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ri, rmask, N, K2)
     # self_offset = 0 as a tensor (the interpreter of Triton 3.3 cannot mask with a Python bool)
     zero = tl.zeros([1, 1], tl.int32)
     x_res, acc = _resident_rows(X, ri, rmask, stride_x, D, ACC, BLOCK_M, BLOCK_D)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols, cmask, ci = _block(n0, BLOCK_N, N)
         gd = _s_tile(X, X, ri, ci, rmask, cmask, D, stride_x, stride_x, x_res, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
                      SINGLE_D, PREC, UPCAST)
@@ -366,5 +368,6 @@ def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_t
         part_j, l0_j, k0_j, l1_j, k1_j, cpos_j = _ssl_row_stats(PARTNER, LSE, COEF, CPOS, ci, cmask, N, K2)
         g += _ssl_grad_tile(gd, cols[None, :], rows[:, None], cmask[None, :], rmask[:, None], part_j, l0_j, k0_j, l1_j,
                             k1_j, cpos_j, zero, inv_tau, c0, c1, lower, upper, 0, K2, FILTER, EXCL_PARTNER, INCL_SELF)
-        acc = _gy_step(g, X, ci, cmask, stride_x, acc, OUT, ri, rmask, n0, D, ACC, BLOCK_D, SINGLE_D, PREC, UPCAST)
-    _write_rows(OUT, ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
+        acc = _gy_step(g, X, ci, cmask, stride_x, acc, _slab(OUT, N, D, SPLIT), ri, rmask, n0 - n_lo, D, ACC, BLOCK_D,
+                       SINGLE_D, PREC, UPCAST)
+    _write_rows(_slab(OUT, N, D, SPLIT), ri, rmask, acc, inv_tau, D, BLOCK_D, SINGLE_D)
