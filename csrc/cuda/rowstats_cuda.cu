@@ -190,39 +190,27 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdRows<T>& R, int6
                           P.focal ? R.rt[i] : T(0));
 }
 
-// dA rows (general path, SYM = false; rows_backward) or, on the symmetric path (C is A, c_lab equal to
+// dA rows (general path, SYM = false; tile::backward_sweep) or, on the symmetric path (C is A, c_lab equal to
 // a_lab, self_offset 0), dX = (G + G^T) X / tau with G_ji from row j's statistics (SYM = true).
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(Args<T> P, BwdRows<T> R, T* out) {
   __shared__ Smem<T> sm;
-  tile::rows_backward<SYM, T>(P, [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); }, sm, out);
+  const auto grad = [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); };
+  tile::backward_sweep<SYM ? tile::Sweep::kRowsSym : tile::Sweep::kRows, T>(P, grad, sm, out);
 }
 
-// dC columns (general path; cols_backward).
+// dC columns (general path; tile::backward_sweep).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) backward_cols_kernel(Args<T> P, BwdRows<T> R, T* out) {
   __shared__ Smem<T> sm;
-  tile::cols_backward<T>(P, [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); }, sm, out);
+  const auto grad = [&](int64_t i, int64_t j, T dot) { return grad_at(P, R, i, j, dot); };
+  tile::backward_sweep<tile::Sweep::kCols, T>(P, grad, sm, out);
 }
 
 template <typename T>
 Args<T> make_args(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab, const T* bs, const T* bo,
                   int64_t M, int64_t N, int64_t D, int64_t self_offset, T inv_tau, T gamma, bool focal) {
-  Args<T> P;
-  P.A = A;
-  P.C = C;
-  P.a_lab = a_lab;
-  P.c_lab = c_lab;
-  P.bs = bs;
-  P.bo = bo;
-  P.M = M;
-  P.N = N;
-  P.D = D;
-  P.self_offset = self_offset;
-  P.inv_tau = inv_tau;
-  P.gamma = gamma;
-  P.focal = focal;
-  return P;
+  return Args<T>{A, C, a_lab, c_lab, bs, bo, M, N, D, self_offset, inv_tau, gamma, focal};
 }
 
 }  // namespace
@@ -240,21 +228,6 @@ cudaError_t rowstats_forward(const T* A, const T* C, const int64_t* a_lab, const
 }
 
 template <typename T>
-BwdRows<T> bwd_rows(const T* lse, const int64_t* top, const T* lrest, const T* cpos, const T* cposf, const T* cneg,
-                    const T* r, const T* rt) {
-  BwdRows<T> R;
-  R.lse = lse;
-  R.lrest = lrest;
-  R.cpos = cpos;
-  R.cposf = cposf;
-  R.cneg = cneg;
-  R.r = r;
-  R.rt = rt;
-  R.top = top;
-  return R;
-}
-
-template <typename T>
 cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, const int64_t* c_lab,
                               const T* bias_same, const T* bias_other, int64_t M, int64_t N, int64_t D,
                               int64_t self_offset, T inv_tau, T gamma, bool focal, const T* lse,
@@ -265,7 +238,7 @@ cudaError_t rowstats_backward(const T* A, const T* C, const int64_t* a_lab, cons
   err = cudaMemsetAsync(dC, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
   if (err != cudaSuccess || M <= 0 || N <= 0 || D <= 0) return err;
   const auto P = make_args(A, C, a_lab, c_lab, bias_same, bias_other, M, N, D, self_offset, inv_tau, gamma, focal);
-  const auto R = bwd_rows(lse, top, lrest, cpos, cposf, cneg, r, rt);
+  const BwdRows<T> R{lse, lrest, cpos, cposf, cneg, r, rt, top};
   backward_rows_kernel<T, false><<<static_cast<unsigned>((M + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dA);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -281,7 +254,7 @@ cudaError_t rowstats_backward_symmetric(const T* X, const int64_t* lab, const T*
   cudaError_t err = cudaMemsetAsync(dX, 0, sizeof(T) * static_cast<size_t>(N * D), stream);
   if (err != cudaSuccess || N <= 0 || D <= 0) return err;
   const auto P = make_args(X, X, lab, lab, bias_same, bias_other, N, N, D, int64_t(0), inv_tau, gamma, focal);
-  const auto R = bwd_rows(lse, top, lrest, cpos, cposf, cneg, r, rt);
+  const BwdRows<T> R{lse, lrest, cpos, cposf, cneg, r, rt, top};
   backward_rows_kernel<T, true><<<static_cast<unsigned>((N + kTile - 1) / kTile), kThreads, 0, stream>>>(P, R, dX);
   return cudaGetLastError();
 }

@@ -11,7 +11,7 @@
 // exp(c_k s - max)) over the row's set (self / partner / filter masks), the positive's s and whether it
 // stayed in the set. NK (a template constant: 1, 2 or 8) is the smallest supported count >= K.
 // Backward: recompute the tile, form G in shared memory, dA row-parallel (one block owns its rows),
-// dC column-parallel (one block owns its columns): no atomics (tile::rows_backward / cols_backward).
+// dC column-parallel (one block owns its columns): no atomics (tile::backward_sweep).
 // Symmetric path (C is A, self_offset 0, no Bayesian weights): one row-parallel kernel
 // dX_I = sum_J (G_IJ + G_JI^T) X_J / tau, G_JI^T from row j's saved lse / coef / cpos on the same recomputed
 // tile (2 GEMM-equivalents instead of 4; the forward is the general one).
@@ -187,20 +187,21 @@ __device__ __forceinline__ T grad_at(const Args<T>& P, const BwdIn<T>& R, int64_
   return G;
 }
 
-// dA rows (general path, SYM = false; tile::rows_backward) or, on the symmetric path (C is A, self_offset 0,
+// dA rows (general path, SYM = false; tile::backward_sweep) or, on the symmetric path (C is A, self_offset 0,
 // no Bayesian weights), dX = (G + G^T) X / tau with G_ji from row j's lse / coef / cpos (SYM = true).
 template <typename T, bool BAYES, bool SYM>
 __global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(Args<T> P, BwdIn<T> R, T* out) {
   __shared__ Smem<T> sm;
-  tile::rows_backward<SYM, T>(P, [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); }, sm,
-                              out);
+  const auto grad = [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); };
+  tile::backward_sweep<SYM ? tile::Sweep::kRowsSym : tile::Sweep::kRows, T>(P, grad, sm, out);
 }
 
-// dC columns (general path; tile::cols_backward).
+// dC columns (general path; tile::backward_sweep).
 template <typename T, bool BAYES>
 __global__ void __launch_bounds__(kThreads, 1) backward_cols_kernel(Args<T> P, BwdIn<T> R, T* out) {
   __shared__ Smem<T> sm;
-  tile::cols_backward<T>(P, [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); }, sm, out);
+  const auto grad = [&](int64_t i, int64_t j, T g) { return grad_at<T, BAYES>(P, R, i, j, g); };
+  tile::backward_sweep<tile::Sweep::kCols, T>(P, grad, sm, out);
 }
 
 template <typename T>

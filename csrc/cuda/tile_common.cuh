@@ -2,9 +2,9 @@
 // (8 warps) works on a 32 x 32 tile of dot products <A_i, C_j> formed from shared-memory tiles of A and
 // C (32 features at a time); thread (warp w, lane l) holds row w + 8q, column l (q = 0..3), so each
 // row of a tile lives in one warp and row reductions are fixed-order warp shuffles (deterministic).
-// The backward drivers (rows_backward, cols_backward; the symmetric dX = (G + G^T) X / tau is
-// rows_backward<true>) take the contract's per-element gradient as a functor, so both engine contracts
-// (row statistics, SSL) share one implementation of each.
+// The backward driver (backward_sweep: dA rows, dC columns, and the symmetric dX = (G + G^T) X / tau)
+// takes the contract's per-element gradient as a functor, so both engine contracts (row statistics, SSL)
+// share one implementation.
 // Needs only the CUDA toolkit.
 #pragma once
 
@@ -53,71 +53,56 @@ __device__ void tile_dots(const Args& P, int64_t r0, int64_t c0, Smem<T>& sm, T 
   }
 }
 
-// Row-parallel backward driver (this block owns rows r0..r0+31 of out: no atomics):
-//   out_i += inv_tau * sum_j H_ij C_j over the column tiles, H_ij = grad(i, j, <A_i, C_j>),
-// and with SYM (C is A, the same rows: S is symmetric) H_ij = grad(i, j, s) + grad(j, i, s), row j's gradient
-// of s_ji = s_ij, so out = (G + G^T) X / tau in one kernel: 2 GEMM-equivalents (recompute S, H X) where the
-// general dA + dC kernels pay 4. grad(i, j, dot) must return 0 outside the matrices (i >= M or j >= N).
-// Thread t owns feature columns d = t, t + 256, ...: 32 row accumulators, one read of C per (column, d).
-template <bool SYM, typename T, typename Args, typename Grad>
-__device__ void rows_backward(const Args& P, const Grad& grad, Smem<T>& sm, T* out) {
+// out[o0 + o] += inv_tau * sum_{y < ny} G(o, y) Y[y0 + y] for the 32 output rows o0 + o < n_out, G the tile in
+// shared memory (TRANS: its transpose, G(o, y) = g[y][o]). Thread t owns feature columns d = t, t + 256, ...:
+// 32 output accumulators, one read of Y per (y, d).
+template <bool TRANS, typename T>
+__device__ void gy_tile(const T (&g)[kTile][kTile + 1], const T* Y, int64_t y0, int ny, T* out, int64_t o0,
+                        int64_t n_out, int64_t D, T inv_tau) {
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    T o[kTile];
+#pragma unroll
+    for (int oo = 0; oo < kTile; ++oo) o[oo] = T(0);
+    for (int yy = 0; yy < ny; ++yy) {
+      const T yv = Y[(y0 + yy) * D + d];
+#pragma unroll
+      for (int oo = 0; oo < kTile; ++oo) o[oo] += (TRANS ? g[yy][oo] : g[oo][yy]) * yv;
+    }
+#pragma unroll
+    for (int oo = 0; oo < kTile; ++oo)
+      if (o0 + oo < n_out) out[(o0 + oo) * D + d] += inv_tau * o[oo];
+  }
+}
+
+// The backward sweeps, one driver (this block owns 32 rows, or with kCols 32 columns, of out: no atomics):
+//   kRows:    out_i += inv_tau * sum_j H_ij C_j over the column tiles, H_ij = grad(i, j, <A_i, C_j>) (dA);
+//   kRowsSym: the same with H_ij = grad(i, j, s) + grad(j, i, s) when C is A (S symmetric): row j's gradient of
+//             s_ji = s_ij, so out = (G + G^T) X / tau in one kernel, 2 GEMM-equivalents (recompute S, H X)
+//             where the general dA + dC kernels pay 4;
+//   kCols:    out_j += inv_tau * sum_i grad(i, j, <A_i, C_j>) A_i over the row tiles (dC).
+// grad(i, j, dot) must return 0 outside the matrices (i >= M or j >= N).
+enum class Sweep { kRows, kRowsSym, kCols };
+
+template <Sweep S, typename T, typename Args, typename Grad>
+__device__ void backward_sweep(const Args& P, const Grad& grad, Smem<T>& sm, T* out) {
+  constexpr bool kCols = S == Sweep::kCols;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t c0 = 0; c0 < P.N; c0 += kTile) {
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kTile;  // the owned rows (kCols: columns)
+  const int64_t n_sweep = kCols ? P.M : P.N;
+  for (int64_t t0 = 0; t0 < n_sweep; t0 += kTile) {
+    const int64_t r0 = kCols ? t0 : b0, c0 = kCols ? b0 : t0;
     T acc[kRowsPerThread];
     tile_dots(P, r0, c0, sm, acc);
 #pragma unroll
     for (int q = 0; q < kRowsPerThread; ++q) {
       const int64_t i = r0 + warp + 8 * q, j = c0 + lane;
       T h = grad(i, j, acc[q]);
-      if (SYM) h += grad(j, i, acc[q]);
+      if (S == Sweep::kRowsSym) h += grad(j, i, acc[q]);
       sm.g[warp + 8 * q][lane] = h;
     }
     __syncthreads();
-    const int ncols = P.N - c0 < kTile ? static_cast<int>(P.N - c0) : kTile;
-    for (int64_t d = threadIdx.x; d < P.D; d += kThreads) {
-      T o[kTile];
-#pragma unroll
-      for (int rr = 0; rr < kTile; ++rr) o[rr] = T(0);
-      for (int cc = 0; cc < ncols; ++cc) {
-        const T cv = P.C[(c0 + cc) * P.D + d];
-#pragma unroll
-        for (int rr = 0; rr < kTile; ++rr) o[rr] += sm.g[rr][cc] * cv;
-      }
-#pragma unroll
-      for (int rr = 0; rr < kTile; ++rr)
-        if (r0 + rr < P.M) out[(r0 + rr) * P.D + d] += P.inv_tau * o[rr];
-    }
-    __syncthreads();
-  }
-}
-
-// Column-parallel backward driver (this block owns columns c0..c0+31 of out: no atomics):
-//   out_j += inv_tau * sum_i grad(i, j, <A_i, C_j>) A_i over the row tiles (the general path's dC).
-template <typename T, typename Args, typename Grad>
-__device__ void cols_backward(const Args& P, const Grad& grad, Smem<T>& sm, T* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t r0 = 0; r0 < P.M; r0 += kTile) {
-    T acc[kRowsPerThread];
-    tile_dots(P, r0, c0, sm, acc);
-#pragma unroll
-    for (int q = 0; q < kRowsPerThread; ++q) sm.g[warp + 8 * q][lane] = grad(r0 + warp + 8 * q, c0 + lane, acc[q]);
-    __syncthreads();
-    const int nrows = P.M - r0 < kTile ? static_cast<int>(P.M - r0) : kTile;
-    for (int64_t d = threadIdx.x; d < P.D; d += kThreads) {
-      T o[kTile];
-#pragma unroll
-      for (int cc = 0; cc < kTile; ++cc) o[cc] = T(0);
-      for (int rr = 0; rr < nrows; ++rr) {
-        const T av = P.A[(r0 + rr) * P.D + d];
-#pragma unroll
-        for (int cc = 0; cc < kTile; ++cc) o[cc] += sm.g[rr][cc] * av;
-      }
-#pragma unroll
-      for (int cc = 0; cc < kTile; ++cc)
-        if (c0 + cc < P.N) out[(c0 + cc) * P.D + d] += P.inv_tau * o[cc];
-    }
+    const int ny = n_sweep - t0 < kTile ? static_cast<int>(n_sweep - t0) : kTile;
+    gy_tile<kCols>(sm.g, kCols ? P.A : P.C, t0, ny, out, b0, kCols ? P.N : P.M, P.D, P.inv_tau);
     __syncthreads();
   }
 }
