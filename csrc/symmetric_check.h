@@ -7,10 +7,15 @@
 
 namespace ltcl {
 
+// Whether C is A itself or a view of all of it (the same storage, shape, strides and dtype).
+inline bool same_operand(const at::Tensor& A, const at::Tensor& C) {
+  return A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr() &&
+         A.scalar_type() == C.scalar_type();
+}
+
 inline void check_symmetric_operands(const at::Tensor& A, const at::Tensor& C, int64_t self_offset, const char* op) {
   TORCH_CHECK(self_offset == 0, op, ": symmetric=True needs self_offset == 0, got ", self_offset);
-  TORCH_CHECK(A.sizes() == C.sizes() && A.strides() == C.strides() && A.data_ptr() == C.data_ptr(), op,
-              ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
+  TORCH_CHECK(same_operand(A, C), op, ": symmetric=True needs C to be A (the same tensor or a view of all of it)");
 }
 
 inline void check_symmetric_labels(const at::Tensor& a_lab, const at::Tensor& c_lab, const char* op) {

@@ -203,8 +203,8 @@ def _program_block(n, p_inv_tau, p_gamma, ACC: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit
 def _split_range(N, n_per, SPLIT: tl.constexpr):
-    """The column range [n_lo, n_hi) of program_id(1) in a split backward sweep (SPLIT; else the whole sweep,
-    [0, N)); its output rows go to slab program_id(1) (``_slab``), which the host sums in range order."""
+    """The column range [n_lo, n_hi) of program_id(1) in a split sweep (``ops.split_plan``: the forward's passes,
+    the Bayesian weighting pass, the symmetric backward) when SPLIT, else the whole sweep [0, N)."""
     if SPLIT:
         n_lo = tl.program_id(1) * n_per
         n_hi = tl.minimum(n_lo + n_per, N)
@@ -517,10 +517,9 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UN
             tl.store(UPOS + ri, tl.where(poisoned, float("nan"), upos), mask=rmask)
             tl.store(UNEG + ri, tl.where(poisoned, float("nan"), uneg), mask=rmask)
     else:
-        k = tl.program_id(1)
-        n_lo = k * n_per
-        n_hi = tl.minimum(n_lo + n_per, N)
-        w = WS + k.to(tl.int64) * 4 * M + ri
+        n_lo, n_hi = _split_range(N, n_per, True)
+        k = tl.program_id(1).to(tl.int64)
+        w = WS + k * 4 * M + ri
         if PASS == 1:
             m_i, top, m2, s2, psum = _fwd_sweep1(A, C, CLAB, BS, BO, rows, ri, rmask, alab, a_res, n_lo, n_hi, D,
                                                  stride_a, stride_c, self_offset, inv_tau, ACC, HAS_BIAS, BLOCK_M,
@@ -529,7 +528,7 @@ def rowstats_fwd_kernel(A, C, ALAB, CLAB, BS, BO, LSE, POS, FPOS, FNEG, UPOS, UN
             tl.store(w + M, m2, mask=rmask)
             tl.store(w + 2 * M, s2, mask=rmask)
             tl.store(w + 3 * M, psum, mask=rmask)
-            tl.store(WTOP + k.to(tl.int64) * M + ri, top.to(tl.int64), mask=rmask)
+            tl.store(WTOP + k * M + ri, top.to(tl.int64), mask=rmask)
         else:
             lse = tl.load(LSE + ri, mask=rmask, other=0.0)
             top = tl.load(TOP + ri, mask=rmask, other=-1).to(tl.int32)

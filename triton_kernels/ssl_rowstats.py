@@ -219,11 +219,7 @@ def ssl_bayes_kernel(V, SRT, NSET, PARTNER, LSE, COEF, CPOS, G, M, N, top_step, 
     """
     ACC: tl.constexpr = V.dtype.element_ty
     pid = tl.program_id(0)
-    n_lo = 0
-    n_hi = N
-    if SPLIT:
-        n_lo = tl.program_id(1) * n_per
-        n_hi = tl.minimum(n_lo + n_per, N)
+    n_lo, n_hi = _split_range(N, n_per, SPLIT)
     rows, rmask, ri = _block(pid * BLOCK_M, BLOCK_M, M)
     c = _param(p_c, ACC)
     bb = _param(p_bb, ACC)
@@ -349,8 +345,9 @@ def ssl_bwd_dc_kernel(A, C, PARTNER, LSE, COEF, CPOS, GS, OUT,
 @triton.jit
 def ssl_bwd_sym_kernel(X, PARTNER, LSE, COEF, CPOS, OUT, N, D, stride_x, p_inv_tau, p_c0, p_c1, p_lower, p_upper,
                        n_per, K2: tl.constexpr, FILTER: tl.constexpr, EXCL_PARTNER: tl.constexpr,
-                       INCL_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr = False, SPLIT: tl.constexpr = False):
+                       INCL_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       SINGLE_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+                       SPLIT: tl.constexpr = False):
     ACC: tl.constexpr = OUT.dtype.element_ty
     n_lo, n_hi = _split_range(N, n_per, SPLIT)
     rows, rmask, ri = _block(tl.program_id(0) * BLOCK_M, BLOCK_M, N)

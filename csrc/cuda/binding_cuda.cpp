@@ -36,7 +36,7 @@ Prep prepare(const Tensor& A, const Tensor& C, const Tensor& a_lab, const Tensor
   p.in_dtype = A.scalar_type();
   p.acc = p.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
   p.A = A.to(p.acc).contiguous();
-  p.C = C.to(p.acc).contiguous();
+  p.C = ltcl::same_operand(A, C) ? p.A : C.to(p.acc).contiguous();  // C is A: one converted copy
   p.al = a_lab.to(at::kLong).contiguous();
   p.cl = c_lab.to(at::kLong).contiguous();
   if (bias_same.has_value()) {
@@ -197,7 +197,7 @@ SSLPrep ssl_prepare(const Tensor& A, const Tensor& C, const Tensor& partner, int
   pp.N = C.size(0);
   pp.D = A.size(1);
   pp.A = A.to(pp.acc).contiguous();
-  pp.C = C.to(pp.acc).contiguous();
+  pp.C = ltcl::same_operand(A, C) ? pp.A : C.to(pp.acc).contiguous();  // C is A: one converted copy
   pp.partner = partner.to(at::kLong).contiguous();
   SSLParams& p = pp.params;
   p.self_offset = self_offset;

@@ -107,7 +107,8 @@ class CUDAEngine(CPUEngine):
     def symmetric_ops(self) -> frozenset:
         """The symmetric backward kernels (csrc/cuda: one (G + G^T) X kernel, 2 GEMM-equivalents instead of 4) are
         compiled and ptxas-checked but have not yet run on a GPU, so they are opt-in: ``LTCL_CUDA_SYMMETRIC=1``
-        (``python -m ltcl_fused.gpu_check`` checks them against the reference as backend "cuda_symmetric")."""
+        (``python -m ltcl_fused.gpu_check`` runs every "cuda" correctness case once more with it set, held to the
+        same bound against the reference: gpu_check/correctness.py, SYMMETRIC_OPT_IN)."""
         return _SYMMETRIC_OPS if os.environ.get("LTCL_CUDA_SYMMETRIC", "0") == "1" else frozenset()
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):

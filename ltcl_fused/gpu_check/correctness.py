@@ -123,8 +123,8 @@ def _inputs(case, rt):
 
 
 # backends whose symmetric kernels are opt-in until they have run on a GPU: the environment variable that turns
-# them on (ltcl_fused/backends/cpp_engine.py). Every correctness case of such a backend runs a second time with
-# it set and must meet the same bound (the losses of SPEC.md contrast a batch with itself: the symmetric path).
+# them on (ltcl_fused/backends/cpp_engine.py). Every correctness case of such a backend runs once more (a third
+# time) with it set and must meet the same bound (the losses of SPEC.md contrast a batch with itself: the symmetric path).
 SYMMETRIC_OPT_IN = {"cuda": "LTCL_CUDA_SYMMETRIC"}
 
 
