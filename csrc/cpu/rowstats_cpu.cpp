@@ -543,6 +543,173 @@ static void sym_pass2_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   S.un[slot] = un;
 }
 
+// LTCL_CPU_SYM_FUSED: 1 (default) the fused symmetric tiles where they apply, 0 never, 2 as 1 but a tile of an
+// eligible problem that its accuracy guards send to the generic path is an error (tests use it to check
+// that the fused code is what ran, and that the guards trip where they must).
+static int sym_fused_mode() {
+  const char* v = std::getenv("LTCL_CPU_SYM_FUSED");
+  return (v == nullptr || *v == 0) ? 1 : std::atoi(v);
+}
+
+// A tile the fused code declines (guards): false, or an error under LTCL_CPU_SYM_FUSED=2.
+static bool sym_fused_declined(int mode, const char* why) {
+  TORCH_CHECK(mode != 2, "ltcl_fused: LTCL_CPU_SYM_FUSED=2 and a fused symmetric tile fell back (", why, ")");
+  return false;
+}
+
+// ---------------------------------------------------------------- symmetric forward, fused tiles (not focal)
+//
+// Pass 1 of both the rows of I over the columns J and the rows of J over the columns I from the tile S_IJ
+// itself, one exponential per element: with rho the tile's largest logit, e_ij = exp(x_ij - rho) gives row
+// i's sum over J (a horizontal sum) and column j's sum over I (a vertical one). Per row and per column the
+// pass also keeps the max and its first index (the partial's top); its rest is the sum less the top's own
+// term, kept as (m2, s2) = (rho, rest). Where that subtraction could cost accuracy (the top's term above the
+// rest) or the rest is tiny (terms may have underflowed against rho), the rest is redone relative to its own
+// max (m2 = the max of the others), as sym_pass1_row does. Tiles with a NaN or +inf logit go to the generic
+// path (poisoned rows), as do biased or focal problems (the focal single pass keeps per-row power sums).
+template <typename T>
+struct SymFwdScratch {
+  std::vector<T> cmax, cidx, csum, rmax, ridx, rsum;
+  explicit SymFwdScratch(int64_t n)
+      : cmax(static_cast<size_t>(n)), cidx(cmax), csum(cmax), rmax(cmax), ridx(cmax), rsum(cmax) {}
+};
+
+template <typename T>
+static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratch<T>& sc, int mode, int64_t I,
+                               int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  if (P.bs != nullptr || P.focal || S.pv != nullptr) return false;
+  const int64_t N = P.N, ncp = (nc + W - 1) / W * W;
+  const bool diag = I == J;
+  const T ninf = cm::neg_inf<T>();
+  const Vec vinv(P.inv_tau), vninf(ninf), iota = Vec::arange(T(0), T(1));
+  T *cmax = sc.cmax.data(), *cidx = sc.cidx.data(), *csum = sc.csum.data();
+  std::fill(cmax, cmax + ncp, ninf);
+  std::fill(cidx, cidx + ncp, T(0));
+  std::fill(csum, csum + ncp, T(0));
+  // logits of row r, columns j .. j + W: -inf at self and past nc
+  auto logit = [&](const T* xr, int64_t r, int64_t j) {
+    const int64_t cnt = nc - j;
+    Vec v;
+    if (cnt >= W) {
+      v = Vec::loadu(xr + j) * vinv;
+    } else {
+      v = Vec::blendv(vninf, Vec::loadu(xr + j, cnt) * vinv, iota < Vec(static_cast<T>(cnt)));
+    }
+    if (diag && r >= j && r < j + W) v = Vec::blendv(v, vninf, iota == Vec(static_cast<T>(r - j)));
+    return v;
+  };
+  // pass A: maxima and first arg-maxima of the rows and of the columns; NaN / +inf detection
+  Vec vall(ninf);
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* xr = s + r * ld;
+    const Vec vr(static_cast<T>(r));
+    Vec vmax(ninf), vidx(T(0));
+    for (int64_t j = 0; j < ncp; j += W) {
+      const Vec v = logit(xr, r, j);
+      vall = at::vec::maximum(vall, v);
+      const Vec gt = v > vmax;
+      vmax = Vec::blendv(vmax, v, gt);
+      vidx = Vec::blendv(vidx, iota + Vec(static_cast<T>(j)), gt);
+      const Vec cm0 = Vec::loadu(cmax + j), cgt = v > cm0;
+      Vec::blendv(cm0, v, cgt).store(cmax + j);
+      Vec::blendv(Vec::loadu(cidx + j), vr, cgt).store(cidx + j);
+    }
+    const T m = hmax(vmax);
+    T idx = T(-1);
+    if (m > ninf) {
+      alignas(64) T mv[W], iv[W];
+      vmax.store(mv);
+      vidx.store(iv);
+      for (int64_t l = 0; l < W; ++l)
+        if (mv[l] == m && (idx < T(0) || iv[l] < idx)) idx = iv[l];
+    }
+    sc.rmax[r] = m;
+    sc.ridx[r] = idx;
+  }
+  const T rho = hmax(vall);
+  if (!(rho < -ninf)) return sym_fused_declined(mode, "a NaN or +inf logit");
+  // pass B: e = exp(x - rho), row sums and column sums (rho = -inf: no column at all, a self-only tile)
+  const Vec vrho(rho > ninf ? rho : T(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* xr = s + r * ld;
+    Vec acc(T(0));
+    for (int64_t j = 0; j < ncp; j += W) {
+      const Vec e = (logit(xr, r, j) - vrho).exp();
+      acc = acc + e;
+      (Vec::loadu(csum + j) + e).store(csum + j);
+    }
+    sc.rsum[r] = hsum(acc);
+  }
+  const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
+  // one partial: (m, top, m2, s2) from the max tm at tj (local index; -1: none), the sum of every term, and
+  // rest_exact(&m2, &s2) for the rest relative to its own max
+  auto partial = [&](int64_t slot, T tm, int64_t tj, int64_t base, T total, auto&& rest_exact) {
+    S.m[slot] = tm;
+    if (!(tm > ninf)) {
+      S.top[slot] = -1;
+      S.m2[slot] = ninf;
+      S.s2[slot] = T(0);
+      return;
+    }
+    const T et = std::exp(tm - rho), rest = total - et;
+    T m2 = rho, s2 = rest;
+    if (!(rest >= et) || rest < tiny) rest_exact(&m2, &s2);
+    S.top[slot] = base + tj;
+    S.m2[slot] = m2;
+    S.s2[slot] = s2;
+  };
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r, tj = static_cast<int64_t>(sc.ridx[r]);
+    const T* xr = s + r * ld;
+    int64_t np = 0;
+    const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
+    T psum = T(0);
+    for (int64_t k = 0; k < np; ++k)
+      if (pl[k] != i) psum += xr[pl[k] - c0] * P.inv_tau;
+    S.ps[J * N + i] = psum;
+    partial(J * N + i, sc.rmax[r], tj, c0, sc.rsum[r], [&](T* m2, T* s2) {
+      const Vec lane(static_cast<T>(tj % W));
+      const int64_t jt = tj - tj % W;
+      auto other = [&](int64_t j) {
+        const Vec v = logit(xr, r, j);
+        return j == jt ? Vec::blendv(v, vninf, iota == lane) : v;
+      };
+      Vec vm(ninf);
+      for (int64_t j = 0; j < ncp; j += W) vm = at::vec::maximum(vm, other(j));
+      *m2 = hmax(vm);
+      Vec acc(T(0));
+      if (*m2 > ninf) {
+        const Vec vm2(*m2);
+        for (int64_t j = 0; j < ncp; j += W) acc = acc + (other(j) - vm2).exp();
+      }
+      *s2 = hsum(acc);
+    });
+  }
+  if (diag) return true;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t j = c0 + c, ti = cmax[c] > ninf ? static_cast<int64_t>(cidx[c]) : -1;
+    int64_t np = 0;
+    const int64_t* pl = P.pos_range(j, r0, r0 + nr, &np);
+    T psum = T(0);
+    for (int64_t k = 0; k < np; ++k) psum += s[(pl[k] - r0) * ld + c] * P.inv_tau;
+    S.ps[I * N + j] = psum;
+    partial(I * N + j, cmax[c], ti, r0, csum[c], [&](T* m2, T* s2) {
+      T mx = ninf;
+      for (int64_t r = 0; r < nr; ++r)
+        if (r != ti) mx = std::max(mx, s[r * ld + c] * P.inv_tau);
+      T acc = T(0);
+      if (mx > ninf)
+        for (int64_t r = 0; r < nr; ++r)
+          if (r != ti) acc += std::exp(s[r * ld + c] * P.inv_tau - mx);
+      *m2 = mx;
+      *s2 = acc;
+    });
+  }
+  return true;
+}
+
 // P with the block table of pos_range for tiles of b columns (table: its storage)
 template <typename T>
 static Problem<T> with_block_index(const Problem<T>& P0, int64_t b, std::vector<int64_t>* table) {
@@ -644,11 +811,14 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
   }
   S.top = strip::workspace<int64_t>(slots, 2);
   auto none = [] { return 0; };
-  strip::sym_forward_tiles<T>(P.A, N, P.D, none,
-                              [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
-                                for (int64_t r = 0; r < nr; ++r)
-                                  sym_pass1_row(P, r0 + r, c0, nc, x + r * ld, S, J * N + r0 + r);
-                              });
+  const int fused = sym_fused_mode();
+  strip::sym_forward_tiles<T>(
+      P.A, N, P.D, [&] { return SymFwdScratch<T>(b + Vectorized<T>::size()); },
+      [&](SymFwdScratch<T>&, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+        for (int64_t r = 0; r < nr; ++r) sym_pass1_row(P, r0 + r, c0, nc, x + r * ld, S, J * N + r0 + r);
+      },
+      [&](SymFwdScratch<T>& sc, int64_t I, int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* x,
+          int64_t ld) { return fused != 0 && sym_fused_fwd_tile(P, S, sc, fused, I, J, r0, nr, c0, nc, x, ld); });
   T* out_lse = static_cast<T*>(o.lse);
   T* out_lrest = static_cast<T*>(o.lrest);
   T* out_pos = static_cast<T*>(o.pos);
@@ -711,12 +881,13 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
       }
     });
   } else {
-    strip::sym_forward_tiles<T>(P.A, N, P.D, none,
-                                [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
-                                  for (int64_t r = 0; r < nr; ++r)
-                                    sym_pass2_row(P, r0 + r, c0, nc, x + r * ld, out_lse[r0 + r], tops[r0 + r], S,
-                                                  J * N + r0 + r);
-                                });
+    strip::sym_forward_tiles<T>(
+        P.A, N, P.D, none,
+        [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+          for (int64_t r = 0; r < nr; ++r)
+            sym_pass2_row(P, r0 + r, c0, nc, x + r * ld, out_lse[r0 + r], tops[r0 + r], S, J * N + r0 + r);
+        },
+        [](int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, int64_t) { return false; });
   }
   at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -882,16 +1053,190 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
       [&](std::vector<T>& posg, int64_t i, T* x) { backward_cols(P, i, 0, P.N, x, in, posg.data()); });
 }
 
-// Symmetric backward (C is A): dX = inv_tau (G + Gᵀ) X on the tiles of strip::sym_backward_tiles, G's rows
-// formed by the same backward_cols as the general path.
+// ---------------------------------------------------------------- symmetric backward, fused tiles
+//
+// H = G_IJ + G_JIᵀ of a tile straight from S_IJ with ONE exponential per element (the generic path takes
+// two, p_ij = exp(x - lse_i) and p_ji = exp(x - lse_j), on the tile and on its transpose). With
+// h_k = lse_k / 2, c the middle of the tile's h and E_k = exp(h_k - c):
+//   e_ij = exp((x_ij - lse_i) + (h_i - h_j)) = exp(x_ij - h_i - h_j) <= 1,
+//   p_ij = e_ij E_j / E_i,   p_ji = e_ij E_i / E_j,
+// and off the special entries (self, the rows' and columns' dominant columns, and the positives of a focal
+// loss) G_ij = -R_i p_ij + [j in N(i)] cneg_i u-(p_ij), R_i = r_i + rt_i exp(-lrest_i), so that
+//   not focal: H_ij = e_ij (nu_i E_j + E_i nu_j) + [P] (cpos_i + cpos_j),  nu_k = -R_k / E_k;
+//   focal:     H_ij = -R_i p_ij - R_j p_ji + [N] (cneg_i u-(p_ij) + cneg_j u-(p_ji)).
+// The special entries are then set from the scalar contract formulas (grad_top, grad_element_offtop) of both
+// rows. Taken only where it is as accurate as the generic path (else the tile goes to backward_cols): no
+// bias, every lse finite with |lse| <= kFusedAbs, the tile's lse within 2 kFusedRange of each other (so
+// E in [e^-kFusedRange / 2, e^kFusedRange / 2] and a p_ij above e^-(87 - kFusedRange) in fp32 cannot
+// underflow in e_ij), and rt_i exp(-lrest_i) finite.
+template <typename T>
+constexpr T kFusedAbs = sizeof(T) == 4 ? T(64) : T(1024);
+template <typename T>
+constexpr T kFusedRange = sizeof(T) == 4 ? T(40) : T(600);
+
+template <typename T>
+struct SymBwdScratch {
+  enum { kH, kE, kIE, kNR, kNU, kCN, kCP, kLab, kArrays };
+  std::vector<T> posg;   // backward_cols' positives (the generic path)
+  std::vector<T> sides;  // [2][kArrays][bpad]: the tile's rows (side 0) and columns (side 1)
+  int64_t bpad = 0;
+  T* arr(int side, int a) { return sides.data() + (side * kArrays + a) * bpad; }
+};
+
+// G_ij of the contract at one entry (row i, column j, logit x; no bias): the generic path's formulas
+template <typename T>
+static inline T grad_entry(const Problem<T>& P, const BwdIn<T>& in, int64_t i, int64_t j, T x) {
+  if (i == j) return T(0);
+  const T lse = in.lse[i], lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
+  const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
+  const bool pos = P.ix->cid[j] == P.ix->aid[i];
+  if (j == in.top[i]) {
+    T lp, l1;
+    cm::elem_logp<T>(x, lse, true, lrest, &lp, &l1);
+    return cm::grad_top<T>(lp, l1, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r);
+  }
+  return cm::grad_element_offtop<T>(x - lse, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r,
+                                    P.focal ? in.rt[i] : T(0));
+}
+
+// H of the tile (rows r0 .. r0 + nr, columns c0 .. c0 + nc; s: raw S, h: out, both nr x ld); false: not taken
+template <typename T>
+static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratch<T>& sc, int mode, int64_t r0,
+                           int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld, T* h) {
+  using Vec = Vectorized<T>;
+  using SC = SymBwdScratch<T>;
+  constexpr int64_t W = Vec::size();
+  if (P.bs != nullptr) return false;
+  T lo = std::numeric_limits<T>::infinity(), hi = -lo;
+  bool focal_terms = false;
+  auto fill = [&](int side, int64_t k0, int64_t n) {
+    T *hh = sc.arr(side, SC::kH), *nR = sc.arr(side, SC::kNR), *cn = sc.arr(side, SC::kCN);
+    T *cp = sc.arr(side, SC::kCP), *lab = sc.arr(side, SC::kLab);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = k0 + k;
+      const T l = in.lse[i];
+      if (!(std::abs(l) <= kFusedAbs<T>)) return false;  // also NaN and -inf (empty rows)
+      T R = in.r[i];
+      if (P.focal && in.rt[i] != T(0)) R += in.rt[i] * std::exp(-in.lrest[i]);
+      const T cnk = P.focal ? in.cneg[i] : T(0);
+      if (!std::isfinite(R) || !std::isfinite(cnk) || !std::isfinite(in.cpos[i])) return false;
+      focal_terms = focal_terms || cnk != T(0);
+      hh[k] = l * T(0.5);
+      lo = std::min(lo, hh[k]);
+      hi = std::max(hi, hh[k]);
+      nR[k] = -R;
+      cn[k] = cnk;
+      cp[k] = in.cpos[i];
+      lab[k] = P.clabf[i];
+    }
+    return true;
+  };
+  if (!fill(0, r0, nr) || !fill(1, c0, nc)) return sym_fused_declined(mode, "a non-finite or large lse or coefficient");
+  if (hi - lo > kFusedRange<T>) return sym_fused_declined(mode, "the tile's lse too far apart");
+  const T mid = (hi + lo) * T(0.5);
+  const int64_t ncp = (nc + W - 1) / W * W;
+  for (int side = 0; side < 2; ++side) {
+    const int64_t n = side == 0 ? nr : nc, npad = side == 0 ? n : ncp;
+    T *hh = sc.arr(side, SC::kH), *E = sc.arr(side, SC::kE), *iE = sc.arr(side, SC::kIE);
+    T *nR = sc.arr(side, SC::kNR), *nu = sc.arr(side, SC::kNU);
+    for (int64_t k = 0; k < n; ++k) {
+      E[k] = std::exp(hh[k] - mid);
+      iE[k] = T(1) / E[k];
+      nu[k] = nR[k] * iE[k];
+    }
+    for (int64_t k = n; k < npad; ++k) {  // padding columns: H = 0 there (never read)
+      for (int a = 0; a < SC::kArrays; ++a) sc.arr(side, a)[k] = T(0);
+      sc.arr(side, SC::kLab)[k] = T(-3);
+    }
+  }
+  const T *chh = sc.arr(1, SC::kH), *cE = sc.arr(1, SC::kE), *ciE = sc.arr(1, SC::kIE), *cnR = sc.arr(1, SC::kNR);
+  const T *cnu = sc.arr(1, SC::kNU), *ccn = sc.arr(1, SC::kCN), *ccp = sc.arr(1, SC::kCP), *clab = sc.arr(1, SC::kLab);
+  const Vec vinv(P.inv_tau), zero(T(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    const T* xr = s + r * ld;
+    T* hr = h + r * ld;
+    const Vec vl(in.lse[i]), vh(sc.arr(0, SC::kH)[r]), vE(sc.arr(0, SC::kE)[r]), viE(sc.arr(0, SC::kIE)[r]);
+    const Vec vnu(sc.arr(0, SC::kNU)[r]), vnR(sc.arr(0, SC::kNR)[r]), vcn(sc.arr(0, SC::kCN)[r]);
+    const Vec vcp(sc.arr(0, SC::kCP)[r]), vli(sc.arr(0, SC::kLab)[r]);
+    for (int64_t j = 0; j < ncp; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, nc - j);
+      const Vec xv = (cnt == W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, cnt)) * vinv;
+      const Vec e = ((xv - vl) + (vh - Vec::loadu(chh + j))).exp();
+      const Vec lab = Vec::loadu(clab + j);
+      Vec H;
+      if (!focal_terms) {
+        H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j));
+        const Vec same = lab == vli;
+        if (any_lane<T>(same)) H = H + Vec::blendv(zero, vcp + Vec::loadu(ccp + j), same);
+      } else {
+        const Vec pr = e * (Vec::loadu(cE + j) * viE), pc = e * (vE * Vec::loadu(ciE + j));
+        const Vec neg = lab != vli;
+        H = at::vec::fmadd(vnR, pr, Vec::loadu(cnR + j) * pc) + vcn * neg_u<T>(Vec::blendv(zero, pr, neg)) +
+            Vec::loadu(ccn + j) * neg_u<T>(Vec::blendv(zero, pc, neg));
+      }
+      if (cnt == W) {
+        H.store(hr + j);
+      } else {
+        H.store(hr + j, cnt);
+      }
+    }
+  }
+  // the special entries from the scalar formulas of both rows
+  auto fix = [&](int64_t i, int64_t j) {
+    const int64_t o = (i - r0) * ld + (j - c0);
+    const T x = s[o] * P.inv_tau;
+    h[o] = grad_entry(P, in, i, j, x) + grad_entry(P, in, j, i, x);
+  };
+  const bool diag = r0 == c0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    if (P.focal) {  // positives: u+ (not focal: in the vector formula)
+      int64_t np = 0;
+      const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
+      for (int64_t k = 0; k < np; ++k)
+        if (pl[k] != i) fix(i, pl[k]);
+    }
+    const int64_t t = in.top[i];
+    if (t >= c0 && t < c0 + nc) {
+      fix(i, t);
+      if (diag) fix(t, i);
+    }
+  }
+  if (diag) {
+    for (int64_t r = 0; r < nr; ++r) h[r * ld + r] = T(0);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t t = in.top[c0 + c];
+      if (t >= r0 && t < r0 + nr) fix(t, c0 + c);
+    }
+  }
+  return true;
+}
+
+// Symmetric backward (C is A): dX = inv_tau (G + Gᵀ) X on the tiles of strip::sym_backward_tiles: H of a tile
+// by sym_fused_tile where it applies (LTCL_CPU_SYM_FUSED: sym_fused_mode), else G's rows by the general path's
+// backward_cols on S_IJ and on its transpose.
 template <typename T>
 static void sym_backward_impl(const Problem<T>& P0, const BwdIn<T>& in, T* dX) {
   std::vector<int64_t> table;
-  const Problem<T> P = with_block_index(P0, strip::sym_block<T>(P0.N), &table);
+  const int64_t b = strip::sym_block<T>(P0.N);
+  const Problem<T> P = with_block_index(P0, b, &table);
+  const int fused = sym_fused_mode();
   strip::sym_backward_tiles<T>(
-      P.A, P.N, P.D, P.Npad, P.inv_tau, dX, [&] { return std::vector<T>(static_cast<size_t>(P.N)); },
-      [&](std::vector<T>& posg, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
-        for (int64_t r = 0; r < nr; ++r) backward_cols(P, r0 + r, c0, nc, x + r * ld, in, posg.data());
+      P.A, P.N, P.D, P.inv_tau, dX,
+      [&] {
+        SymBwdScratch<T> sc;
+        sc.posg.resize(static_cast<size_t>(P.N));
+        sc.bpad = b + Vectorized<T>::size();
+        sc.sides.resize(static_cast<size_t>(2 * SymBwdScratch<T>::kArrays * sc.bpad));
+        return sc;
+      },
+      [&](SymBwdScratch<T>& sc, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
+        for (int64_t r = 0; r < nr; ++r) backward_cols(P, r0 + r, c0, nc, x + r * ld, in, sc.posg.data());
+      },
+      [&](SymBwdScratch<T>& sc, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* x, int64_t ld, T* h) {
+        return fused != 0 && sym_fused_tile(P, in, sc, fused, r0, nr, c0, nc, x, ld, h);
       });
 }
 

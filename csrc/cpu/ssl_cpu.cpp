@@ -432,7 +432,8 @@ void sym_forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
           ppos[sl] = static_cast<T>(info.pos);
           pin[sl] = info.pos_in ? T(1) : T(0);
         }
-      });
+      },
+      [](int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, int64_t) { return false; });
   at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       bool bad = false;
@@ -467,7 +468,7 @@ void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   strip::sym_backward_tiles<T>(
-      P.A, P.N, P.D, P.Npad, P.inv_tau, dX,
+      P.A, P.N, P.D, P.inv_tau, dX,
       [&] { return std::vector<T>(P.K > 1 ? static_cast<size_t>(strip::sym_block<T>(P.N)) : 0); },
       [&](std::vector<T>& vbuf, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
         const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
@@ -477,7 +478,8 @@ void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
           mask_cols(P, i, c0, nc, ncp, xr);
           grad_cols(P, i, xr, nc, ncp, (p >= c0 && p < c0 + nc) ? p - c0 : -1, vbuf.data(), in);
         }
-      });
+      },
+      [](std::vector<T>&, int64_t, int64_t, int64_t, int64_t, const T*, int64_t, T*) { return false; });
 }
 
 // symmetric=True: the caller guarantees C is A (the same storage) and self_offset 0

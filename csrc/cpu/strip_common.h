@@ -320,9 +320,11 @@ void add_transposed(const T* a, int64_t ld_a, const T* bt, int64_t ld_b, int64_t
 
 // Forward driver: rows(scratch, r0, nr, c0, nc, J, x, ld) reduces rows r0..r0+nr of S over the columns
 // c0..c0+nc (column block J), x their raw similarities (nr x ld, clobbered). Every ordered block pair is
-// visited once, each unordered pair by one task (one GEMM).
-template <typename T, typename MakeScratch, typename Rows>
-void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows rows) {
+// visited once, each unordered pair by one task (one GEMM). fused(scratch, I, J, r0, nr, c0, nc, x, ld),
+// when it returns true, has reduced both the rows of I over J and the rows of J over I from the tile S_IJ
+// itself (x read-only: no transpose, one exponential per element); false leaves the tile to rows().
+template <typename T, typename MakeScratch, typename Rows, typename Fused>
+void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows rows, Fused fused) {
   const SymGrid g(N, sym_block<T>(N));
   const int64_t b = g.b, ld = b + 16;  // not a power of two: the transposes' rows fall in different cache sets
   std::vector<std::pair<int64_t, int64_t>> pairs;
@@ -335,6 +337,7 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t I = pairs[p].first, J = pairs[p].second;
       gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
+      if (fused(scratch, I, J, g.r0(I), g.len(I), g.r0(J), g.len(J), buf.data(), ld)) continue;
       if (I != J) transpose_tile<T>(buf.data(), g.len(I), g.len(J), ld, tbuf.data(), ld);
       rows(scratch, g.r0(I), g.len(I), g.r0(J), g.len(J), J, buf.data(), ld);
       if (I != J) rows(scratch, g.r0(J), g.len(J), g.r0(I), g.len(I), I, tbuf.data(), ld);
@@ -345,15 +348,19 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
 // Backward driver: rows(scratch, r0, nr, c0, nc, x, ld) turns the raw similarities x (nr x ld) of rows
 // r0.. over columns c0..c0+nc into G in place (0 at every column it does not own: self, padding).
 // dX (N x D, zeroed by the caller) += alpha · (G + Gᵀ) X.
+// fused(scratch, r0, nr, c0, nc, s, ld, h), when it returns true, has written H = G_IJ + G_JIᵀ of the tile
+// (rows r0.., columns c0..; s the raw S_IJ, nr x ld) into h (nr x ld) straight from S_IJ, with one exponential
+// per tile element instead of two and no transposes; false (it cannot guarantee the accuracy for this tile)
+// leaves the tile to rows() on S_IJ and its transpose.
 //
 // Schedule: the tile pairs (I, J), I < J, in the rounds of a round-robin tournament (circle method), then
 // one round of the diagonal tiles. The tiles of a round touch disjoint row blocks of dX, so a round runs in
 // parallel without races, and every dX_K receives its contributions in round order: the same sums for any
 // thread count. Per tile everything stays in the worker's L2: S_IJ (one GEMM), G_IJ on it and G_JI on its
 // transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I (two b x b x D GEMMs).
-template <typename T, typename MakeScratch, typename Rows>
-void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t /*Npad*/, T alpha, T* dX, MakeScratch make,
-                        Rows rows) {
+template <typename T, typename MakeScratch, typename Rows, typename Fused>
+void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeScratch make, Rows rows,
+                        Fused fused) {
   const SymGrid g(N, sym_block<T>(N));
   const int64_t b = g.b, nb = g.nb, ld = b + 16;
   const int64_t np = nb + (nb & 1);  // even number of players (the last one a bye when nb is odd)
@@ -384,16 +391,21 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t /*Npad*/, T al
         const int64_t nI = g.len(I), nJ = g.len(J);
         gemm_tile<T>(X, D, g, I, J, buf, ld);
         at::Tensor outI = view2d(dX + g.r0(I) * D, nI, D, D, 1);
+        const bool done = fused(scratch, g.r0(I), nI, g.r0(J), nJ, buf, ld, h);
         if (I == J) {
-          rows(scratch, g.r0(I), nI, g.r0(I), nI, buf, ld);
-          add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
+          if (!done) {
+            rows(scratch, g.r0(I), nI, g.r0(I), nI, buf, ld);
+            add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
+          }
           at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
           continue;
         }
-        transpose_tile<T>(buf, nI, nJ, ld, tbuf, ld);
-        rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf, ld);
-        rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf, ld);
-        add_transposed<T>(buf, ld, tbuf, ld, nI, nJ, h, ld);
+        if (!done) {
+          transpose_tile<T>(buf, nI, nJ, ld, tbuf, ld);
+          rows(scratch, g.r0(I), nI, g.r0(J), nJ, buf, ld);
+          rows(scratch, g.r0(J), nJ, g.r0(I), nI, tbuf, ld);
+          add_transposed<T>(buf, ld, tbuf, ld, nI, nJ, h, ld);
+        }
         at::Tensor outJ = view2d(dX + g.r0(J) * D, nJ, D, D, 1);
         at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1), 1, alpha);
         at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);

@@ -1,0 +1,173 @@
+"""The fused tiles of the C++ CPU engine's symmetric path (csrc/cpu/rowstats_cpu.cpp: sym_fused_fwd_tile,
+sym_fused_tile): one exponential per element of S_IJ serves both row i and row j, no transposes.
+
+LTCL_CPU_SYM_FUSED (read at every call): 1 (default) fused where the accuracy guards allow, 0 never (the
+generic symmetric tiles), 2 as 1 but a tile that the guards send to the generic path raises. Expected values
+come from the dense contract (engine/contract.py); fp32 is held to the fp64 truth (tests/_truth.py).
+"""
+import math
+
+import pytest
+import torch
+
+from ltcl_fused.engine.contract import dense_backward, dense_forward
+
+from _cpp import built, coefs, op  # noqa: F401 (built: the autouse fixture)
+from _truth import check
+
+NAMES = ["lse", "pos_sum", "fpos", "fneg", "upos", "uneg", "top", "lrest"]
+
+
+def _data(kind, N, D, dtype, seed=0):
+    """Features and labels of one kind of problem, and its 1/tau.
+
+    normalized: unit rows, tau 0.1 (the training case); twins: rows in near-duplicate pairs, tau 0.05, so
+    that every row's dominant column leads its tile (the rest is redone relative to its own max), with some
+    far leads in the tiny-rest regime; unnormalized: randn features (norms ~ sqrt(D)), tau 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, D, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 5, (N,), generator=g)
+    if kind == "normalized":
+        return torch.nn.functional.normalize(X, dim=1).to(dtype), lab, 10.0
+    if kind == "twins":
+        X = torch.nn.functional.normalize(X, dim=1)
+        X[1::2] = X[0::2][: N // 2] + 1e-3 * torch.randn(N // 2, D, generator=g, dtype=torch.float64)
+        return torch.nn.functional.normalize(X, dim=1).to(dtype), lab, 20.0
+    return X.to(dtype), lab, 1 / 0.3
+
+
+def _fwd(X, lab, it, focal, gamma=2.0):
+    return op().rowstats_fwd(X, X, lab, lab, None, None, 0, it, gamma, focal, True)
+
+
+def _bwd(X, lab, it, focal, st, co, gamma=2.0):
+    return op().rowstats_bwd(X, X, lab, lab, None, None, 0, it, gamma, focal, st[0], st[6], st[7], *co, True)[0]
+
+
+def _dense_bwd(X, lab, it, focal, lse, top, lrest, co, gamma=2.0):
+    dA, dC = dense_backward(X, X, lab, lab, 0, it, None, None, gamma, focal, lse, top, lrest, *co)
+    return dA + dC
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("kind", ["normalized", "twins", "unnormalized"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N,block", [(1, None), (2, None), (37, 16), (300, None), (301, 64)])
+def test_fused_tiles_match_the_contract(kind, dtype, N, block, monkeypatch):
+    """Forward (not focal) and backward (focal or not) with the fused tiles against the dense contract."""
+    monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "1")
+    if block is not None:
+        monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", str(block))
+    X, lab, it = _data(kind, N, 24, dtype, seed=N)
+    for focal in (False, True):
+        what = f"{kind} N={N} block={block} {dtype} focal={focal}"
+        ref = dense_forward(X, X, lab, lab, 0, it, None, None, 2.0, focal)
+        if dtype == torch.float64:
+            got = _fwd(X, lab, it, focal)
+            for name, g_, r_ in zip(NAMES, got, ref):
+                if name == "top":
+                    assert torch.equal(g_, r_), what
+                else:
+                    assert torch.allclose(g_, r_, rtol=1e-10, atol=1e-11), f"{what} {name}: {_rel(g_, r_):.3g}"
+        else:
+            check(lambda X: _fwd(X, lab, it, focal), lambda X: dense_forward(X, X, lab, lab, 0, it, None, None, 2.0,
+                                                                              focal),
+                  [X], grad=False, what=what, names=NAMES)
+        lse, top, lrest = ref[0], ref[6], ref[7]
+        co = coefs(N, lse.dtype, seed=N)
+        if dtype == torch.float64:
+            got = _bwd(X, lab, it, focal, ref, co)
+            want = _dense_bwd(X, lab, it, focal, lse, top, lrest, co)
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-10), f"{what} dX: {_rel(got, want):.3g}"
+        else:
+            check(lambda X, lse, lrest, *co: op().rowstats_bwd(X, X, lab, lab, None, None, 0, it, 2.0, focal, lse, top,
+                                                               lrest, *co, True)[0],
+                  lambda X, lse, lrest, *co: _dense_bwd(X, lab, it, focal, lse, top, lrest, co),
+                  [X, lse, lrest, *co], grad=False, what=what, names=["dX"], value_floor=0)
+
+
+@pytest.mark.parametrize("kind", ["normalized", "twins"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_tiles_are_what_runs(kind, dtype, monkeypatch):
+    """LTCL_CPU_SYM_FUSED=2: no tile of these problems falls back (so the test above checked the fused code),
+    and the result equals the generic tiles' (LTCL_CPU_SYM_FUSED=0): bitwise for top, to rounding otherwise."""
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
+    X, lab, it = _data(kind, 150, 16, dtype, seed=7)
+    co = coefs(150, torch.float64 if dtype == torch.float64 else torch.float32, seed=2)
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    for focal in (False, True):
+        res = {}
+        for mode in ("2", "0"):
+            monkeypatch.setenv("LTCL_CPU_SYM_FUSED", mode)
+            st = _fwd(X, lab, it, focal)
+            res[mode] = (st, _bwd(X, lab, it, focal, st, co))
+        (s2, d2), (s0, d0) = res["2"], res["0"]
+        assert torch.equal(s2[6], s0[6])
+        for name, a, b in zip(NAMES, s2, s0):
+            if name not in ("top", "fpos", "fneg", "upos", "uneg"):
+                assert torch.allclose(a, b, rtol=tol, atol=tol), f"{kind} {dtype} focal={focal} {name}"
+        assert _rel(d2, d0) < tol, f"{kind} {dtype} focal={focal} dX: {_rel(d2, d0):.3g}"
+
+
+@pytest.mark.parametrize("case", ["lse_spread", "large_lse", "nan"])
+def test_fused_guards_send_tiles_to_the_generic_path(case, monkeypatch):
+    """Inputs the fused tiles cannot take as accurately: under LTCL_CPU_SYM_FUSED=2 they raise (the guard
+    trips), under the default they give the contract's answer through the generic tiles."""
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "16")
+    dtype = torch.float32
+    X, lab, it = _data("normalized", 40, 8, dtype, seed=3)
+    if case == "lse_spread":  # rows near 7 e1 (lse ~ 53) and one at -5 e1 (lse ~ -31): a spread above the fp32
+        X = 7.0 * torch.nn.functional.normalize(X * 0.01 + torch.eye(8)[0], dim=1)  # guard's 80, |lse| < 64
+        X[5] = -5.0 * torch.eye(8)[0]
+        it = 1.0
+    elif case == "large_lse":  # |lse| ~ 140 > 64 (the fp32 guard)
+        X = X * 4.0
+    else:
+        X[11, 3] = math.nan
+    focal = case != "nan"  # (the backward guards: any loss; the forward's NaN guard: not focal)
+    co = coefs(40, acc := (torch.float64 if dtype == torch.float64 else torch.float32), seed=5)
+    monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "2")
+    why = {"lse_spread": "lse too far apart", "large_lse": "large lse", "nan": "NaN"}[case]
+    with pytest.raises(RuntimeError, match=f"fell back.*{why}"):
+        if case == "nan":
+            _fwd(X, lab, it, focal)
+        else:
+            _bwd(X, lab, it, focal, _fwd(X, lab, it, focal), co)
+    monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "1")
+    st = _fwd(X, lab, it, focal)
+    ref = dense_forward(X.double(), X.double(), lab, lab, 0, it, None, None, 2.0, focal)
+    assert torch.equal(st[6], ref[6])
+    if case == "nan":
+        for name, g_, r_ in zip(NAMES, st, ref):
+            if name in ("lse", "lrest", "pos_sum"):
+                assert torch.equal(torch.isnan(g_), torch.isnan(r_)), name
+        assert torch.isnan(st[0]).all()  # every row meets the NaN row as a column
+        return
+    got = _bwd(X, lab, it, focal, st, co).double()
+    want = _dense_bwd(X.double(), lab, it, focal, st[0].double(), st[6], st[7].double(), [c.double() for c in co])
+    assert acc is not None and _rel(got, want) < (1e-9 if dtype == torch.float64 else 1e-4), \
+        f"{case}: {_rel(got, want):.3g}"
+
+
+def test_fused_tiles_bit_identical_for_one_and_two_threads(monkeypatch):
+    monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "2")
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "48")
+    X, lab, it = _data("twins", 410, 40, torch.float32, seed=9)
+    co = coefs(410, torch.float32)
+    old = torch.get_num_threads()
+    res = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            out = []
+            for focal in (False, True):
+                st = _fwd(X, lab, it, focal)
+                out += list(st) + [_bwd(X, lab, it, focal, st, co)]
+            res.append(out)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
