@@ -369,10 +369,34 @@ template <typename T>
 constexpr T kSeriesMaxP = sizeof(T) == 4 ? T(0.03125) : T(0.0078125);
 
 // Whether a block whose largest negative logit (off its top) is xn needs the exact sums, given the row's lse
+// log kSeriesMaxP (-5 log 2, -7 log 2): the tests below compare logs (no exponential per row and block)
+template <typename T>
+constexpr T kLogSeriesMaxP = sizeof(T) == 4 ? T(-3.4657359027997265) : T(-4.852030263919617);
+
 template <typename T>
 static inline bool block_needs_exact(T xn, T lse) {
-  return xn > cm::neg_inf<T>() && std::exp(xn - lse) >= kSeriesMaxP<T>;
+  return xn > cm::neg_inf<T>() && xn - lse >= kLogSeriesMaxP<T>;
 }
+
+// f- and u- of one negative with log p = logp below kLogSeriesMaxP, added: the series of neg_focal_acc
+template <typename T>
+static inline void neg_terms_series(T logp, T* fn, T* un) {
+  constexpr int K = kSeriesTerms<T>;
+  const T p = std::exp(logp);
+  T f = T(1) / T(K), u = T(1);
+  for (int k = K - 1; k >= 1; --k) {
+    f = f * p + T(1) / T(k);
+    u = u * p + T(1);
+  }
+  *fn += f * p;
+  *un += u * p;
+}
+
+// The fused forward's power sums are relative to the tile's largest logit rho (their m2), not to the block's
+// own max: past m2 - lse > kSeriesMaxRef a term e^K that matters (p >= ~2^-6) could have underflowed
+// (fp32: e^-17.5 per factor), so such a block takes the exact sums too.
+template <typename T>
+constexpr T kSeriesMaxRef = sizeof(T) == 4 ? T(12) : T(80);
 
 template <typename T>
 struct SymParts {  // [nb * N] each, slot J * N + i; per-thread workspaces (strip::workspace), every slot written
@@ -565,21 +589,131 @@ static bool sym_fused_declined(int mode, const char* why) {
 // pass also keeps the max and its first index (the partial's top); its rest is the sum less the top's own
 // term, kept as (m2, s2) = (rho, rest). Where that subtraction could cost accuracy (the top's term above the
 // rest) or the rest is tiny (terms may have underflowed against rho), the rest is redone relative to its own
-// max (m2 = the max of the others), as sym_pass1_row does. Tiles with a NaN or +inf logit go to the generic
-// path (poisoned rows), as do biased or focal problems (the focal single pass keeps per-row power sums).
+// max (m2 = the max of the others), as sym_pass1_row does. Focal (the single pass): the same e_ij, masked to
+// the negatives, give the power sums Q_k of both sides (their reference m2 = rho; the merge treats a block
+// whose reference exceeds lse by more than kSeriesMaxRef as needing the exact sums) and the largest negative
+// logit, each side leaving its own top out: a column's top row is masked in the vector pass (and added back
+// to that row's sums), a row's top in its one chunk. Tiles with a NaN or +inf logit go to the generic path
+// (poisoned rows), as do biased problems and the two-pass focal forward.
 template <typename T>
 struct SymFwdScratch {
-  std::vector<T> cmax, cidx, csum, rmax, ridx, rsum;
+  std::vector<T> cmax, cidx, csum, rmax, ridx, rsum, cxn, rxn;
+  std::vector<T> cq, rq;  // focal: [kSeriesTerms][n] power sums of the columns / rows
   explicit SymFwdScratch(int64_t n)
-      : cmax(static_cast<size_t>(n)), cidx(cmax), csum(cmax), rmax(cmax), ridx(cmax), rsum(cmax) {}
+      : cmax(static_cast<size_t>(n)), cidx(cmax), csum(cmax), rmax(cmax), ridx(cmax), rsum(cmax), cxn(cmax),
+        rxn(cmax), cq(static_cast<size_t>(n * kSeriesTerms<T>)), rq(cq) {}
 };
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Passes A and B of sym_fused_fwd_tile for fp32 with AVX-512 mask registers (the generic at::vec code there
+// spends a compare-to-vector and a vector-to-mask per blend and three instructions per NaN-aware max). The
+// same outputs in sc (rmax, ridx, rsum, rxn, rq of the rows; cmax, cidx, csum, cxn, cq of the columns: the
+// caller has reset the column arrays) and the same arithmetic in the same order, so the same bits; returns
+// rho, NaN when a logit is NaN (the tile then goes to the generic path).
+static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<float>& sc, bool single, bool diag,
+                                     int64_t r0, int64_t nr, int64_t c0, int64_t nc, const float* s, int64_t ld) {
+  constexpr int K = kSeriesTerms<float>;
+  const int64_t ncp = (nc + 15) / 16 * 16, jlast = ncp - 16;
+  const __mmask16 tail = nc % 16 == 0 ? __mmask16(0xFFFF) : __mmask16((1u << (nc % 16)) - 1u);
+  const float finf = std::numeric_limits<float>::infinity();
+  const __m512 vinv = _mm512_set1_ps(P.inv_tau), ninf = _mm512_set1_ps(-finf), zero = _mm512_setzero_ps();
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  float *cmax = sc.cmax.data(), *cidx = sc.cidx.data(), *csum = sc.csum.data(), *cxn = sc.cxn.data();
+  float *cq = sc.cq.data(), *rq = sc.rq.data();
+  const float* clab = P.clabf + c0;
+  auto logit = [&](const float* xr, int64_t r, int64_t j) {
+    __m512 v;
+    if (j < jlast || tail == 0xFFFF) {
+      v = _mm512_mul_ps(_mm512_loadu_ps(xr + j), vinv);
+    } else {
+      v = _mm512_mask_mov_ps(ninf, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, xr + j), vinv));
+    }
+    if (diag && r >= j && r < j + 16) v = _mm512_mask_mov_ps(v, __mmask16(1u << (r - j)), ninf);
+    return v;
+  };
+  auto vexp = [](__m512 x) { return static_cast<__m512>(Vectorized<float>(x).exp()); };
+  // pass A
+  __mmask16 bad = 0;
+  __m512 vall = ninf;
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* xr = s + r * ld;
+    const __m512 vr = _mm512_set1_ps(static_cast<float>(r));
+    __m512 vmax = ninf, vidx = zero;
+    for (int64_t j = 0; j < ncp; j += 16) {
+      const __m512 v = logit(xr, r, j);
+      bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vall = _mm512_max_ps(vall, v);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_mov_ps(vmax, gt, v);
+      vidx = _mm512_mask_mov_ps(vidx, gt, _mm512_add_ps(iota, _mm512_set1_ps(static_cast<float>(j))));
+      const __mmask16 cgt = _mm512_cmp_ps_mask(v, _mm512_loadu_ps(cmax + j), _CMP_GT_OQ);
+      _mm512_mask_storeu_ps(cmax + j, cgt, v);
+      _mm512_mask_storeu_ps(cidx + j, cgt, vr);
+    }
+    const float m = _mm512_reduce_max_ps(vmax);
+    float idx = -1.0f;
+    if (m > -finf) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(m), _CMP_EQ_OQ);
+      idx = _mm512_reduce_min_ps(_mm512_mask_mov_ps(_mm512_set1_ps(finf), eq, vidx));
+    }
+    sc.rmax[r] = m;
+    sc.ridx[r] = idx;
+  }
+  if (bad != 0) return std::numeric_limits<float>::quiet_NaN();
+  const float rho = _mm512_reduce_max_ps(vall);
+  if (!(rho < finf)) return rho;
+  // pass B
+  const __m512 vrho = _mm512_set1_ps(rho > -finf ? rho : 0.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* xr = s + r * ld;
+    __m512 acc = zero;
+    if (!single) {
+      for (int64_t j = 0; j < ncp; j += 16) {
+        const __m512 e = vexp(_mm512_sub_ps(logit(xr, r, j), vrho));
+        acc = _mm512_add_ps(acc, e);
+        _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), e));
+      }
+      sc.rsum[r] = _mm512_reduce_add_ps(acc);
+      continue;
+    }
+    const __m512 vli = _mm512_set1_ps(P.clabf[r0 + r]), vr = _mm512_set1_ps(static_cast<float>(r));
+    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % 16;
+    __m512 vq[K], vxn = ninf;
+    for (int k = 0; k < K; ++k) vq[k] = zero;
+    for (int64_t j = 0; j < ncp; j += 16) {
+      const __m512 xv = logit(xr, r, j);
+      const __m512 e = vexp(_mm512_sub_ps(xv, vrho));
+      acc = _mm512_add_ps(acc, e);
+      _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), e));
+      __mmask16 neg = _mm512_cmp_ps_mask(_mm512_loadu_ps(clab + j), vli, _CMP_NEQ_UQ);
+      if (!diag) neg &= _mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ);
+      const __m512 en = _mm512_maskz_mov_ps(neg, e);
+      _mm512_mask_storeu_ps(cxn + j, neg, _mm512_max_ps(_mm512_loadu_ps(cxn + j), xv));
+      const __mmask16 rneg = j == jt ? __mmask16(neg & ~(1u << (tj - jt))) : neg;
+      vxn = _mm512_mask_max_ps(vxn, rneg, vxn, xv);
+      __m512 pk = en;
+      for (int k = 0; k < K; ++k) {
+        vq[k] = _mm512_add_ps(vq[k], j == jt ? _mm512_maskz_mov_ps(rneg, pk) : pk);
+        _mm512_storeu_ps(cq + k * ncp + j, _mm512_add_ps(_mm512_loadu_ps(cq + k * ncp + j), pk));
+        if (k + 1 < K) pk = _mm512_mul_ps(pk, en);
+      }
+    }
+    sc.rsum[r] = _mm512_reduce_add_ps(acc);
+    sc.rxn[r] = _mm512_reduce_max_ps(vxn);
+    for (int k = 0; k < K; ++k) rq[k * nr + r] = _mm512_reduce_add_ps(vq[k]);
+  }
+  return rho;
+}
+#endif
 
 template <typename T>
 static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratch<T>& sc, int mode, int64_t I,
                                int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  if (P.bs != nullptr || P.focal || S.pv != nullptr) return false;
+  constexpr int K = kSeriesTerms<T>;
+  const bool single = S.pv != nullptr;  // the single-pass focal forward
+  if (P.bs != nullptr || (P.focal && !single)) return false;
   const int64_t N = P.N, ncp = (nc + W - 1) / W * W;
   const bool diag = I == J;
   const T ninf = cm::neg_inf<T>();
@@ -600,6 +734,21 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     if (diag && r >= j && r < j + W) v = Vec::blendv(v, vninf, iota == Vec(static_cast<T>(r - j)));
     return v;
   };
+  const Vec zero(T(0));
+  const T* clab = P.clabf + c0;  // Npad-padded: -2 past N (never a label)
+  T *cxn = sc.cxn.data(), *cq = sc.cq.data(), *rq = sc.rq.data();
+  if (single) {
+    std::fill(cxn, cxn + ncp, ninf);
+    std::fill(cq, cq + K * ncp, T(0));
+  }
+  T rho;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same<T, float>::value) {
+    rho = fused_fwd_passes_avx512(P, sc, single, diag, r0, nr, c0, nc, s, ld);
+    if (!(rho < -ninf)) return sym_fused_declined(mode, "a NaN or +inf logit");
+  } else  // NOLINT(readability/braces)
+#endif
+  {
   // pass A: maxima and first arg-maxima of the rows and of the columns; NaN / +inf detection
   Vec vall(ninf);
   for (int64_t r = 0; r < nr; ++r) {
@@ -628,38 +777,108 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     sc.rmax[r] = m;
     sc.ridx[r] = idx;
   }
-  const T rho = hmax(vall);
+  rho = hmax(vall);
   if (!(rho < -ninf)) return sym_fused_declined(mode, "a NaN or +inf logit");
   // pass B: e = exp(x - rho), row sums and column sums (rho = -inf: no column at all, a self-only tile)
   const Vec vrho(rho > ninf ? rho : T(0));
   for (int64_t r = 0; r < nr; ++r) {
     const T* xr = s + r * ld;
     Vec acc(T(0));
+    if (!single) {
+      for (int64_t j = 0; j < ncp; j += W) {
+        const Vec e = (logit(xr, r, j) - vrho).exp();
+        acc = acc + e;
+        (Vec::loadu(csum + j) + e).store(csum + j);
+      }
+      sc.rsum[r] = hsum(acc);
+      continue;
+    }
+    const Vec vli(P.clabf[r0 + r]), vr(static_cast<T>(r));
+    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % W;
+    Vec vq[K], vxn(ninf);
+    for (int k = 0; k < K; ++k) vq[k] = zero;
     for (int64_t j = 0; j < ncp; j += W) {
-      const Vec e = (logit(xr, r, j) - vrho).exp();
+      const Vec xv = logit(xr, r, j);
+      const Vec e = (xv - vrho).exp();
       acc = acc + e;
       (Vec::loadu(csum + j) + e).store(csum + j);
+      const Vec neg = Vec::loadu(clab + j) != vli;
+      // negatives, the columns whose top this row is left out (their sums are the columns'; added back below)
+      const Vec negc = diag ? neg : (neg & (Vec::loadu(cidx + j) != vr));
+      const Vec xneg = Vec::blendv(vninf, xv, negc), en = Vec::blendv(zero, e, negc);
+      at::vec::maximum(Vec::loadu(cxn + j), xneg).store(cxn + j);
+      if (j == jt) {  // the row's own top: not in its sums (in the column's, unless it is that column's top)
+        const Vec top = iota == Vec(static_cast<T>(tj - jt));
+        Vec pk = en, pr = Vec::blendv(en, zero, top);
+        vxn = at::vec::maximum(vxn, Vec::blendv(xneg, vninf, top));
+        for (int k = 0; k < K; ++k) {
+          vq[k] = vq[k] + pr;
+          (Vec::loadu(cq + k * ncp + j) + pk).store(cq + k * ncp + j);
+          pk = pk * en;
+          pr = Vec::blendv(pk, zero, top);
+        }
+        continue;
+      }
+      vxn = at::vec::maximum(vxn, xneg);
+      Vec pk = en;
+      for (int k = 0; k < K; ++k) {
+        vq[k] = vq[k] + pk;
+        (Vec::loadu(cq + k * ncp + j) + pk).store(cq + k * ncp + j);
+        if (k + 1 < K) pk = pk * en;
+      }
     }
     sc.rsum[r] = hsum(acc);
+    sc.rxn[r] = hmax(vxn);
+    for (int k = 0; k < K; ++k) rq[k * nr + r] = hsum(vq[k]);
+  }
+  }
+  if (single && !diag) {  // a negative whose column has this row as its top: back into the row's sums
+    for (int64_t c = 0; c < nc; ++c) {
+      if (!(cmax[c] > ninf)) continue;
+      const int64_t r = static_cast<int64_t>(cidx[c]);
+      if (c == static_cast<int64_t>(sc.ridx[r]) || P.clabf[c0 + c] == P.clabf[r0 + r]) continue;
+      const T xv = s[r * ld + c] * P.inv_tau, e = std::exp(xv - rho);
+      sc.rxn[r] = std::max(sc.rxn[r], xv);
+      T pk = e;
+      for (int k = 0; k < K; ++k, pk *= e) rq[k * nr + r] += pk;
+    }
   }
   const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
   // one partial: (m, top, m2, s2) from the max tm at tj (local index; -1: none), the sum of every term, and
   // rest_exact(&m2, &s2) for the rest relative to its own max
-  auto partial = [&](int64_t slot, T tm, int64_t tj, int64_t base, T total, auto&& rest_exact) {
+  // (focal: q[K] and xn, the power sums and largest negative logit off the top, relative to rho; rest_exact
+  // redoes them relative to its m2 too)
+  auto partial = [&](int64_t slot, T tm, int64_t tj, int64_t base, T total, T* q, T xn, auto&& rest_exact) {
     S.m[slot] = tm;
     if (!(tm > ninf)) {
       S.top[slot] = -1;
       S.m2[slot] = ninf;
       S.s2[slot] = T(0);
+      if (single) {
+        for (int k = 0; k < K; ++k) S.q[k][slot] = T(0);
+        S.xn[slot] = ninf;
+      }
       return;
     }
     const T et = std::exp(tm - rho), rest = total - et;
     T m2 = rho, s2 = rest;
-    if (!(rest >= et) || rest < tiny) rest_exact(&m2, &s2);
+    if (!(rest >= et) || rest < tiny) rest_exact(&m2, &s2, q, &xn);
     S.top[slot] = base + tj;
     S.m2[slot] = m2;
     S.s2[slot] = s2;
+    if (single) {
+      for (int k = 0; k < K; ++k) S.q[k][slot] = q[k];
+      S.xn[slot] = xn;
+    }
   };
+  // the positives' logits of row or column i among [a, a + n) (at their places in i's run), for the focal merge
+  auto stash = [&](int64_t i, const int64_t* pl, int64_t np, auto&& value) {
+    if (!single || np == 0) return;
+    const int64_t* run = P.ix->perm.data() + P.ix->start[P.ix->aid[i]];
+    T* dst = S.pv + S.pv_off[i] + (pl - run);
+    for (int64_t k = 0; k < np; ++k) dst[k] = value(pl[k]);
+  };
+  T qbuf[K];
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r, tj = static_cast<int64_t>(sc.ridx[r]);
     const T* xr = s + r * ld;
@@ -669,8 +888,11 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     for (int64_t k = 0; k < np; ++k)
       if (pl[k] != i) psum += xr[pl[k] - c0] * P.inv_tau;
     S.ps[J * N + i] = psum;
-    partial(J * N + i, sc.rmax[r], tj, c0, sc.rsum[r], [&](T* m2, T* s2) {
-      const Vec lane(static_cast<T>(tj % W));
+    stash(i, pl, np, [&](int64_t j) { return xr[j - c0] * P.inv_tau; });
+    for (int k = 0; k < K; ++k) qbuf[k] = single ? rq[k * nr + r] : T(0);
+    partial(J * N + i, sc.rmax[r], tj, c0, sc.rsum[r], qbuf, single ? sc.rxn[r] : ninf,
+            [&](T* m2, T* s2, T* q, T* xn) {
+      const Vec lane(static_cast<T>(tj % W)), vli(P.clabf[i]);
       const int64_t jt = tj - tj % W;
       auto other = [&](int64_t j) {
         const Vec v = logit(xr, r, j);
@@ -679,12 +901,26 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
       Vec vm(ninf);
       for (int64_t j = 0; j < ncp; j += W) vm = at::vec::maximum(vm, other(j));
       *m2 = hmax(vm);
-      Vec acc(T(0));
+      Vec acc(T(0)), vq[K], vxn(ninf);
+      for (int k = 0; k < K; ++k) vq[k] = zero;
       if (*m2 > ninf) {
         const Vec vm2(*m2);
-        for (int64_t j = 0; j < ncp; j += W) acc = acc + (other(j) - vm2).exp();
+        for (int64_t j = 0; j < ncp; j += W) {
+          const Vec xv = other(j), e = (xv - vm2).exp();
+          acc = acc + e;
+          if (!single) continue;
+          const Vec neg = Vec::loadu(clab + j) != vli;
+          vxn = at::vec::maximum(vxn, Vec::blendv(vninf, xv, neg));
+          const Vec en = Vec::blendv(zero, e, neg);
+          Vec pk = en;
+          for (int k = 0; k < K; ++k, pk = pk * en) vq[k] = vq[k] + pk;
+        }
       }
       *s2 = hsum(acc);
+      if (single) {
+        for (int k = 0; k < K; ++k) q[k] = hsum(vq[k]);
+        *xn = hmax(vxn);
+      }
     });
   }
   if (diag) return true;
@@ -695,16 +931,29 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     T psum = T(0);
     for (int64_t k = 0; k < np; ++k) psum += s[(pl[k] - r0) * ld + c] * P.inv_tau;
     S.ps[I * N + j] = psum;
-    partial(I * N + j, cmax[c], ti, r0, csum[c], [&](T* m2, T* s2) {
+    stash(j, pl, np, [&](int64_t i) { return s[(i - r0) * ld + c] * P.inv_tau; });
+    for (int k = 0; k < K; ++k) qbuf[k] = single ? cq[k * ncp + c] : T(0);
+    partial(I * N + j, cmax[c], ti, r0, csum[c], qbuf, single ? cxn[c] : ninf, [&](T* m2, T* s2, T* q, T* xn) {
       T mx = ninf;
       for (int64_t r = 0; r < nr; ++r)
         if (r != ti) mx = std::max(mx, s[r * ld + c] * P.inv_tau);
-      T acc = T(0);
-      if (mx > ninf)
-        for (int64_t r = 0; r < nr; ++r)
-          if (r != ti) acc += std::exp(s[r * ld + c] * P.inv_tau - mx);
+      T acc = T(0), xm = ninf;
+      for (int k = 0; k < K; ++k) q[k] = T(0);
+      if (mx > ninf) {
+        for (int64_t r = 0; r < nr; ++r) {
+          if (r == ti) continue;
+          const T xv = s[r * ld + c] * P.inv_tau, e = std::exp(xv - mx);
+          acc += e;
+          if (single && P.clabf[r0 + r] != P.clabf[j]) {
+            xm = std::max(xm, xv);
+            T pk = e;
+            for (int k = 0; k < K; ++k, pk *= e) q[k] += pk;
+          }
+        }
+      }
       *m2 = mx;
       *s2 = acc;
+      *xn = xm;
     });
   }
   return true;
@@ -875,7 +1124,8 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
         std::vector<int64_t> rows;
         for (int64_t i = 0; i < N; ++i) {
           const T xn = S.xn[J * N + i];
-          if (tops[i] >= 0 && block_needs_exact(xn, out_lse[i])) rows.push_back(i);
+          if (tops[i] >= 0 && (block_needs_exact(xn, out_lse[i]) || S.m2[J * N + i] - out_lse[i] > kSeriesMaxRef<T>))
+            rows.push_back(i);
         }
         if (!rows.empty()) sym_exact_negatives<T>(P, J, b, rows, out_lse, tops, S);
       }
@@ -911,7 +1161,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
         for (int64_t J = 0; J < nb; ++J) {  // negatives, block by block
           const int64_t sl = J * N + i;
           const T xn = S.xn[sl];
-          if (block_needs_exact(xn, lse)) {  // exact (sym_exact_negatives)
+          if (block_needs_exact(xn, lse) || S.m2[sl] - lse > kSeriesMaxRef<T>) {  // exact (sym_exact_negatives)
             fn += S.fn[sl];
             un += S.un[sl];
             continue;
@@ -927,7 +1177,14 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
             un += u;
           }
           const int64_t tj = S.top[sl];  // the block's top, when a negative other than the row's top
-          if (tj >= 0 && tj != top && P.ix->cid[tj] != aid) neg_terms_exact<T>(S.m[sl] - lse, &fn, &un);
+          if (tj >= 0 && tj != top && P.ix->cid[tj] != aid) {
+            const T lpt = S.m[sl] - lse;
+            if (lpt < kLogSeriesMaxP<T>) {
+              neg_terms_series<T>(lpt, &fn, &un);
+            } else {
+              neg_terms_exact<T>(lpt, &fn, &un);
+            }
+          }
         }
       } else {
         for (int64_t J = 0; J < nb; ++J) {

@@ -193,14 +193,16 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
 //            G_JI (rows J, on the transposed tile), H = G_IJ + G_JIᵀ, dX_I += H X_J, dX_J += Hᵀ X_I, all in
 //            the worker's L2. 0.5 GEMM recompute + 1 GEMM of products.
 
-// Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 grown until there are at most 64 blocks;
-// rounded up to the vector width.
+// Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 (fp32 from N = 8192 on: 512, a 1 MB tile
+// whose GEMMs pack half as much per product and whose rows merge half as many partials; measured on the
+// 2-core Intel machine, docs/performance_cpu.md) grown until there are at most 64 blocks; rounded up to the
+// vector width.
 template <typename T>
 int64_t sym_block(int64_t N) {
   constexpr int64_t W = at::vec::Vectorized<T>::size();
   int64_t b = env_int("LTCL_CPU_SYM_BLOCK", env_int("LTCL_CPU_BLOCK_ROWS", 0));
   if (b <= 0) {
-    b = 256;
+    b = (sizeof(T) == 4 && N >= 8192) ? 512 : 256;
     while ((N + b - 1) / b > 64) b *= 2;
   }
   return std::max<int64_t>(W, (b + W - 1) / W * W);
