@@ -15,7 +15,9 @@
 // bit-identical for any thread count.
 //
 // Symmetric path (symmetric=True: C is A, c_lab equal to a_lab, self_offset 0): the tiles of
-// strip::sym_forward_tiles / sym_backward_tiles, one GEMM per pair of row blocks; the per-element
+// strip::sym_forward_tiles / sym_backward_tiles, one GEMM per pair of row blocks. Fused tiles
+// (sym_fused_fwd_tile, sym_fused_tile) reduce both rows I and rows J from S_IJ itself with one exponential
+// per element; a tile their accuracy guards decline takes the generic tile code, whose per-element
 // epilogues (backward_cols, neg_focal_acc, the ltcl_math.h terms) are the general path's.
 // GEMM-equivalents forward+backward: general 4, symmetric 2, focal included: the focal forward is one pass
 // over the tiles, the negatives' f-/u- summed from power sums of that pass's exponentials (exact where a

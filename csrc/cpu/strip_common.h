@@ -192,6 +192,8 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
 //            in a fixed order: no races, the same sums for any thread count); per tile S_IJ, G_IJ (rows I),
 //            G_JI (rows J, on the transposed tile), H = G_IJ + G_JIᵀ, dX_I += H X_J, dX_J += Hᵀ X_I, all in
 //            the worker's L2. 0.5 GEMM recompute + 1 GEMM of products.
+// A contract may reduce a tile itself (the `fused` callbacks: both sides from S_IJ, no transpose); the
+// transposing code above is then only its fallback.
 
 // Tile size: LTCL_CPU_SYM_BLOCK, else LTCL_CPU_BLOCK_ROWS, else 256 (fp32 from N = 8192 on: 512, a 1 MB tile
 // whose GEMMs pack half as much per product and whose rows merge half as many partials; measured on the
