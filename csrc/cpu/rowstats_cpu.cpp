@@ -583,15 +583,15 @@ static bool sym_fused_declined(int mode, const char* why) {
   return false;
 }
 
-// ---------------------------------------------------------------- symmetric forward, fused tiles (not focal)
+// ---------------------------------------------------------------- symmetric forward, fused tiles
 //
 // Pass 1 of both the rows of I over the columns J and the rows of J over the columns I from the tile S_IJ
 // itself, one exponential per element: with rho the tile's largest logit, e_ij = exp(x_ij - rho) gives row
 // i's sum over J (a horizontal sum) and column j's sum over I (a vertical one). Per row and per column the
-// pass also keeps the max and its first index (the partial's top); its rest is the sum less the top's own
-// term, kept as (m2, s2) = (rho, rest). Where that subtraction could cost accuracy (the top's term above the
-// rest) or the rest is tiny (terms may have underflowed against rho), the rest is redone relative to its own
-// max (m2 = the max of the others), as sym_pass1_row does. Focal (the single pass): the same e_ij, masked to
+// first pass finds the max and its first index (the partial's top), which the second leaves out of the sum:
+// the rest, kept as (m2, s2) = (rho, rest) with no subtraction. Where the rest is tiny (terms may have
+// underflowed against rho) it is redone relative to its own max (m2 = the max of the others), as
+// sym_pass1_row does. Focal (the single pass): the same e_ij, masked to
 // the negatives, give the power sums Q_k of both sides (their reference m2 = rho; the merge treats a block
 // whose reference exceeds lse by more than kSeriesMaxRef as needing the exact sums) and the largest negative
 // logit, each side leaving its own top out: a column's top row is masked in the vector pass (and added back
@@ -669,29 +669,32 @@ static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<floa
   for (int64_t r = 0; r < nr; ++r) {
     const float* xr = s + r * ld;
     __m512 acc = zero;
+    const __m512 vr = _mm512_set1_ps(static_cast<float>(r));
+    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % 16;
+    const __mmask16 offtop = jt < 0 ? __mmask16(0xFFFF) : __mmask16(~(1u << (tj - jt)));
     if (!single) {
       for (int64_t j = 0; j < ncp; j += 16) {
         const __m512 e = vexp(_mm512_sub_ps(logit(xr, r, j), vrho));
-        acc = _mm512_add_ps(acc, e);
-        _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), e));
+        acc = _mm512_add_ps(acc, j == jt ? _mm512_maskz_mov_ps(offtop, e) : e);
+        const __m512 ec = diag ? e : _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ), e);
+        _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), ec));
       }
       sc.rsum[r] = _mm512_reduce_add_ps(acc);
       continue;
     }
-    const __m512 vli = _mm512_set1_ps(P.clabf[r0 + r]), vr = _mm512_set1_ps(static_cast<float>(r));
-    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % 16;
+    const __m512 vli = _mm512_set1_ps(P.clabf[r0 + r]);
     __m512 vq[K], vxn = ninf;
     for (int k = 0; k < K; ++k) vq[k] = zero;
     for (int64_t j = 0; j < ncp; j += 16) {
       const __m512 xv = logit(xr, r, j);
       const __m512 e = vexp(_mm512_sub_ps(xv, vrho));
-      acc = _mm512_add_ps(acc, e);
-      _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), e));
-      __mmask16 neg = _mm512_cmp_ps_mask(_mm512_loadu_ps(clab + j), vli, _CMP_NEQ_UQ);
-      if (!diag) neg &= _mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ);
+      acc = _mm512_add_ps(acc, j == jt ? _mm512_maskz_mov_ps(offtop, e) : e);
+      const __mmask16 ncol = diag ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ);
+      _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), _mm512_maskz_mov_ps(ncol, e)));
+      const __mmask16 neg = _mm512_cmp_ps_mask(_mm512_loadu_ps(clab + j), vli, _CMP_NEQ_UQ) & ncol;
       const __m512 en = _mm512_maskz_mov_ps(neg, e);
       _mm512_mask_storeu_ps(cxn + j, neg, _mm512_max_ps(_mm512_loadu_ps(cxn + j), xv));
-      const __mmask16 rneg = j == jt ? __mmask16(neg & ~(1u << (tj - jt))) : neg;
+      const __mmask16 rneg = j == jt ? __mmask16(neg & offtop) : neg;
       vxn = _mm512_mask_max_ps(vxn, rneg, vxn, xv);
       __m512 pk = en;
       for (int k = 0; k < K; ++k) {
@@ -786,31 +789,38 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
   for (int64_t r = 0; r < nr; ++r) {
     const T* xr = s + r * ld;
     Vec acc(T(0));
+    const Vec vr(static_cast<T>(r));
+    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % W;
+    const Vec toplane = iota == Vec(static_cast<T>(jt < 0 ? -1 : tj - jt));
+    // each side leaves its own top out of its sum: a row's in its one chunk, a column's by pass A's arg-max
+    auto row_part = [&](int64_t j, const Vec& e) { return j == jt ? Vec::blendv(e, zero, toplane) : e; };
+    auto col_part = [&](int64_t j, const Vec& e) {
+      return diag ? e : Vec::blendv(zero, e, Vec::loadu(cidx + j) != vr);
+    };
     if (!single) {
       for (int64_t j = 0; j < ncp; j += W) {
         const Vec e = (logit(xr, r, j) - vrho).exp();
-        acc = acc + e;
-        (Vec::loadu(csum + j) + e).store(csum + j);
+        acc = acc + row_part(j, e);
+        (Vec::loadu(csum + j) + col_part(j, e)).store(csum + j);
       }
       sc.rsum[r] = hsum(acc);
       continue;
     }
-    const Vec vli(P.clabf[r0 + r]), vr(static_cast<T>(r));
-    const int64_t tj = static_cast<int64_t>(sc.ridx[r]), jt = tj < 0 ? -1 : tj - tj % W;
+    const Vec vli(P.clabf[r0 + r]);
     Vec vq[K], vxn(ninf);
     for (int k = 0; k < K; ++k) vq[k] = zero;
     for (int64_t j = 0; j < ncp; j += W) {
       const Vec xv = logit(xr, r, j);
       const Vec e = (xv - vrho).exp();
-      acc = acc + e;
-      (Vec::loadu(csum + j) + e).store(csum + j);
+      acc = acc + row_part(j, e);
+      (Vec::loadu(csum + j) + col_part(j, e)).store(csum + j);
       const Vec neg = Vec::loadu(clab + j) != vli;
       // negatives, the columns whose top this row is left out (their sums are the columns'; added back below)
       const Vec negc = diag ? neg : (neg & (Vec::loadu(cidx + j) != vr));
       const Vec xneg = Vec::blendv(vninf, xv, negc), en = Vec::blendv(zero, e, negc);
       at::vec::maximum(Vec::loadu(cxn + j), xneg).store(cxn + j);
       if (j == jt) {  // the row's own top: not in its sums (in the column's, unless it is that column's top)
-        const Vec top = iota == Vec(static_cast<T>(tj - jt));
+        const Vec& top = toplane;
         Vec pk = en, pr = Vec::blendv(en, zero, top);
         vxn = at::vec::maximum(vxn, Vec::blendv(xneg, vninf, top));
         for (int k = 0; k < K; ++k) {
@@ -846,11 +856,11 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     }
   }
   const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
-  // one partial: (m, top, m2, s2) from the max tm at tj (local index; -1: none), the sum of every term, and
-  // rest_exact(&m2, &s2) for the rest relative to its own max
+  // one partial: (m, top, m2, s2) from the max tm at tj (local index; -1: none), the sum of the other terms
+  // (the rest), and rest_exact(&m2, &s2) for the rest relative to its own max
   // (focal: q[K] and xn, the power sums and largest negative logit off the top, relative to rho; rest_exact
   // redoes them relative to its m2 too)
-  auto partial = [&](int64_t slot, T tm, int64_t tj, int64_t base, T total, T* q, T xn, auto&& rest_exact) {
+  auto partial = [&](int64_t slot, T tm, int64_t tj, int64_t base, T rest, T* q, T xn, auto&& rest_exact) {
     S.m[slot] = tm;
     if (!(tm > ninf)) {
       S.top[slot] = -1;
@@ -862,9 +872,8 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
       }
       return;
     }
-    const T et = std::exp(tm - rho), rest = total - et;
     T m2 = rho, s2 = rest;
-    if (!(rest >= et) || rest < tiny) rest_exact(&m2, &s2, q, &xn);
+    if (!(rest >= tiny)) rest_exact(&m2, &s2, q, &xn);
     S.top[slot] = base + tj;
     S.m2[slot] = m2;
     S.s2[slot] = s2;
