@@ -1,5 +1,6 @@
 """The fused tiles of the C++ CPU engine's symmetric path (csrc/cpu/rowstats_cpu.cpp: sym_fused_fwd_tile,
-sym_fused_tile): one exponential per element of S_IJ serves both row i and row j, no transposes.
+sym_fused_tile; csrc/cpu/ssl_cpu.cpp: ssl_fused_tile, the self-supervised backward): one exponential per
+element of S_IJ serves both row i and row j, no transposes.
 
 LTCL_CPU_SYM_FUSED (read at every call): 1 (default) fused where the accuracy guards allow, 0 never (the
 generic symmetric tiles), 2 as 1 but a tile that the guards send to the generic path raises. Expected values
@@ -171,3 +172,25 @@ def test_fused_tiles_bit_identical_for_one_and_two_threads(monkeypatch):
         torch.set_num_threads(old)
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ssl_fused_backward_is_what_runs(dtype, monkeypatch):
+    """The self-supervised backward (every SSL configuration, partners in pairs): LTCL_CPU_SYM_FUSED=2 raises
+    for no tile, and the result equals the generic tiles' (=0) to rounding; with unpaired partners the fused
+    tiles are not used at all (=2 does not raise either: a property of the problem, not a tile guard)."""
+    from ltcl_fused.backends import get_engine
+    from test_symmetric_cpu_ssl import CONFIGS, _coefs, _problem
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    eng = get_engine("cpu")
+    for name, cfg in CONFIGS.items():
+        for paired in (True, False):
+            X, partner = _problem(150, 12, dtype, seed=11, paired=paired)
+            lse = eng.ssl_forward(X, X, partner, 0, 3.0, cfg, symmetric=True).lse
+            coef, cpos = _coefs(len(cfg.scales), 150, lse.dtype, seed=12)
+            got = {}
+            for mode in ("2", "0"):
+                monkeypatch.setenv("LTCL_CPU_SYM_FUSED", mode)
+                got[mode] = eng.ssl_backward(X, X, partner, 0, 3.0, cfg, lse, coef, cpos, symmetric=True)[0]
+            assert _rel(got["2"], got["0"]) < tol, f"{name} paired={paired} {dtype}: {_rel(got['2'], got['0']):.3g}"

@@ -38,10 +38,20 @@ def eng():
     return get_engine("cpu")
 
 
-def _problem(N, D, dtype, seed=0):
+def _problem(N, D, dtype, seed=0, paired=False):
+    """paired: partners in mutual pairs (i, i + N // 2), a few pairs without (-1), as two views give them: the
+    CPU engine's fused backward tiles then apply (tests/test_symmetric_cpu_fused.py); else random partners."""
     g = torch.Generator().manual_seed(seed)
     X = F.normalize(torch.randn(N, D, generator=g, dtype=F64), dim=1)
-    partner = torch.randint(-1, N, (N,), generator=g)  # -1: no positive
+    if not paired:
+        return X.to(dtype), torch.randint(-1, N, (N,), generator=g)  # -1: no positive
+    h = N // 2
+    partner = torch.full((N,), -1, dtype=torch.long)
+    partner[:h] = torch.arange(h) + h
+    partner[h:2 * h] = torch.arange(h)
+    drop = torch.arange(0, h, 7)
+    partner[drop] = -1
+    partner[drop + h] = -1
     return X.to(dtype), partner
 
 
@@ -67,14 +77,15 @@ def _dense_bwd(X, partner, it, cfg, lse, coef, cpos):
     return dA + dC
 
 
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("block", [None, 16])
 @pytest.mark.parametrize("N", [1, 2, 17, 65, 130])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_symmetric_ssl_contract_fp64(name, N, block, monkeypatch):
+def test_symmetric_ssl_contract_fp64(name, N, block, paired, monkeypatch):
     if block is not None:
         monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", str(block))
     cfg = CONFIGS[name]
-    X, partner = _problem(N, 9, F64, seed=N)
+    X, partner = _problem(N, 9, F64, seed=N, paired=paired)
     ref = dense_forward(X, X, partner, 0, 2.0, cfg)
     got = _sym_fwd(X, partner, 2.0, cfg)
     for n, a, b in zip(NAMES, got, ref):
@@ -85,11 +96,12 @@ def test_symmetric_ssl_contract_fp64(name, N, block, monkeypatch):
                                _dense_bwd(X, partner, 2.0, cfg, ref.lse, coef, cpos), rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_symmetric_ssl_contract_fp32(name, monkeypatch):
+def test_symmetric_ssl_contract_fp32(name, paired, monkeypatch):
     monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
     cfg = CONFIGS[name]
-    X, partner = _problem(203, 24, F32, seed=3)
+    X, partner = _problem(203, 24, F32, seed=3, paired=paired)
     check(lambda X: _sym_fwd(X, partner, 3.0, cfg), lambda X: dense_forward(X, X, partner, 0, 3.0, cfg), [X],
           grad=False, what=name, names=NAMES)
     lse = dense_forward(X.double(), X.double(), partner, 0, 3.0, cfg).lse.float()

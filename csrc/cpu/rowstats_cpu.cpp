@@ -569,20 +569,6 @@ static void sym_pass2_row(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   S.un[slot] = un;
 }
 
-// LTCL_CPU_SYM_FUSED: 1 (default) the fused symmetric tiles where they apply, 0 never, 2 as 1 but a tile of an
-// eligible problem that its accuracy guards send to the generic path is an error (tests use it to check
-// that the fused code is what ran, and that the guards trip where they must).
-static int sym_fused_mode() {
-  const char* v = std::getenv("LTCL_CPU_SYM_FUSED");
-  return (v == nullptr || *v == 0) ? 1 : std::atoi(v);
-}
-
-// A tile the fused code declines (guards): false, or an error under LTCL_CPU_SYM_FUSED=2.
-static bool sym_fused_declined(int mode, const char* why) {
-  TORCH_CHECK(mode != 2, "ltcl_fused: LTCL_CPU_SYM_FUSED=2 and a fused symmetric tile fell back (", why, ")");
-  return false;
-}
-
 // ---------------------------------------------------------------- symmetric forward, fused tiles
 //
 // Pass 1 of both the rows of I over the columns J and the rows of J over the columns I from the tile S_IJ
@@ -750,7 +736,7 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same<T, float>::value) {
     rho = fused_fwd_passes_avx512(P, sc, single, diag, r0, nr, c0, nc, s, ld);
-    if (!(rho < -ninf)) return sym_fused_declined(mode, "a NaN or +inf logit");
+    if (!(rho < -ninf)) return strip::sym_fused_declined(mode, "a NaN or +inf logit");
   } else  // NOLINT(readability/braces)
 #endif
   {
@@ -783,7 +769,7 @@ static bool sym_fused_fwd_tile(const Problem<T>& P, SymParts<T>& S, SymFwdScratc
     sc.ridx[r] = idx;
   }
   rho = hmax(vall);
-  if (!(rho < -ninf)) return sym_fused_declined(mode, "a NaN or +inf logit");
+  if (!(rho < -ninf)) return strip::sym_fused_declined(mode, "a NaN or +inf logit");
   // pass B: e = exp(x - rho), row sums and column sums (rho = -inf: no column at all, a self-only tile)
   const Vec vrho(rho > ninf ? rho : T(0));
   for (int64_t r = 0; r < nr; ++r) {
@@ -1071,7 +1057,7 @@ static void sym_forward_impl(const Problem<T>& P0, const FwdOut& o) {
   }
   S.top = strip::workspace<int64_t>(slots, 2);
   auto none = [] { return 0; };
-  const int fused = sym_fused_mode();
+  const int fused = strip::sym_fused_mode();
   strip::sym_forward_tiles<T>(
       P.A, N, P.D, [&] { return SymFwdScratch<T>(b + Vectorized<T>::size()); },
       [&](SymFwdScratch<T>&, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
@@ -1337,10 +1323,6 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
 // bias, every lse finite with |lse| <= kFusedAbs, the tile's lse within 2 kFusedRange of each other (so
 // E in [e^-kFusedRange / 2, e^kFusedRange / 2] and a p_ij above e^-(87 - kFusedRange) in fp32 cannot
 // underflow in e_ij), and rt_i exp(-lrest_i) finite.
-template <typename T>
-constexpr T kFusedAbs = sizeof(T) == 4 ? T(64) : T(1024);
-template <typename T>
-constexpr T kFusedRange = sizeof(T) == 4 ? T(40) : T(600);
 
 template <typename T>
 struct SymBwdScratch {
@@ -1383,7 +1365,7 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = k0 + k;
       const T l = in.lse[i];
-      if (!(std::abs(l) <= kFusedAbs<T>)) return false;  // also NaN and -inf (empty rows)
+      if (!(std::abs(l) <= strip::kFusedAbs<T>)) return false;  // also NaN and -inf (empty rows)
       T R = in.r[i];
       if (P.focal && in.rt[i] != T(0)) R += in.rt[i] * std::exp(-in.lrest[i]);
       const T cnk = P.focal ? in.cneg[i] : T(0);
@@ -1399,8 +1381,8 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
     }
     return true;
   };
-  if (!fill(0, r0, nr) || !fill(1, c0, nc)) return sym_fused_declined(mode, "a non-finite or large lse or coefficient");
-  if (hi - lo > kFusedRange<T>) return sym_fused_declined(mode, "the tile's lse too far apart");
+  if (!fill(0, r0, nr) || !fill(1, c0, nc)) return strip::sym_fused_declined(mode, "a non-finite or large lse or coefficient");
+  if (hi - lo > strip::kFusedRange<T>) return strip::sym_fused_declined(mode, "the tile's lse too far apart");
   const T mid = (hi + lo) * T(0.5);
   const int64_t ncp = (nc + W - 1) / W * W;
   for (int side = 0; side < 2; ++side) {
@@ -1490,7 +1472,7 @@ static void sym_backward_impl(const Problem<T>& P0, const BwdIn<T>& in, T* dX) {
   std::vector<int64_t> table;
   const int64_t b = strip::sym_block<T>(P0.N);
   const Problem<T> P = with_block_index(P0, b, &table);
-  const int fused = sym_fused_mode();
+  const int fused = strip::sym_fused_mode();
   strip::sym_backward_tiles<T>(
       P.A, P.N, P.D, P.inv_tau, dX,
       [&] {

@@ -463,23 +463,140 @@ void sym_forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
   });
 }
 
+// Fused backward tile (strip::sym_backward_tiles' `fused`): H = G_IJ + G_JIᵀ straight from the tile with one
+// exponential per element and scale instead of two. On the set, G_ij = sum_k a_ik c_k exp(c_k s_ij - L_ik)
+// (a = coef, L = lse); with h = L / 2, mid_k the middle of the tile's h_k and E = exp(h - mid):
+//   e_k = exp(c_k s - h_ik - h_jk) <= 1,   H_ij = sum_k e_k (nu_ik E_jk + E_ik nu_jk),  nu = c a / E,
+// 0 off the set (the filter on g, self unless include_self: a property of the pair, so of both rows);
+// the partners' entries (cpos, and exclude_partner) from the scalar formulas of both rows. Taken when the
+// partners pair up (partner[partner[i]] = i) and, per tile, every L is finite with |L| <= kFusedAbs, each
+// scale's h within kFusedRange, the coefficients finite; else the tile takes mask_cols + grad_cols.
+template <typename T>
+struct SslBwdScratch {
+  std::vector<T> vbuf;   // grad_cols' scratch (several scales)
+  std::vector<T> sides;  // [2 sides][K][3: h, E, nu][bpad]
+  int64_t bpad = 0;
+  T* arr(int side, int k, int a) { return sides.data() + ((side * kMaxScales + k) * 3 + a) * bpad; }
+};
+
+template <typename T>
+bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& sc, int mode, int64_t r0,
+                    int64_t nr, int64_t c0, int64_t nc, const T* g, int64_t ld, T* h) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t M = P.M, ncp = (nc + W - 1) / W * W;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int k = 0; k < P.K; ++k) {
+    T lo = inf, hi = -inf;
+    for (int side = 0; side < 2; ++side) {
+      const int64_t k0 = side == 0 ? r0 : c0, n = side == 0 ? nr : nc;
+      T* hh = sc.arr(side, k, 0);
+      for (int64_t t = 0; t < n; ++t) {
+        const T L = in.lse[k * M + k0 + t], a = in.coef[k * M + k0 + t];
+        if (!(std::abs(L) <= strip::kFusedAbs<T>) || !std::isfinite(a) || !std::isfinite(in.cpos[k0 + t]))
+          return strip::sym_fused_declined(mode, "a non-finite or large lse or coefficient");
+        hh[t] = L * T(0.5);
+        lo = std::min(lo, hh[t]);
+        hi = std::max(hi, hh[t]);
+      }
+    }
+    if (hi - lo > strip::kFusedRange<T>) return strip::sym_fused_declined(mode, "the tile's lse too far apart");
+    const T mid = (hi + lo) * T(0.5);
+    for (int side = 0; side < 2; ++side) {
+      const int64_t k0 = side == 0 ? r0 : c0, n = side == 0 ? nr : nc, npad = side == 0 ? n : ncp;
+      T *hh = sc.arr(side, k, 0), *E = sc.arr(side, k, 1), *nu = sc.arr(side, k, 2);
+      for (int64_t t = 0; t < n; ++t) {
+        E[t] = std::exp(hh[t] - mid);
+        nu[t] = P.scales[k] * in.coef[k * M + k0 + t] / E[t];
+      }
+      for (int64_t t = n; t < npad; ++t) hh[t] = E[t] = nu[t] = T(0);  // padding: H = 0 (never read)
+    }
+  }
+  const bool diag = r0 == c0;
+  const Vec vinv(P.inv_tau), zero(T(0)), vone(T(1)), vlo(P.lower), vhi(P.upper);
+  const Vec iota = Vec::arange(T(0), T(1));
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* gr = g + r * ld;
+    T* hr = h + r * ld;
+    for (int64_t j = 0; j < ncp; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, nc - j);
+      const Vec gv = cnt == W ? Vec::loadu(gr + j) : Vec::loadu(gr + j, cnt);
+      const Vec v = gv * vinv;
+      Vec keep = cnt == W ? (zero == zero) : (iota < Vec(static_cast<T>(cnt)));
+      if (P.filter != cm::kFilterNone) {  // the set: a = min(|g|, 1) kept unless a < lower [or a > upper]
+        const Vec a = at::vec::minimum(gv.abs(), vone);
+        Vec drop = a < vlo;
+        if (P.filter == cm::kFilterBoth) drop = drop | (a > vhi);
+        keep = Vec::blendv(keep, zero, drop);
+      }
+      if (diag && !P.include_self && r >= j && r < j + W) keep = keep & (iota != Vec(static_cast<T>(r - j)));
+      Vec H = zero;
+      for (int k = 0; k < P.K; ++k) {
+        const Vec vc(P.scales[k]), vh(sc.arr(0, k, 0)[r]), vE(sc.arr(0, k, 1)[r]), vnu(sc.arr(0, k, 2)[r]);
+        const Vec e = (vc * v - (vh + Vec::loadu(sc.arr(1, k, 0) + j))).exp();
+        H = at::vec::fmadd(e, at::vec::fmadd(vnu, Vec::loadu(sc.arr(1, k, 1) + j), vE * Vec::loadu(sc.arr(1, k, 2) + j)),
+                           H);
+      }
+      H = Vec::blendv(zero, H, keep);
+      if (cnt == W) {
+        H.store(hr + j);
+      } else {
+        H.store(hr + j, cnt);
+      }
+    }
+  }
+  // the partners' entries: both rows' set terms (the general path's mask_cols rules) and cpos
+  auto set_term = [&](int64_t a, int64_t b, T gab) {
+    if (!cm::ssl_filter_keep<T>(gab, P.filter, P.lower, P.upper)) return T(0);
+    if ((a == b && !P.include_self) || (P.exclude_partner && b == P.partner[a])) return T(0);
+    T t = T(0);
+    for (int k = 0; k < P.K; ++k)
+      t += in.coef[k * M + a] * P.scales[k] * std::exp(P.scales[k] * (gab * P.inv_tau) - in.lse[k * M + a]);
+    return t;
+  };
+  auto fix = [&](int64_t i, int64_t j) {
+    const int64_t o = (i - r0) * ld + (j - c0);
+    h[o] = set_term(i, j, g[o]) + set_term(j, i, g[o]) + in.cpos[i] + in.cpos[j];
+  };
+  for (int64_t r = 0; r < nr; ++r) {  // (the pairs are mutual: a column's partner entry is its partner row's)
+    const int64_t i = r0 + r, p = P.partner[i];
+    if (p >= c0 && p < c0 + nc) fix(i, p);
+  }
+  return true;
+}
+
 template <typename T>
 void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
+  const int64_t b = strip::sym_block<T>(P.N);
+  bool paired = true;  // the fused tiles need partner[partner[i]] = i (a pair's entries are then symmetric)
+  for (int64_t i = 0; i < P.N && paired; ++i) {
+    const int64_t p = P.partner[i];
+    paired = p < 0 || (p < P.N && P.partner[p] == i);
+  }
+  const int mode = paired ? strip::sym_fused_mode() : 0;
   strip::sym_backward_tiles<T>(
       P.A, P.N, P.D, P.inv_tau, dX,
-      [&] { return std::vector<T>(P.K > 1 ? static_cast<size_t>(strip::sym_block<T>(P.N)) : 0); },
-      [&](std::vector<T>& vbuf, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
+      [&] {
+        SslBwdScratch<T> sc;
+        sc.vbuf.resize(P.K > 1 ? static_cast<size_t>(b) : 0);
+        sc.bpad = b + W;
+        sc.sides.resize(static_cast<size_t>(2 * kMaxScales * 3 * sc.bpad));
+        return sc;
+      },
+      [&](SslBwdScratch<T>& sc, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* x, int64_t ld) {
         const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r0 + r, p = P.partner[i];
           T* xr = x + r * ld;
           mask_cols(P, i, c0, nc, ncp, xr);
-          grad_cols(P, i, xr, nc, ncp, (p >= c0 && p < c0 + nc) ? p - c0 : -1, vbuf.data(), in);
+          grad_cols(P, i, xr, nc, ncp, (p >= c0 && p < c0 + nc) ? p - c0 : -1, sc.vbuf.data(), in);
         }
       },
-      [](std::vector<T>&, int64_t, int64_t, int64_t, int64_t, const T*, int64_t, T*) { return false; });
+      [&](SslBwdScratch<T>& sc, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* x, int64_t ld, T* h) {
+        return mode != 0 && ssl_fused_tile(P, in, sc, mode, r0, nr, c0, nc, x, ld, h);
+      });
 }
 
 // symmetric=True: the caller guarantees C is A (the same storage) and self_offset 0

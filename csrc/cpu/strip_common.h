@@ -232,6 +232,28 @@ T* workspace(size_t n, int slot) {
   return ws[slot].data();
 }
 
+// LTCL_CPU_SYM_FUSED: 1 (default) the fused symmetric tiles where they apply, 0 never, 2 as 1 but a tile of an
+// eligible problem that its accuracy guards send to the generic tile code is an error (tests use it to check
+// that the fused code is what ran, and that the guards trip where they must).
+inline int sym_fused_mode() {
+  const char* v = std::getenv("LTCL_CPU_SYM_FUSED");
+  return (v == nullptr || *v == 0) ? 1 : std::atoi(v);
+}
+
+// A tile the fused code declines (guards): false, or an error under LTCL_CPU_SYM_FUSED=2.
+inline bool sym_fused_declined(int mode, const char* why) {
+  TORCH_CHECK(mode != 2, "ltcl_fused: LTCL_CPU_SYM_FUSED=2 and a fused symmetric tile fell back (", why, ")");
+  return false;
+}
+
+// The fused backward tiles' guards on the log-sum-exps L of a tile's rows (h = L / 2, E = exp(h - mid)):
+// |L| <= kFusedAbs (the rounding of x - h_i - h_j stays that of x - L) and max h - min h <= kFusedRange
+// (E within e^(+-kFusedRange / 2); a p above e^-(87 - kFusedRange) cannot underflow in fp32).
+template <typename T>
+constexpr T kFusedAbs = sizeof(T) == 4 ? T(64) : T(1024);
+template <typename T>
+constexpr T kFusedRange = sizeof(T) == 4 ? T(40) : T(600);
+
 struct SymGrid {
   int64_t N, b, nb;
   explicit SymGrid(int64_t N_, int64_t b_) : N(N_), b(b_), nb((N_ + b_ - 1) / b_) {}
