@@ -533,7 +533,7 @@ bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& s
       Vec H = zero;
       for (int k = 0; k < P.K; ++k) {
         const Vec vc(P.scales[k]), vh(sc.arr(0, k, 0)[r]), vE(sc.arr(0, k, 1)[r]), vnu(sc.arr(0, k, 2)[r]);
-        const Vec e = (vc * v - (vh + Vec::loadu(sc.arr(1, k, 0) + j))).exp();
+        const Vec e = strip::vexp<T>(vc * v - (vh + Vec::loadu(sc.arr(1, k, 0) + j)));
         H = at::vec::fmadd(e, at::vec::fmadd(vnu, Vec::loadu(sc.arr(1, k, 1) + j), vE * Vec::loadu(sc.arr(1, k, 2) + j)),
                            H);
       }

@@ -83,6 +83,42 @@ inline double hmax(const at::vec::Vectorized<double>& v) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp of 16 floats, inline. (at::vec's exp is Sleef's, a call through the PLT: every live vector register of
+// the calling loop is spilled and reloaded around it.) n = round(x log2 e), r = x - n ln 2 with ln 2 in two
+// parts (|r| <= ln 2 / 2), exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P for expf, then 2^n by scalef.
+// Below -87.5 (-inf included) 0, above ln(FLT_MAX) inf, NaN in NaN out; within 2 ulp elsewhere
+// (tests/test_symmetric_cpu_fused.py holds it to that over every float of [-87.3, 88.7] it samples).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.5f), hi = _mm512_set1_ps(88.72283f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+  const __m512 t = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // (max / min return their second operand, x, on NaN)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_scalef_ps(y, n);
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(__mmask16(~under), e), over,
+                            _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+}
+#endif
+
+// exp for the fused tiles' loops: exp16 for fp32 on AVX-512, at::vec's (Sleef) otherwise
+template <typename T>
+inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same<T, float>::value) return at::vec::Vectorized<float>(exp16(v));
+#endif
+  return v.exp();
+}
+
 template <typename T>
 T hsum(const at::vec::Vectorized<T>& v) {
   alignas(64) T buf[at::vec::Vectorized<T>::size()];
