@@ -370,11 +370,11 @@ constexpr int kSeriesTerms = sizeof(T) == 4 ? 5 : 8;
 template <typename T>
 constexpr T kSeriesMaxP = sizeof(T) == 4 ? T(0.03125) : T(0.0078125);
 
-// Whether a block whose largest negative logit (off its top) is xn needs the exact sums, given the row's lse
 // log kSeriesMaxP (-5 log 2, -7 log 2): the tests below compare logs (no exponential per row and block)
 template <typename T>
 constexpr T kLogSeriesMaxP = sizeof(T) == 4 ? T(-3.4657359027997265) : T(-4.852030263919617);
 
+// Whether a block whose largest negative logit (off its top) is xn needs the exact sums, given the row's lse
 template <typename T>
 static inline bool block_needs_exact(T xn, T lse) {
   return xn > cm::neg_inf<T>() && xn - lse >= kLogSeriesMaxP<T>;
@@ -596,8 +596,8 @@ struct SymFwdScratch {
 // Passes A and B of sym_fused_fwd_tile for fp32 with AVX-512 mask registers (the generic at::vec code there
 // spends a compare-to-vector and a vector-to-mask per blend and three instructions per NaN-aware max). The
 // same outputs in sc (rmax, ridx, rsum, rxn, rq of the rows; cmax, cidx, csum, cxn, cq of the columns: the
-// caller has reset the column arrays) and the same arithmetic in the same order, so the same bits; returns
-// rho, NaN when a logit is NaN (the tile then goes to the generic path).
+// caller has reset the column arrays) from the same formulas; returns rho, NaN when a logit is NaN (the tile
+// then goes to the generic path). The generic code serves fp64 and the AVX2 / default builds (tested there).
 static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<float>& sc, bool single, bool diag,
                                      int64_t r0, int64_t nr, int64_t c0, int64_t nc, const float* s, int64_t ld) {
   constexpr int K = kSeriesTerms<float>;
@@ -619,7 +619,6 @@ static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<floa
     if (diag && r >= j && r < j + 16) v = _mm512_mask_mov_ps(v, __mmask16(1u << (r - j)), ninf);
     return v;
   };
-  auto vexp = [](__m512 x) { return strip::exp16(x); };
   // pass A
   __mmask16 bad = 0;
   __m512 vall = ninf;
@@ -660,7 +659,7 @@ static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<floa
     const __mmask16 offtop = jt < 0 ? __mmask16(0xFFFF) : __mmask16(~(1u << (tj - jt)));
     if (!single) {
       for (int64_t j = 0; j < ncp; j += 16) {
-        const __m512 e = vexp(_mm512_sub_ps(logit(xr, r, j), vrho));
+        const __m512 e = strip::exp16(_mm512_sub_ps(logit(xr, r, j), vrho));
         acc = _mm512_add_ps(acc, j == jt ? _mm512_maskz_mov_ps(offtop, e) : e);
         const __m512 ec = diag ? e : _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ), e);
         _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), ec));
@@ -673,7 +672,7 @@ static float fused_fwd_passes_avx512(const Problem<float>& P, SymFwdScratch<floa
     for (int k = 0; k < K; ++k) vq[k] = zero;
     for (int64_t j = 0; j < ncp; j += 16) {
       const __m512 xv = logit(xr, r, j);
-      const __m512 e = vexp(_mm512_sub_ps(xv, vrho));
+      const __m512 e = strip::exp16(_mm512_sub_ps(xv, vrho));
       acc = _mm512_add_ps(acc, j == jt ? _mm512_maskz_mov_ps(offtop, e) : e);
       const __mmask16 ncol = diag ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(_mm512_loadu_ps(cidx + j), vr, _CMP_NEQ_UQ);
       _mm512_storeu_ps(csum + j, _mm512_add_ps(_mm512_loadu_ps(csum + j), _mm512_maskz_mov_ps(ncol, e)));
@@ -1209,6 +1208,25 @@ struct BwdIn {
   const int64_t* top;
 };
 
+// G_ij of the contract at one valid column j of row i (not self) with logit x = s inv_tau + b: the dominant
+// column's formula (from lrest) or the generic one. backward_cols' positives and dominant negative, and the
+// special entries of the fused symmetric tiles.
+template <typename T>
+static inline T grad_entry(const Problem<T>& P, const BwdIn<T>& in, int64_t i, int64_t j, T x) {
+  const T lse = in.lse[i], lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
+  const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
+  const bool pos = P.ix->cid[j] == P.ix->aid[i];
+  if (j == in.top[i]) {
+    T lp, l1;
+    cm::elem_logp<T>(x, lse, true, lrest, &lp, &l1);
+    return cm::grad_top<T>(lp, l1, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r);
+  }
+  // log p = x - lse with x rounded exactly as the forward rounded it (the file is compiled without fp
+  // contraction): at large |x| (big norms, small tau) that consistency is what keeps x - lse exact
+  return cm::grad_element_offtop<T>(x - lse, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r,
+                                    P.focal ? in.rt[i] : T(0));
+}
+
 // G of row i over the columns [c0, c0 + nc): on entry x holds their raw similarities (padded to a multiple
 // of W, c0 a multiple of W), on exit G_ij (0 at self and padding). The general path passes the whole row
 // (c0 = 0, nc = N), the symmetric path one tile's columns. posg: scratch, one entry per positive column.
@@ -1228,9 +1246,8 @@ static void backward_cols(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
     std::fill(x, x + ncp, T(0));
     return;
   }
-  const T lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
-  const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
-  const T rt = P.focal ? in.rt[i] : T(0);
+  const T lrest = in.lrest[i], r = in.r[i];
+  const T cneg = P.focal ? in.cneg[i] : T(0), rt = P.focal ? in.rt[i] : T(0);
   const int64_t self_g = P.self_col(i);
   const int64_t self = (self_g >= c0 && self_g < c0 + nc) ? self_g - c0 : -1;  // local
   const bool top_here = top >= c0 && top < c0 + nc;
@@ -1240,27 +1257,12 @@ static void backward_cols(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc
   auto xval = [&](int64_t jg) {
     return x[jg - c0] * P.inv_tau + (P.bs != nullptr ? (P.ix->cid[jg] == aid ? P.bs[jg] : P.bo[jg]) : T(0));
   };
-  // log p = x - lse with x = s inv_tau + b rounded exactly as the forward rounded it (the file is compiled
-  // without fp contraction): at large |x| (big norms, small tau) that consistency is what keeps x - lse exact
-  auto logp_of = [&](int64_t jg) { return xval(jg) - lse; };
   for (int64_t k = 0; k < np; ++k) {
     const int64_t j = pl[k];
-    if (j == self_g) continue;
-    if (j == top) {
-      T lp, l1;
-      cm::elem_logp<T>(xval(j), lse, true, lrest, &lp, &l1);
-      posg[k] = cm::grad_top<T>(lp, l1, lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r);
-    } else {
-      posg[k] = cm::grad_element_offtop<T>(logp_of(j), lrest, true, P.focal, P.gamma, cpos, cposf, cneg, r, rt);
-    }
+    if (j != self_g) posg[k] = grad_entry(P, in, i, j, xval(j));
   }
   const bool top_neg = top_here && P.ix->cid[top] != aid;
-  T gtop = T(0);
-  if (top_neg) {
-    T lp, l1;
-    cm::elem_logp<T>(xval(top), lse, true, lrest, &lp, &l1);
-    gtop = cm::grad_top<T>(lp, l1, lrest, false, P.focal, P.gamma, cpos, cposf, cneg, r);
-  }
+  const T gtop = top_neg ? grad_entry(P, in, i, top, xval(top)) : T(0);
   for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
   const T li = static_cast<T>(aid);
   const T* lab_p = P.clabf + c0;
@@ -1333,21 +1335,6 @@ struct SymBwdScratch {
   T* arr(int side, int a) { return sides.data() + (side * kArrays + a) * bpad; }
 };
 
-// G_ij of the contract at one entry (row i, column j, logit x; no bias): the generic path's formulas
-template <typename T>
-static inline T grad_entry(const Problem<T>& P, const BwdIn<T>& in, int64_t i, int64_t j, T x) {
-  if (i == j) return T(0);
-  const T lse = in.lse[i], lrest = in.lrest[i], cpos = in.cpos[i], r = in.r[i];
-  const T cposf = P.focal ? in.cposf[i] : T(0), cneg = P.focal ? in.cneg[i] : T(0);
-  const bool pos = P.ix->cid[j] == P.ix->aid[i];
-  if (j == in.top[i]) {
-    T lp, l1;
-    cm::elem_logp<T>(x, lse, true, lrest, &lp, &l1);
-    return cm::grad_top<T>(lp, l1, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r);
-  }
-  return cm::grad_element_offtop<T>(x - lse, lrest, pos, P.focal, P.gamma, cpos, cposf, cneg, r,
-                                    P.focal ? in.rt[i] : T(0));
-}
 
 // H of the tile (rows r0 .. r0 + nr, columns c0 .. c0 + nc; s: raw S, h: out, both nr x ld); false: not taken
 template <typename T>

@@ -149,6 +149,17 @@ struct RowInfo {
   bool poisoned = false;  // a NaN or +-inf dot product among the columns: the row's LSEs are NaN
 };
 
+// The element filter's drop mask of raw dot products g (P.filter != kFilterNone): a = min(|g|, 1) dropped when
+// a < lower [or a > upper]; a NaN compares false and is kept (cm::ssl_filter_keep, one element)
+template <typename T>
+Vectorized<T> filter_drop(const Problem<T>& P, const Vectorized<T>& g) {
+  using Vec = Vectorized<T>;
+  const Vec a = at::vec::minimum(g.abs(), Vec(T(1)));
+  Vec drop = a < Vec(P.lower);
+  if (P.filter == cm::kFilterBoth) drop = drop | (a > Vec(P.upper));
+  return drop;
+}
+
 // Row i over the columns [c0, c0 + nc): on entry x holds their raw dot products (nc valid, padded to ncp =
 // nc rounded up to the vector width, at least one vector); on exit x_j = s_ij on the set, -inf elsewhere
 // (padding included). The general path passes the whole row (c0 = 0, nc = N, ncp = Npad), the symmetric
@@ -166,18 +177,13 @@ RowInfo mask_cols(const Problem<T>& P, int64_t i, int64_t c0, int64_t nc, int64_
 
   // s = inv_tau * g with the filter on a = min(|g|, 1) (drop a < lower [or a > upper]; NaN compares false
   // and is kept); bad = sum of g * 0 is NaN iff some g is NaN or +-inf (the row is then poisoned)
-  const Vec vinv(P.inv_tau), vninf(ninf), vlo(P.lower), vhi(P.upper), vone(T(1)), vzero(T(0));
+  const Vec vinv(P.inv_tau), vninf(ninf), vzero(T(0));
   Vec bad(T(0));
   for (int64_t j = 0; j < ncp; j += W) {
     const Vec g = Vec::loadu(x + j);
     bad = at::vec::fmadd(g, vzero, bad);
     Vec s = g * vinv;
-    if (P.filter != cm::kFilterNone) {
-      const Vec a = at::vec::minimum(g.abs(), vone);
-      Vec drop = (a < vlo);
-      if (P.filter == cm::kFilterBoth) drop = drop | (a > vhi);
-      s = Vec::blendv(s, vninf, drop);
-    }
+    if (P.filter != cm::kFilterNone) s = Vec::blendv(s, vninf, filter_drop(P, g));
     s.store(x + j);
   }
   for (int64_t j = nc; j < ncp; ++j) x[j] = ninf;
@@ -513,7 +519,7 @@ bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& s
     }
   }
   const bool diag = r0 == c0;
-  const Vec vinv(P.inv_tau), zero(T(0)), vone(T(1)), vlo(P.lower), vhi(P.upper);
+  const Vec vinv(P.inv_tau), zero(T(0));
   const Vec iota = Vec::arange(T(0), T(1));
   for (int64_t r = 0; r < nr; ++r) {
     const T* gr = g + r * ld;
@@ -523,12 +529,7 @@ bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& s
       const Vec gv = cnt == W ? Vec::loadu(gr + j) : Vec::loadu(gr + j, cnt);
       const Vec v = gv * vinv;
       Vec keep = cnt == W ? (zero == zero) : (iota < Vec(static_cast<T>(cnt)));
-      if (P.filter != cm::kFilterNone) {  // the set: a = min(|g|, 1) kept unless a < lower [or a > upper]
-        const Vec a = at::vec::minimum(gv.abs(), vone);
-        Vec drop = a < vlo;
-        if (P.filter == cm::kFilterBoth) drop = drop | (a > vhi);
-        keep = Vec::blendv(keep, zero, drop);
-      }
+      if (P.filter != cm::kFilterNone) keep = Vec::blendv(keep, zero, filter_drop(P, gv));
       if (diag && !P.include_self && r >= j && r < j + W) keep = keep & (iota != Vec(static_cast<T>(r - j)));
       Vec H = zero;
       for (int k = 0; k < P.K; ++k) {
