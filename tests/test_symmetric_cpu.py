@@ -312,7 +312,7 @@ def test_nonfinite_rows_symmetric():
                 _close(g_, e_, name)  # as the general path
 
 
-def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
+def test_any_thread_count_bit_identical_symmetric(monkeypatch):
     # many tiles and several backward super-blocks, sizes not multiples of the tile
     monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "64")
     monkeypatch.setenv("LTCL_CPU_SUPER_BYTES", str(64 * 700 * 4 * 2))
@@ -322,7 +322,7 @@ def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
     co = coefs(650, torch.float32)
     res = {}
     try:
-        for nt in (1, 2):
+        for nt in (1, 2, 5):
             torch.set_num_threads(nt)
             for bias in (False, True):
                 b = (bs, bo) if bias else (None, None)
@@ -332,8 +332,9 @@ def test_one_and_two_threads_bit_identical_symmetric(monkeypatch):
     finally:
         torch.set_num_threads(old)
     for bias in (False, True):
-        for t1, t2 in zip(res[(1, bias)], res[(2, bias)]):
-            assert torch.equal(t1, t2)
+        for nt in (2, 5):
+            for t1, t2 in zip(res[(1, bias)], res[(nt, bias)]):
+                assert torch.equal(t1, t2), (bias, nt)
 
 
 def test_torch_compile_fullgraph_symmetric():

@@ -163,7 +163,9 @@ def test_fused_guards_send_tiles_to_the_generic_path(case, monkeypatch):
     assert _rel(got, want) < 1e-4, f"{case}: {_rel(got, want):.3g}"
 
 
-def test_fused_tiles_bit_identical_for_one_and_two_threads(monkeypatch):
+def test_fused_tiles_bit_identical_for_any_thread_count(monkeypatch):
+    """1, 2 and 5 threads (5 workers on this 2-core machine: tiles finish out of ticket order, so the backward's
+    per-block ordering (strip::BlockOrder) has to hold contributions back) give the same bits."""
     monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "2")
     monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "48")
     X, lab, it = _data("twins", 410, 40, torch.float32, seed=9)
@@ -171,7 +173,7 @@ def test_fused_tiles_bit_identical_for_one_and_two_threads(monkeypatch):
     old = torch.get_num_threads()
     res = []
     try:
-        for nt in (1, 2):
+        for nt in (1, 2, 5):
             torch.set_num_threads(nt)
             out = []
             for focal in (False, True):
@@ -180,8 +182,34 @@ def test_fused_tiles_bit_identical_for_one_and_two_threads(monkeypatch):
             res.append(out)
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(*res):
-        assert torch.equal(a, b)
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a, b)
+
+
+def test_fused_tile_error_in_one_worker_raises_and_releases_the_others(monkeypatch):
+    """A tile that raises inside one worker (here: the guard under LTCL_CPU_SYM_FUSED=2, on one tile only)
+    while other workers wait for that tile's contribution to their blocks: the call raises, it does not hang,
+    and the next call runs normally."""
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "16")
+    X, lab, it = _data("normalized", 200, 8, torch.float32, seed=3)
+    X[150:] *= 40.0  # rows 150.. (the last tiles) have |lse| far above the fp32 guard: those tiles raise
+    co = coefs(200, torch.float32, seed=5)
+    st = _fwd(X, lab, it, True)
+    old = torch.get_num_threads()
+    try:
+        for nt in (2, 5):
+            torch.set_num_threads(nt)
+            monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "2")
+            with pytest.raises(RuntimeError, match="fell back.*large lse"):
+                _bwd(X, lab, it, True, st, co)
+            monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "1")
+            got = _bwd(X, lab, it, True, st, co).double()
+            want = _dense_bwd(X.double(), lab, it, True, st[0].double(), st[6], st[7].double(),
+                              [c.double() for c in co])
+            assert _rel(got, want) < 1e-4
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

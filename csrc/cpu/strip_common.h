@@ -17,11 +17,13 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <memory>
 #include <type_traits>
 #include <numeric>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -224,8 +226,8 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
 // range starts on a vector boundary of the Npad-padded per-column arrays).
 //   forward: every pair once (0.5 GEMM-equivalent per pass); the contract stores partial statistics per
 //            (row, column block) and merges them in column-block order: bit-identical for any thread count.
-//   backward: the pairs in the rounds of a round-robin tournament (disjoint row blocks within a round, rounds
-//            in a fixed order: no races, the same sums for any thread count); per tile S_IJ, G_IJ (rows I),
+//   backward: the pairs in the order of a round-robin tournament's rounds, every row block of dX summed in
+//            that order (BlockOrder: no races, the same sums for any thread count); per tile S_IJ, G_IJ (rows I),
 //            G_JI (rows J, on the transposed tile), H = G_IJ + G_JIᵀ, dX_I += H X_J, dX_J += Hᵀ X_I, all in
 //            the worker's L2. 0.5 GEMM recompute + 1 GEMM of products.
 // A contract may reduce a tile itself (the `fused` callbacks: both sides from S_IJ, no transpose); the
@@ -380,11 +382,54 @@ void add_transposed(const T* a, int64_t ld_a, const T* bt, int64_t ld_b, int64_t
   transpose_into<true, T>(bt, cols, rows, ld_b, h, ld_h, a, ld_a);
 }
 
+// Workers over the tickets 0 .. n-1, dealt out one at a time: worker(take) sets up its thread's state once,
+// then runs t = take() while t >= 0. A thread that a busy neighbour slows down takes fewer tickets (a static
+// split would leave the other thread waiting for it: measured on the 2-core machines, 10-15 % of the
+// symmetric path's time). The caller's results must not depend on which worker ran a ticket.
+template <typename Worker>
+void ticket_workers(int64_t n, Worker worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, nw, 1, [&](int64_t, int64_t) {
+    worker([&]() -> int64_t {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      return t < n ? t : -1;
+    });
+  });
+}
+
+// The order in which the row blocks of an output receive their contributions, fixed whatever thread adds
+// them: block k takes contribution number ord (its place among the tickets that touch k, in ticket order)
+// once it holds ord of them. A worker waits only for tickets taken before its own, which are running, so
+// the wait ends; a worker that failed (an exception) releases the others through fail().
+class BlockOrder {
+ public:
+  explicit BlockOrder(int64_t nblocks) : done_(new std::atomic<int64_t>[static_cast<size_t>(nblocks)]) {
+    for (int64_t k = 0; k < nblocks; ++k) done_[k].store(0, std::memory_order_relaxed);
+  }
+  // false when another worker failed
+  bool wait(int64_t k, int64_t ord) {
+    for (int spin = 0; done_[k].load(std::memory_order_acquire) != ord; ++spin) {
+      if (failed_.load(std::memory_order_relaxed)) return false;
+      if (spin >= 64) std::this_thread::yield();
+    }
+    return true;
+  }
+  void added(int64_t k) { done_[k].fetch_add(1, std::memory_order_release); }
+  void fail() { failed_.store(true, std::memory_order_relaxed); }
+
+ private:
+  std::unique_ptr<std::atomic<int64_t>[]> done_;
+  std::atomic<bool> failed_{false};
+};
+
 // Forward driver: rows(scratch, r0, nr, c0, nc, J, x, ld) reduces rows r0..r0+nr of S over the columns
 // c0..c0+nc (column block J), x their raw similarities (nr x ld, clobbered). Every ordered block pair is
-// visited once, each unordered pair by one task (one GEMM). fused(scratch, I, J, r0, nr, c0, nc, x, ld),
-// when it returns true, has reduced both the rows of I over J and the rows of J over I from the tile S_IJ
-// itself (x read-only: no transpose, one exponential per element); false leaves the tile to rows().
+// visited once, each unordered pair by one ticket (one GEMM; its results go to that pair's own slots, so any
+// worker may run it). fused(scratch, I, J, r0, nr, c0, nc, x, ld), when it returns true, has reduced both the
+// rows of I over J and the rows of J over I from the tile S_IJ itself (x read-only: no transpose, one
+// exponential per element); false leaves the tile to rows().
 template <typename T, typename MakeScratch, typename Rows, typename Fused>
 void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows rows, Fused fused) {
   const SymGrid g(N, sym_block<T>(N));
@@ -392,11 +437,11 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t I = 0; I < g.nb; ++I)
     for (int64_t J = I; J < g.nb; ++J) pairs.emplace_back(I, J);
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 0, [&](int64_t p0, int64_t p1) {
+  ticket_workers(static_cast<int64_t>(pairs.size()), [&](auto&& take) {
     SequentialBlas seq;
     std::vector<T> buf(static_cast<size_t>(b * ld)), tbuf(static_cast<size_t>(b * ld));
     auto scratch = make();
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p; (p = take()) >= 0;) {
       const int64_t I = pairs[p].first, J = pairs[p].second;
       gemm_tile<T>(X, D, g, I, J, buf.data(), ld);
       if (fused(scratch, I, J, g.r0(I), g.len(I), g.r0(J), g.len(J), buf.data(), ld)) continue;
@@ -416,40 +461,47 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
 // leaves the tile to rows() on S_IJ and its transpose.
 //
 // Schedule: the tile pairs (I, J), I < J, in the rounds of a round-robin tournament (circle method), then
-// one round of the diagonal tiles. The tiles of a round touch disjoint row blocks of dX, so a round runs in
-// parallel without races, and every dX_K receives its contributions in round order: the same sums for any
-// thread count. Per tile everything stays in the worker's L2: S_IJ (one GEMM), G_IJ on it and G_JI on its
-// transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I (two b x b x D GEMMs).
+// one round of the diagonal tiles, dealt out in that order as tickets (ticket_workers). Every dX_K receives
+// its contributions in ticket order (BlockOrder: a worker waits, if it must, before its two products only),
+// so the sums are the same for any thread count; a block's consecutive contributions lie about nb / 2
+// tickets apart, so the waits are rare. Per tile everything stays in the worker's L2: S_IJ (one GEMM), G_IJ
+// on it and G_JI on its transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I
+// (two b x b x D GEMMs).
 template <typename T, typename MakeScratch, typename Rows, typename Fused>
 void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeScratch make, Rows rows,
                         Fused fused) {
   const SymGrid g(N, sym_block<T>(N));
   const int64_t b = g.b, nb = g.nb, ld = b + 16;
   const int64_t np = nb + (nb & 1);  // even number of players (the last one a bye when nb is odd)
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  auto add = [&](int64_t u, int64_t v) {
+    if (u < nb && v < nb && u != v) tiles.emplace_back(std::min(u, v), std::max(u, v));
+  };
   for (int64_t r = 0; r + 1 < np; ++r) {
-    std::vector<std::pair<int64_t, int64_t>> pr;
-    auto add = [&](int64_t u, int64_t v) {
-      if (u < nb && v < nb && u != v) pr.emplace_back(std::min(u, v), std::max(u, v));
-    };
     add(r, np - 1);
     for (int64_t k = 1; k < np / 2; ++k) add((r + k) % (np - 1), (r - k + (np - 1)) % (np - 1));
-    rounds.push_back(std::move(pr));
   }
+  for (int64_t I = 0; I < nb; ++I) tiles.emplace_back(I, I);
+  // ord[t]: tile t's place among the tiles touching its blocks I and J (ticket order)
+  std::vector<std::pair<int64_t, int64_t>> ord(tiles.size());
   {
-    std::vector<std::pair<int64_t, int64_t>> diag;
-    for (int64_t I = 0; I < nb; ++I) diag.emplace_back(I, I);
-    rounds.push_back(std::move(diag));
+    std::vector<int64_t> seen(static_cast<size_t>(nb), 0);
+    for (size_t t = 0; t < tiles.size(); ++t) {
+      const int64_t I = tiles[t].first, J = tiles[t].second;
+      ord[t].first = seen[I]++;
+      ord[t].second = I == J ? ord[t].first : seen[J]++;
+    }
   }
-  for (const auto& pr : rounds) {
-    at::parallel_for(0, static_cast<int64_t>(pr.size()), 0, [&](int64_t t0, int64_t t1) {
-      SequentialBlas seq;
-      T* buf = workspace<T>(static_cast<size_t>(3 * b * ld), 3);  // S / G_IJ, S^T / G_JI, H
-      T* tbuf = buf + b * ld;
-      T* h = tbuf + b * ld;
-      auto scratch = make();
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t I = pr[t].first, J = pr[t].second;
+  BlockOrder order(nb);
+  ticket_workers(static_cast<int64_t>(tiles.size()), [&](auto&& take) {
+    SequentialBlas seq;
+    T* buf = workspace<T>(static_cast<size_t>(3 * b * ld), 3);  // S / G_IJ, S^T / G_JI, H
+    T* tbuf = buf + b * ld;
+    T* h = tbuf + b * ld;
+    auto scratch = make();
+    try {
+      for (int64_t t; (t = take()) >= 0;) {
+        const int64_t I = tiles[t].first, J = tiles[t].second;
         const int64_t nI = g.len(I), nJ = g.len(J);
         gemm_tile<T>(X, D, g, I, J, buf, ld);
         at::Tensor outI = view2d(dX + g.r0(I) * D, nI, D, D, 1);
@@ -459,7 +511,9 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeSc
             rows(scratch, g.r0(I), nI, g.r0(I), nI, buf, ld);
             add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
           }
+          if (!order.wait(I, ord[t].first)) return;
           at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+          order.added(I);
           continue;
         }
         if (!done) {
@@ -469,11 +523,18 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeSc
           add_transposed<T>(buf, ld, tbuf, ld, nI, nJ, h, ld);
         }
         at::Tensor outJ = view2d(dX + g.r0(J) * D, nJ, D, D, 1);
+        if (!order.wait(I, ord[t].first)) return;
         at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1), 1, alpha);
+        order.added(I);
+        if (!order.wait(J, ord[t].second)) return;
         at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+        order.added(J);
       }
-    });
-  }
+    } catch (...) {
+      order.fail();
+      throw;
+    }
+  });
 }
 
 }  // namespace strip
