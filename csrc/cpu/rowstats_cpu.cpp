@@ -1597,7 +1597,7 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
   for (const Tensor* t : {&lse, &top, &lrest, &cpos, &cposf, &cneg, &r, &rt})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == pp.M, "ltcl_fused::rowstats_bwd: row statistics must have shape [M]");
   auto opts = A.options().dtype(pp.acc);
-  Tensor dA = at::zeros({pp.M, pp.D}, opts), dC = at::zeros({pp.N, pp.D}, opts);
+  Tensor dA, dC;  // the symmetric tiles overwrite dX: no zero fill (nor a dC) there
   if (pp.M > 0 && pp.N > 0 && pp.D > 0) {
     Tensor l = lse.to(pp.acc).contiguous(), lr = lrest.to(pp.acc).contiguous(), tp = top.to(at::kLong).contiguous(),
            a = cpos.to(pp.acc).contiguous(), b = cposf.to(pp.acc).contiguous(), c = cneg.to(pp.acc).contiguous(),
@@ -1608,14 +1608,19 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
                          b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(),
                          rtt.data_ptr<scalar_t>(), tp.data_ptr<int64_t>()};
       if (symmetric && strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
+        dA = at::empty({pp.M, pp.D}, opts);
         sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
       } else {
+        dA = at::zeros({pp.M, pp.D}, opts);
+        dC = at::zeros({pp.N, pp.D}, opts);
         backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
         if (symmetric) dA.add_(dC);
       }
     });
   }
+  if (!dA.defined()) dA = at::zeros({pp.M, pp.D}, opts);
   if (symmetric) return {dA.to(pp.in_dtype), at::empty({0, pp.D}, A.options())};
+  if (!dC.defined()) dC = at::zeros({pp.N, pp.D}, opts);
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
 }
 

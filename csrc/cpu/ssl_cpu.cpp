@@ -760,7 +760,7 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
               "ltcl_fused::ssl_bwd: lse and coef must have shape [K, M]");
   TORCH_CHECK(cpos.dim() == 1 && cpos.size(0) == pp.M, "ltcl_fused::ssl_bwd: cpos must have shape [M]");
   auto opts = A.options().dtype(pp.acc);
-  Tensor dA = at::zeros({pp.M, pp.D}, opts), dC = at::zeros({pp.N, pp.D}, opts);
+  Tensor dA, dC;  // the symmetric tiles overwrite dX: no zero fill (nor a dC) there
   if (pp.M > 0 && pp.N > 0 && pp.D > 0) {
     Tensor l = lse.to(pp.acc).contiguous(), cf = coef.to(pp.acc).contiguous(), cp = cpos.to(pp.acc).contiguous();
     AT_DISPATCH_FLOATING_TYPES(pp.A.scalar_type(), "ssl_bwd_cpu", [&] {
@@ -769,14 +769,19 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
       attach_ref(P, rr);
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>()};
       if (symmetric && sym_ok(P)) {
+        dA = at::empty({pp.M, pp.D}, opts);
         sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
       } else {
+        dA = at::zeros({pp.M, pp.D}, opts);
+        dC = at::zeros({pp.N, pp.D}, opts);
         backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>());
         if (symmetric) dA.add_(dC);
       }
     });
   }
+  if (!dA.defined()) dA = at::zeros({pp.M, pp.D}, opts);
   if (symmetric) return {dA.to(pp.in_dtype), at::empty({0, pp.D}, A.options())};
+  if (!dC.defined()) dC = at::zeros({pp.N, pp.D}, opts);
   return {dA.to(pp.in_dtype), dC.to(pp.in_dtype)};
 }
 

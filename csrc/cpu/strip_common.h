@@ -454,7 +454,8 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
 
 // Backward driver: rows(scratch, r0, nr, c0, nc, x, ld) turns the raw similarities x (nr x ld) of rows
 // r0.. over columns c0..c0+nc into G in place (0 at every column it does not own: self, padding).
-// dX (N x D, zeroed by the caller) += alpha · (G + Gᵀ) X.
+// dX (N x D; N, D > 0; its contents on entry are never read) = alpha · (G + Gᵀ) X: every row block has its
+// diagonal tile at least, and its first contribution is written with beta 0.
 // fused(scratch, r0, nr, c0, nc, s, ld, h), when it returns true, has written H = G_IJ + G_JIᵀ of the tile
 // (rows r0.., columns c0..; s the raw S_IJ, nr x ld) into h (nr x ld) straight from S_IJ, with one exponential
 // per tile element instead of two and no transposes; false (it cannot guarantee the accuracy for this tile)
@@ -493,6 +494,8 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeSc
     }
   }
   BlockOrder order(nb);
+  // a block's first contribution overwrites it (beta 0: its old contents, NaN included, are not read)
+  auto beta = [](int64_t o) { return o == 0 ? 0 : 1; };
   ticket_workers(static_cast<int64_t>(tiles.size()), [&](auto&& take) {
     SequentialBlas seq;
     T* buf = workspace<T>(static_cast<size_t>(3 * b * ld), 3);  // S / G_IJ, S^T / G_JI, H
@@ -512,7 +515,8 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeSc
             add_transposed<T>(buf, ld, buf, ld, nI, nI, h, ld);
           }
           if (!order.wait(I, ord[t].first)) return;
-          at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+          at::addmm_out(outI, outI, view2d<T>(h, nI, nI, ld, 1), view2d(X + g.r0(I) * D, nI, D, D, 1),
+                        beta(ord[t].first), alpha);
           order.added(I);
           continue;
         }
@@ -524,10 +528,12 @@ void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeSc
         }
         at::Tensor outJ = view2d(dX + g.r0(J) * D, nJ, D, D, 1);
         if (!order.wait(I, ord[t].first)) return;
-        at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1), 1, alpha);
+        at::addmm_out(outI, outI, view2d<T>(h, nI, nJ, ld, 1), view2d(X + g.r0(J) * D, nJ, D, D, 1),
+                      beta(ord[t].first), alpha);
         order.added(I);
         if (!order.wait(J, ord[t].second)) return;
-        at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1), 1, alpha);
+        at::addmm_out(outJ, outJ, view2d<T>(h, nJ, nI, 1, ld), view2d(X + g.r0(I) * D, nI, D, D, 1),
+                      beta(ord[t].second), alpha);
         order.added(J);
       }
     } catch (...) {
