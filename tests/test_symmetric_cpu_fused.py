@@ -90,6 +90,39 @@ def test_fused_tiles_match_the_contract(kind, dtype, N, block, monkeypatch):
                   [X, lse, lrest, *co], grad=False, what=what, names=["dX"], value_floor=0)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0, 17.0])
+@pytest.mark.parametrize("no_neg", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["normalized", "twins"])
+def test_fused_backward_focal_positives(kind, gamma, no_neg, dtype, monkeypatch):
+    """The focal positives' terms cpos + cposf u+ of both sides, now in the fused tile's vector loop (pos_u:
+    repeated squaring for an integer gamma in [1, 16], exp(gamma log1p(-p)) otherwise, -1 at gamma = 0), with
+    and without negative terms (cneg = 0 takes the tile's no-negatives formula), against the dense contract;
+    LTCL_CPU_SYM_FUSED=2, so the fused tile is what ran. Few classes: many positives per tile; normalized:
+    positives with p up to ~0.3 (where u+ depends on gamma), twins: dominant columns (their scalar entries)."""
+    monkeypatch.setenv("LTCL_CPU_SYM_FUSED", "2")
+    monkeypatch.setenv("LTCL_CPU_SYM_BLOCK", "32")
+    X, lab, it = _data(kind, 203, 24, dtype, seed=11)
+    lab = lab % 3
+    st = op().rowstats_fwd(X, X, lab, lab, None, None, 0, it, gamma, True, True)
+    co = coefs(203, st[0].dtype, seed=12)
+    if no_neg:
+        co[2] = torch.zeros_like(co[2])
+
+    def fused(X, lse, lrest, *co):
+        return op().rowstats_bwd(X, X, lab, lab, None, None, 0, it, gamma, True, lse, st[6], lrest, *co, True)[0]
+
+    def dense(X, lse, lrest, *co):
+        return _dense_bwd(X, lab, it, True, lse, st[6], lrest, co, gamma=gamma)
+
+    if dtype == torch.float64:
+        got, want = fused(X, st[0], st[7], *co), dense(X, st[0], st[7], *co)
+        assert _rel(got, want) < 1e-11, f"gamma={gamma}: {_rel(got, want):.3g}"
+    else:
+        check(fused, dense, [X, st[0], st[7], *co], grad=False, what=f"gamma={gamma} no_neg={no_neg}", names=["dX"],
+              value_floor=0)
+
+
 @pytest.mark.parametrize("kind", ["normalized", "twins"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_tiles_are_what_runs(kind, dtype, monkeypatch):

@@ -183,6 +183,28 @@ static inline Vectorized<T> neg_u(const Vectorized<T>& pn) {
   return u * pn;
 }
 
+// u+ = -w (1 + gamma rho) of the lanes of a positive off the dominant column (p <= 1/2, logp = log p):
+// w = (1 - p)^gamma, rho = -p log p / (1 - p), focal_pos_offtop's formulas; w by repeated squaring for an
+// integer gamma in [1, 16] (ngamma), else exp(gamma log1p(-p)); gamma == 0: -1.
+template <typename T>
+static inline Vectorized<T> pos_u(const Vectorized<T>& p, const Vectorized<T>& logp, T gamma, int ngamma) {
+  using Vec = Vectorized<T>;
+  const Vec one(T(1));
+  if (gamma == T(0)) return Vec(T(-1));
+  Vec w(one);
+  if (ngamma > 0) {
+    Vec base = one - p;
+    for (int k = ngamma; k > 0; k >>= 1) {
+      if (k & 1) w = w * base;
+      base = base * base;
+    }
+  } else {
+    w = strip::vexp<T>(Vec(gamma) * (Vec(T(0)) - p).log1p());
+  }
+  const Vec rho = (Vec(T(0)) - p) * logp / (one - p);
+  return (Vec(T(0)) - w) * at::vec::fmadd(Vec(gamma), rho, one);
+}
+
 // The row's dominant column's own focal terms, from lrest (p and 1 - p as the contract's row_logp gives them
 // there): a positive adds f+ and u+ to (fp, up); a negative adds its f- to fn, its u- not (uneg leaves the top
 // out, the backward's rt carries it). Shared by the general forward and the symmetric merge.
@@ -1316,19 +1338,21 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
 // h_k = lse_k / 2, c the middle of the tile's h and E_k = exp(h_k - c):
 //   e_ij = exp((x_ij - lse_i) + (h_i - h_j)) = exp(x_ij - h_i - h_j) <= 1,
 //   p_ij = e_ij E_j / E_i,   p_ji = e_ij E_i / E_j,
-// and off the special entries (self, the rows' and columns' dominant columns, and the positives of a focal
-// loss) G_ij = -R_i p_ij + [j in N(i)] cneg_i u-(p_ij), R_i = r_i + rt_i exp(-lrest_i), so that
-//   not focal: H_ij = e_ij (nu_i E_j + E_i nu_j) + [P] (cpos_i + cpos_j),  nu_k = -R_k / E_k;
-//   focal:     H_ij = -R_i p_ij - R_j p_ji + [N] (cneg_i u-(p_ij) + cneg_j u-(p_ji)).
-// The special entries are then set from the scalar contract formulas (grad_top, grad_element_offtop) of both
-// rows. Taken only where it is as accurate as the generic path (else the tile goes to backward_cols): no
+// and off the special entries (self, the rows' and columns' dominant columns)
+// G_ij = -R_i p_ij + [j in N(i)] cneg_i u-(p_ij) + [j in P(i)] (cpos_i + cposf_i u+(p_ij)),
+// R_i = r_i + rt_i exp(-lrest_i), so that
+//   no negative terms (cneg = 0): H_ij = e_ij (nu_i E_j + E_i nu_j) + [P] (...),  nu_k = -R_k / E_k;
+//   else:   H_ij = -R_i p_ij - R_j p_ji + [N] (cneg_i u-(p_ij) + cneg_j u-(p_ji)) + [P] (...),
+// [P] (...) = cpos_i + cpos_j + cposf_i u+(p_ij) + cposf_j u+(p_ji), evaluated only on the vectors that hold a
+// positive (u+ by pos_u from p and log p = x - lse, both sides' p <= 1/2 off their tops). The special entries
+// are then set from the scalar contract formulas (grad_top, grad_element_offtop) of both rows. Taken only where it is as accurate as the generic path (else the tile goes to backward_cols): no
 // bias, every lse finite with |lse| <= kFusedAbs, the tile's lse within 2 kFusedRange of each other (so
 // E in [e^-kFusedRange / 2, e^kFusedRange / 2] and a p_ij above e^-(87 - kFusedRange) in fp32 cannot
 // underflow in e_ij), and rt_i exp(-lrest_i) finite.
 
 template <typename T>
 struct SymBwdScratch {
-  enum { kH, kE, kIE, kNR, kNU, kCN, kCP, kLab, kArrays };
+  enum { kH, kE, kIE, kNR, kNU, kCN, kCP, kCPF, kLab, kArrays };
   std::vector<T> posg;   // backward_cols' positives (the generic path)
   std::vector<T> sides;  // [2][kArrays][bpad]: the tile's rows (side 0) and columns (side 1)
   int64_t bpad = 0;
@@ -1345,25 +1369,28 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
   constexpr int64_t W = Vec::size();
   if (P.bs != nullptr) return false;
   T lo = std::numeric_limits<T>::infinity(), hi = -lo;
-  bool focal_terms = false;
+  bool focal_terms = false, pos_focal = false;
   auto fill = [&](int side, int64_t k0, int64_t n) {
     T *hh = sc.arr(side, SC::kH), *nR = sc.arr(side, SC::kNR), *cn = sc.arr(side, SC::kCN);
-    T *cp = sc.arr(side, SC::kCP), *lab = sc.arr(side, SC::kLab);
+    T *cp = sc.arr(side, SC::kCP), *cpf = sc.arr(side, SC::kCPF), *lab = sc.arr(side, SC::kLab);
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = k0 + k;
       const T l = in.lse[i];
       if (!(std::abs(l) <= strip::kFusedAbs<T>)) return false;  // also NaN and -inf (empty rows)
       T R = in.r[i];
       if (P.focal && in.rt[i] != T(0)) R += in.rt[i] * std::exp(-in.lrest[i]);
-      const T cnk = P.focal ? in.cneg[i] : T(0);
-      if (!std::isfinite(R) || !std::isfinite(cnk) || !std::isfinite(in.cpos[i])) return false;
+      const T cnk = P.focal ? in.cneg[i] : T(0), cpfk = P.focal ? in.cposf[i] : T(0);
+      if (!std::isfinite(R) || !std::isfinite(cnk) || !std::isfinite(in.cpos[i]) || !std::isfinite(cpfk))
+        return false;
       focal_terms = focal_terms || cnk != T(0);
+      pos_focal = pos_focal || cpfk != T(0);
       hh[k] = l * T(0.5);
       lo = std::min(lo, hh[k]);
       hi = std::max(hi, hh[k]);
       nR[k] = -R;
       cn[k] = cnk;
       cp[k] = in.cpos[i];
+      cpf[k] = cpfk;
       lab[k] = P.clabf[i];
     }
     return true;
@@ -1388,14 +1415,19 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
   }
   const T *chh = sc.arr(1, SC::kH), *cE = sc.arr(1, SC::kE), *ciE = sc.arr(1, SC::kIE), *cnR = sc.arr(1, SC::kNR);
   const T *cnu = sc.arr(1, SC::kNU), *ccn = sc.arr(1, SC::kCN), *ccp = sc.arr(1, SC::kCP), *clab = sc.arr(1, SC::kLab);
-  const Vec vinv(P.inv_tau), zero(T(0));
+  const T* ccpf = sc.arr(1, SC::kCPF);
+  const Vec vinv(P.inv_tau), zero(T(0)), two(T(2));
+  const int ngamma = [&] {
+    const int n = static_cast<int>(P.gamma);
+    return (static_cast<T>(n) == P.gamma && n >= 1 && n <= 16) ? n : 0;
+  }();
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r;
     const T* xr = s + r * ld;
     T* hr = h + r * ld;
     const Vec vl(in.lse[i]), vh(sc.arr(0, SC::kH)[r]), vE(sc.arr(0, SC::kE)[r]), viE(sc.arr(0, SC::kIE)[r]);
     const Vec vnu(sc.arr(0, SC::kNU)[r]), vnR(sc.arr(0, SC::kNR)[r]), vcn(sc.arr(0, SC::kCN)[r]);
-    const Vec vcp(sc.arr(0, SC::kCP)[r]), vli(sc.arr(0, SC::kLab)[r]);
+    const Vec vcp(sc.arr(0, SC::kCP)[r]), vcpf(sc.arr(0, SC::kCPF)[r]), vli(sc.arr(0, SC::kLab)[r]);
     for (int64_t j = 0; j < ncp; j += W) {
       const int64_t cnt = std::min<int64_t>(W, nc - j);
       const Vec xv = (cnt == W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, cnt)) * vinv;
@@ -1404,13 +1436,22 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
       Vec H;
       if (!focal_terms) {
         H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j));
-        const Vec same = lab == vli;
-        if (any_lane<T>(same)) H = H + Vec::blendv(zero, vcp + Vec::loadu(ccp + j), same);
       } else {
         const Vec pr = e * (Vec::loadu(cE + j) * viE), pc = e * (vE * Vec::loadu(ciE + j));
         const Vec neg = lab != vli;
         H = at::vec::fmadd(vnR, pr, Vec::loadu(cnR + j) * pc) + vcn * neg_u<T>(Vec::blendv(zero, pr, neg)) +
             Vec::loadu(ccn + j) * neg_u<T>(Vec::blendv(zero, pc, neg));
+      }
+      const Vec same = lab == vli;
+      if (any_lane<T>(same)) {  // positives: cpos (+ cposf u+ of a focal loss) of both sides
+        Vec hp = vcp + Vec::loadu(ccp + j);
+        if (pos_focal) {  // off both sides' tops (their entries are set below): p <= 1/2 on either side
+          const Vec pr = e * (Vec::loadu(cE + j) * viE), pc = e * (vE * Vec::loadu(ciE + j));
+          hp = at::vec::fmadd(vcpf, pos_u<T>(pr, xv - vl, P.gamma, ngamma), hp);
+          hp = at::vec::fmadd(Vec::loadu(ccpf + j), pos_u<T>(pc, xv - two * Vec::loadu(chh + j), P.gamma, ngamma),
+                              hp);
+        }
+        H = H + Vec::blendv(zero, hp, same);
       }
       if (cnt == W) {
         H.store(hr + j);
@@ -1428,12 +1469,6 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
   const bool diag = r0 == c0;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r;
-    if (P.focal) {  // positives: u+ (not focal: in the vector formula)
-      int64_t np = 0;
-      const int64_t* pl = P.pos_range(i, c0, c0 + nc, &np);
-      for (int64_t k = 0; k < np; ++k)
-        if (pl[k] != i) fix(i, pl[k]);
-    }
     const int64_t t = in.top[i];
     if (t >= c0 && t < c0 + nc) {
       fix(i, t);
