@@ -1345,10 +1345,11 @@ static void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC)
 //   else:   H_ij = -R_i p_ij - R_j p_ji + [N] (cneg_i u-(p_ij) + cneg_j u-(p_ji)) + [P] (...),
 // [P] (...) = cpos_i + cpos_j + cposf_i u+(p_ij) + cposf_j u+(p_ji), evaluated only on the vectors that hold a
 // positive (u+ by pos_u from p and log p = x - lse, both sides' p <= 1/2 off their tops). The special entries
-// are then set from the scalar contract formulas (grad_top, grad_element_offtop) of both rows. Taken only where it is as accurate as the generic path (else the tile goes to backward_cols): no
-// bias, every lse finite with |lse| <= kFusedAbs, the tile's lse within 2 kFusedRange of each other (so
-// E in [e^-kFusedRange / 2, e^kFusedRange / 2] and a p_ij above e^-(87 - kFusedRange) in fp32 cannot
-// underflow in e_ij), and rt_i exp(-lrest_i) finite.
+// are then set from the scalar contract formulas (grad_top, grad_element_offtop) of both rows. Taken only
+// where it is as accurate as the generic path (else the tile goes to backward_cols): no bias, every lse
+// finite with |lse| <= kFusedAbs, the tile's lse within 2 kFusedRange of each other (so E in
+// [e^-kFusedRange / 2, e^kFusedRange / 2] and a p_ij above e^-(87 - kFusedRange) in fp32 cannot underflow in
+// e_ij), and rt_i exp(-lrest_i) and every coefficient finite.
 
 template <typename T>
 struct SymBwdScratch {
