@@ -1433,21 +1433,24 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
       const int64_t cnt = std::min<int64_t>(W, nc - j);
       const Vec xv = (cnt == W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, cnt)) * vinv;
       const Vec e = strip::vexp<T>((xv - vl) + (vh - Vec::loadu(chh + j)));
-      const Vec lab = Vec::loadu(clab + j);
+      const Vec lab = Vec::loadu(clab + j), same = lab == vli;
+      const bool has_pos = any_lane<T>(same);
+      Vec pr, pc;  // p_ij and p_ji, where a term below needs them
+      if (focal_terms || (pos_focal && has_pos)) {
+        pr = e * (Vec::loadu(cE + j) * viE);
+        pc = e * (vE * Vec::loadu(ciE + j));
+      }
       Vec H;
       if (!focal_terms) {
         H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j));
       } else {
-        const Vec pr = e * (Vec::loadu(cE + j) * viE), pc = e * (vE * Vec::loadu(ciE + j));
         const Vec neg = lab != vli;
         H = at::vec::fmadd(vnR, pr, Vec::loadu(cnR + j) * pc) + vcn * neg_u<T>(Vec::blendv(zero, pr, neg)) +
             Vec::loadu(ccn + j) * neg_u<T>(Vec::blendv(zero, pc, neg));
       }
-      const Vec same = lab == vli;
-      if (any_lane<T>(same)) {  // positives: cpos (+ cposf u+ of a focal loss) of both sides
+      if (has_pos) {  // positives: cpos (+ cposf u+ of a focal loss) of both sides
         Vec hp = vcp + Vec::loadu(ccp + j);
         if (pos_focal) {  // off both sides' tops (their entries are set below): p <= 1/2 on either side
-          const Vec pr = e * (Vec::loadu(cE + j) * viE), pc = e * (vE * Vec::loadu(ciE + j));
           hp = at::vec::fmadd(vcpf, pos_u<T>(pr, xv - vl, P.gamma, ngamma), hp);
           hp = at::vec::fmadd(Vec::loadu(ccpf + j), pos_u<T>(pc, xv - two * Vec::loadu(chh + j), P.gamma, ngamma),
                               hp);

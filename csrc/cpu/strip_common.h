@@ -384,8 +384,8 @@ void add_transposed(const T* a, int64_t ld_a, const T* bt, int64_t ld_b, int64_t
 
 // Workers over the tickets 0 .. n-1, dealt out one at a time: worker(take) sets up its thread's state once,
 // then runs t = take() while t >= 0. A thread that a busy neighbour slows down takes fewer tickets (a static
-// split would leave the other thread waiting for it: measured on the 2-core machines, 10-15 % of the
-// symmetric path's time). The caller's results must not depend on which worker ran a ticket.
+// split would leave the other thread waiting for it: measured on the 2-core Intel machine, 10-15 % of the
+// symmetric backward's time). The caller's results must not depend on which worker ran a ticket.
 template <typename Worker>
 void ticket_workers(int64_t n, Worker worker) {
   if (n <= 0) return;
