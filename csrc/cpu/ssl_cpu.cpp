@@ -391,9 +391,10 @@ void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
 //
 // The tiles of strip::sym_forward_tiles / sym_backward_tiles (csrc/cpu/strip_common.h): one GEMM per pair of
 // row blocks I <= J serves rows I over columns J and, transposed, rows J over columns I. Forward: per
-// (row i, column block J) the partial state (m_k, sum_k per scale, poisoned, pos, pos_in) of mask_cols and
-// scaled_sums on the block's columns, merged per row in block order: lse_k = M + log sum_J sum_kJ
-// exp(m_kJ - M), M = max_J m_kJ (bit-identical for any thread count). Backward: dX = inv_tau (G + Gᵀ) X,
+// (row i, column block J) the partial state (m_k, sum_k per scale, poisoned, pos, pos_in) of the block's
+// columns (the fused tile below, or mask_cols and scaled_sums on the tile and its transpose), merged per row
+// in block order: lse_k = M + log sum_J sum_kJ exp(m_kJ - M), M = max_J m_kJ over the blocks with sum_kJ > 0
+// (bit-identical for any thread count). Backward: dX = inv_tau (G + Gᵀ) X,
 // G's rows formed by the same mask_cols + grad_cols as the general path's. 2 GEMM-equivalents per step
 // instead of 4.
 
@@ -402,68 +403,242 @@ bool sym_ok(const Problem<T>& P) {
   return !P.bayes && P.self_offset == 0 && P.M == P.N && strip::sym_fits<T>(P.N, P.Npad);
 }
 
+// The partial statistics of the symmetric forward: per scale k and slot J * N + i (row i over column block J)
+// m_kJ and sum_kJ (sum exp(c_k s - m_kJ) over the block's part of row i's set), and per slot whether the block
+// holds a NaN or +-inf dot product, the partner's s and whether it is in the set.
 template <typename T>
-void sym_forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
+struct SslParts {
+  T *pm, *ps, *pbad, *ppos, *pin;
+  size_t slots;
+};
+
+// One row's partial over the columns [c0, c0 + nc) from its raw dot products x (ncp wide, clobbered): the
+// general path's mask_cols, set_range and scaled_sums on the block's columns.
+template <typename T>
+void sym_row_partial(const Problem<T>& P, const SslParts<T>& S, int64_t i, int64_t c0, int64_t nc, int64_t ncp,
+                     int64_t sl, T* x) {
+  const RowInfo info = mask_cols(P, i, c0, nc, ncp, x);
+  T smax, smin, m[kMaxScales], sum[kMaxScales];
+  set_range(x, ncp, &smax, &smin);
+  if (smax > cm::neg_inf<T>()) {
+    scaled_sums(P, x, ncp, smax, smin, m, sum);
+  } else {
+    for (int k = 0; k < P.K; ++k) m[k] = cm::neg_inf<T>(), sum[k] = T(0);
+  }
+  for (int k = 0; k < P.K; ++k) {
+    S.pm[k * S.slots + sl] = m[k];
+    S.ps[k * S.slots + sl] = sum[k];
+  }
+  S.pbad[sl] = info.poisoned ? T(1) : T(0);
+  S.ppos[sl] = static_cast<T>(info.pos);
+  S.pin[sl] = info.pos_in ? T(1) : T(0);
+}
+
+// Fused forward tile (strip::sym_forward_tiles' `fused`): the partials of the rows of I over the columns J and
+// of the rows of J over the columns I straight from S_IJ, one exponential per element and scale (the generic
+// tile takes two, on the tile and on its transpose, after a masking and a range pass per side). With rho_k =
+// c_k max s (c_k < 0: c_k min s) over the tile's dot products off self,
+//   e_k = exp(c_k s_ij - rho_k) <= 1,  row i: sum_k += e_k over its set,  column j: sum_k += e_k over j's set,
+// kept as (m_kJ, sum_kJ) = (rho_k, sum_k). The two sets differ only at the partners (row i leaves out
+// (i, partner[i]), column j (partner[j], j) when exclude_partner). A side whose sum of some scale is below
+// `tiny` (an empty set, or a set whose terms lie more than ~46 nats (fp32) below rho_k: they may have
+// underflowed) is redone relative to its own max by sym_row_partial. Tiles with a NaN or +-inf dot product
+// (poisoned rows) go to the generic tile.
+template <typename T>
+struct SslFwdScratch {
+  std::vector<T> csum;   // [K][bpad] the columns' sums
+  std::vector<T> cpart;  // [bpad] the local row of each column's partner (-1: not among the rows)
+  std::vector<T> x;      // [bpad] one row or column for sym_row_partial
+  int64_t bpad = 0;
+  explicit SslFwdScratch(int64_t b) : bpad(b + 16) {
+    csum.resize(static_cast<size_t>(kMaxScales * bpad));
+    cpart.resize(static_cast<size_t>(bpad));
+    x.resize(static_cast<size_t>(bpad));
+  }
+};
+
+template <typename T, int KC>
+bool ssl_fused_fwd_tile_k(const Problem<T>& P, const SslParts<T>& S, SslFwdScratch<T>& sc, int mode, int64_t I,
+                          int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t N = P.N, K = P.K;
-  const int64_t nb = strip::SymGrid(N, strip::sym_block<T>(N)).nb;
+  const int K = KC > 0 ? KC : P.K;
+  const int64_t N = P.N, ncp = (nc + W - 1) / W * W;
+  const bool diag = I == J, noself = diag && !P.include_self;
+  const T ninf = cm::neg_inf<T>(), pinf = -ninf;
+  const Vec vinv(P.inv_tau), zero(T(0)), vninf(ninf), vpinf(pinf), iota = Vec::arange(T(0), T(1));
+  // the tile's dot products (padding: 0, outside every set and the range)
+  auto load = [&](const T* xr, int64_t j) { return nc - j >= W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, nc - j); };
+  auto in_mask = [&](int64_t r, int64_t j) {  // in the tile, not self where self is left out
+    Vec in = nc - j >= W ? (zero == zero) : (iota < Vec(static_cast<T>(nc - j)));
+    if (noself && r >= j && r < j + W) in = in & (iota != Vec(static_cast<T>(r - j)));
+    return in;
+  };
+  auto keep_mask = [&](const Vec& g, int64_t r, int64_t j) {  // ... and kept by the filter
+    const Vec in = in_mask(r, j);
+    return P.filter != cm::kFilterNone ? Vec::blendv(in, zero, filter_drop(P, g)) : in;
+  };
+  // pass A: the range of the dot products; NaN / +-inf detection (g * 0 is NaN exactly there)
+  Vec vmax(ninf), vmin(pinf), bad(T(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* xr = s + r * ld;
+    for (int64_t j = 0; j < ncp; j += W) {
+      const Vec g = load(xr, j);
+      bad = at::vec::fmadd(g, zero, bad);
+      if (nc - j >= W && !(noself && r >= j && r < j + W)) {
+        vmax = at::vec::maximum(vmax, g);
+        vmin = at::vec::minimum(vmin, g);
+      } else {
+        const Vec in = in_mask(r, j);  // (the filter plays no part in the range)
+        vmax = at::vec::maximum(vmax, Vec::blendv(vninf, g, in));
+        vmin = at::vec::minimum(vmin, Vec::blendv(vpinf, g, in));
+      }
+    }
+  }
+  if (hsum(bad) != T(0)) return strip::sym_fused_declined(mode, "a NaN or +-inf dot product");
+  const T gmax = hmax(vmax), gmin = hmin(vmin);
+  if (!(gmax >= gmin)) {  // no element off self (a 1 x 1 diagonal tile): the generic tile
+    return false;
+  }
+  T rho[kMaxScales];
+  Vec vc[kMaxScales], vrho[kMaxScales];
+  for (int k = 0; k < K; ++k) {
+    rho[k] = cm::scaled_max(P.scales[k], gmax * P.inv_tau, gmin * P.inv_tau);
+    vc[k] = Vec(P.scales[k]);
+    vrho[k] = Vec(rho[k]);
+  }
+  T* csum = sc.csum.data();
+  T* cpart = sc.cpart.data();
+  const bool colpart = P.exclude_partner && !diag;
+  if (!diag) {
+    std::fill(csum, csum + K * sc.bpad, T(0));
+    if (colpart) {
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t q = P.partner[c0 + c];
+        cpart[c] = (q >= r0 && q < r0 + nr) ? static_cast<T>(q - r0) : T(-1);
+      }
+      for (int64_t c = nc; c < ncp; ++c) cpart[c] = T(-1);
+    }
+  }
+  const T tiny = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
+  // pass B: e_k = exp(c_k s - rho_k); the rows' sums in registers, the columns' in csum
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r, p = P.partner[i];
+    const T* xr = s + r * ld;
+    const int64_t pj = (P.exclude_partner && p >= c0 && p < c0 + nc) ? p - c0 : -1, pjc = pj < 0 ? -1 : pj - pj % W;
+    const Vec vr(static_cast<T>(r));
+    Vec acc[kMaxScales];
+    for (int k = 0; k < K; ++k) acc[k] = zero;
+    for (int64_t j = 0; j < ncp; j += W) {
+      const Vec g = load(xr, j), v = g * vinv;
+      const Vec keep = keep_mask(g, r, j);
+      const Vec rkeep = j == pjc ? keep & (iota != Vec(static_cast<T>(pj - j))) : keep;
+      const Vec ckeep = colpart ? keep & (Vec::loadu(cpart + j) != vr) : keep;
+      for (int k = 0; k < K; ++k) {
+        const Vec e = strip::vexp<T>(at::vec::fmsub(vc[k], v, vrho[k]));
+        acc[k] = acc[k] + Vec::blendv(zero, e, rkeep);
+        if (!diag) (Vec::loadu(csum + k * sc.bpad + j) + Vec::blendv(zero, e, ckeep)).store(csum + k * sc.bpad + j);
+      }
+    }
+    const int64_t sl = J * N + i;
+    bool small = false;
+    for (int k = 0; k < K; ++k) {
+      const T sum = hsum(acc[k]);
+      small = small || !(sum >= tiny);
+      S.pm[k * S.slots + sl] = rho[k];
+      S.ps[k * S.slots + sl] = sum;
+    }
+    if (small) {
+      std::copy(xr, xr + nc, sc.x.data());
+      sym_row_partial(P, S, i, c0, nc, ncp, sl, sc.x.data());
+      continue;
+    }
+    S.pbad[sl] = T(0);
+    const bool here = p >= c0 && p < c0 + nc;
+    const T gp = here ? xr[p - c0] : T(0);
+    S.ppos[sl] = here ? gp * P.inv_tau : T(0);
+    S.pin[sl] = here && !P.exclude_partner && !(noself && p == i) &&
+                cm::ssl_filter_keep<T>(gp, P.filter, P.lower, P.upper) ? T(1) : T(0);
+  }
+  if (diag) return true;
+  const int64_t nrp = (nr + W - 1) / W * W;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t j = c0 + c, q = P.partner[j], sl = I * N + j;
+    bool small = false;
+    for (int k = 0; k < K; ++k) {
+      const T sum = csum[k * sc.bpad + c];
+      small = small || !(sum >= tiny);
+      S.pm[k * S.slots + sl] = rho[k];
+      S.ps[k * S.slots + sl] = sum;
+    }
+    if (small) {
+      for (int64_t r = 0; r < nr; ++r) sc.x[r] = s[r * ld + c];
+      sym_row_partial(P, S, j, r0, nr, nrp, sl, sc.x.data());
+      continue;
+    }
+    S.pbad[sl] = T(0);
+    const bool here = q >= r0 && q < r0 + nr;
+    const T gq = here ? s[(q - r0) * ld + c] : T(0);
+    S.ppos[sl] = here ? gq * P.inv_tau : T(0);
+    S.pin[sl] = here && !P.exclude_partner && cm::ssl_filter_keep<T>(gq, P.filter, P.lower, P.upper) ? T(1) : T(0);
+  }
+  return true;
+}
+
+template <typename T>
+bool ssl_fused_fwd_tile(const Problem<T>& P, const SslParts<T>& S, SslFwdScratch<T>& sc, int mode, int64_t I,
+                        int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld) {
+  if (P.K == 1) return ssl_fused_fwd_tile_k<T, 1>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
+  if (P.K == 2) return ssl_fused_fwd_tile_k<T, 2>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
+  return ssl_fused_fwd_tile_k<T, 0>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
+}
+
+template <typename T>
+void sym_forward_impl(const Problem<T>& P, T* lse, T* pos, T* pos_in) {
+  const int64_t N = P.N, K = P.K, b = strip::sym_block<T>(N);
+  const int64_t nb = strip::SymGrid(N, b).nb;
   const size_t slots = static_cast<size_t>(nb * N);
   T* ws = strip::workspace<T>(slots * static_cast<size_t>(2 * K + 3), 1);
-  T* pm = ws;                  // [K][nb * N] m_kJ
-  T* ps = ws + K * slots;      // [K][nb * N] sum_kJ
-  T* pbad = ws + 2 * K * slots;  // 1 where the block holds a NaN or +-inf dot product
-  T* ppos = pbad + slots;      // the partner's s (0 unless the partner is in the block)
-  T* pin = ppos + slots;       // 1 where the partner is in the block and in the set
-  auto none = [] { return 0; };
+  SslParts<T> S;
+  S.slots = slots;
+  S.pm = ws;                   // [K][nb * N] m_kJ
+  S.ps = ws + K * slots;       // [K][nb * N] sum_kJ
+  S.pbad = ws + 2 * K * slots; // 1 where the block holds a NaN or +-inf dot product
+  S.ppos = S.pbad + slots;     // the partner's s (0 unless the partner is in the block)
+  S.pin = S.ppos + slots;      // 1 where the partner is in the block and in the set
+  const int mode = strip::sym_fused_mode();
   strip::sym_forward_tiles<T>(
-      P.A, N, P.D, none, [&](int, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
-        const int64_t ncp = std::max<int64_t>(W, (nc + W - 1) / W * W);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r0 + r, sl = J * N + i;
-          T* xr = x + r * ld;
-          const RowInfo info = mask_cols(P, i, c0, nc, ncp, xr);
-          T smax, smin, m[kMaxScales], sum[kMaxScales];
-          set_range(xr, ncp, &smax, &smin);
-          if (smax > cm::neg_inf<T>()) {
-            scaled_sums(P, xr, ncp, smax, smin, m, sum);
-          } else {
-            for (int k = 0; k < K; ++k) m[k] = cm::neg_inf<T>(), sum[k] = T(0);
-          }
-          for (int k = 0; k < K; ++k) {
-            pm[k * slots + sl] = m[k];
-            ps[k * slots + sl] = sum[k];
-          }
-          pbad[sl] = info.poisoned ? T(1) : T(0);
-          ppos[sl] = static_cast<T>(info.pos);
-          pin[sl] = info.pos_in ? T(1) : T(0);
-        }
+      P.A, N, P.D, [&] { return SslFwdScratch<T>(b); },
+      [&](SslFwdScratch<T>&, int64_t r0, int64_t nr, int64_t c0, int64_t nc, int64_t J, T* x, int64_t ld) {
+        const int64_t ncp = (nc + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size();
+        for (int64_t r = 0; r < nr; ++r) sym_row_partial(P, S, r0 + r, c0, nc, ncp, J * N + r0 + r, x + r * ld);
       },
-      [](int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, int64_t) { return false; });
+      [&](SslFwdScratch<T>& sc, int64_t I, int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* x,
+          int64_t ld) { return mode != 0 && ssl_fused_fwd_tile(P, S, sc, mode, I, J, r0, nr, c0, nc, x, ld); });
   at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       bool bad = false;
       T p = T(0), pi = T(0);
       for (int64_t J = 0; J < nb; ++J) {
         const int64_t sl = J * N + i;
-        bad = bad || pbad[sl] != T(0);
-        p += ppos[sl];
-        pi += pin[sl];
+        bad = bad || S.pbad[sl] != T(0);
+        p += S.ppos[sl];
+        pi += S.pin[sl];
       }
       pos[i] = p;
       pos_in[i] = pi;
       for (int64_t k = 0; k < K; ++k) {
+        const T* pm = S.pm + k * slots + i;
+        const T* ps = S.ps + k * slots + i;
         T M = cm::neg_inf<T>();
         for (int64_t J = 0; J < nb; ++J)
-          if (ps[k * slots + J * N + i] > T(0)) M = std::max(M, pm[k * slots + J * N + i]);
-        T S = T(0);
+          if (ps[J * N] > T(0)) M = std::max(M, pm[J * N]);
+        T sum = T(0);
         if (M > cm::neg_inf<T>()) {
-          for (int64_t J = 0; J < nb; ++J) {
-            const T sj = ps[k * slots + J * N + i];
-            if (sj > T(0)) S += sj * std::exp(pm[k * slots + J * N + i] - M);
-          }
+          for (int64_t J = 0; J < nb; ++J)
+            if (ps[J * N] > T(0)) sum += ps[J * N] * std::exp(pm[J * N] - M);
         }
-        lse[k * N + i] = bad ? cm::quiet_nan<T>() : cm::lse_finish(M, S);
+        lse[k * N + i] = bad ? cm::quiet_nan<T>() : cm::lse_finish(M, sum);
       }
     }
   });
