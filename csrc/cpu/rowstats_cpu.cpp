@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../common/ltcl_math.h"
@@ -1422,47 +1423,64 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
     const int n = static_cast<int>(P.gamma);
     return (static_cast<T>(n) == P.gamma && n >= 1 && n <= 16) ? n : 0;
   }();
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = r0 + r;
-    const T* xr = s + r * ld;
-    T* hr = h + r * ld;
-    const Vec vl(in.lse[i]), vh(sc.arr(0, SC::kH)[r]), vE(sc.arr(0, SC::kE)[r]), viE(sc.arr(0, SC::kIE)[r]);
-    const Vec vnu(sc.arr(0, SC::kNU)[r]), vnR(sc.arr(0, SC::kNR)[r]), vcn(sc.arr(0, SC::kCN)[r]);
-    const Vec vcp(sc.arr(0, SC::kCP)[r]), vcpf(sc.arr(0, SC::kCPF)[r]), vli(sc.arr(0, SC::kLab)[r]);
-    for (int64_t j = 0; j < ncp; j += W) {
-      const int64_t cnt = std::min<int64_t>(W, nc - j);
-      const Vec xv = (cnt == W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, cnt)) * vinv;
-      const Vec e = strip::vexp<T>((xv - vl) + (vh - Vec::loadu(chh + j)));
-      const Vec lab = Vec::loadu(clab + j), same = lab == vli;
-      const bool has_pos = any_lane<T>(same);
-      Vec pr, pc;  // p_ij and p_ji, where a term below needs them
-      if (focal_terms || (pos_focal && has_pos)) {
-        pr = e * (Vec::loadu(cE + j) * viE);
-        pc = e * (vE * Vec::loadu(ciE + j));
-      }
-      Vec H;
-      if (!focal_terms) {
-        H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j));
-      } else {
-        const Vec neg = lab != vli;
-        H = at::vec::fmadd(vnR, pr, Vec::loadu(cnR + j) * pc) + vcn * neg_u<T>(Vec::blendv(zero, pr, neg)) +
-            Vec::loadu(ccn + j) * neg_u<T>(Vec::blendv(zero, pc, neg));
-      }
-      if (has_pos) {  // positives: cpos (+ cposf u+ of a focal loss) of both sides
-        Vec hp = vcp + Vec::loadu(ccp + j);
-        if (pos_focal) {  // off both sides' tops (their entries are set below): p <= 1/2 on either side
-          hp = at::vec::fmadd(vcpf, pos_u<T>(pr, xv - vl, P.gamma, ngamma), hp);
-          hp = at::vec::fmadd(Vec::loadu(ccpf + j), pos_u<T>(pc, xv - two * Vec::loadu(chh + j), P.gamma, ngamma),
-                              hp);
+  // The row loop, compiled for the terms the tile has: the plain softmax-family tile (supcon, cl; the common
+  // case) then keeps its few live vectors in registers and adds the positives by a blend, with no branch.
+  auto rows = [&](auto focal_c, auto posf_c) {
+    constexpr bool kFocal = decltype(focal_c)::value, kPosF = decltype(posf_c)::value;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      const T* xr = s + r * ld;
+      T* hr = h + r * ld;
+      const Vec vl(in.lse[i]), vh(sc.arr(0, SC::kH)[r]), vE(sc.arr(0, SC::kE)[r]), viE(sc.arr(0, SC::kIE)[r]);
+      const Vec vnu(sc.arr(0, SC::kNU)[r]), vnR(sc.arr(0, SC::kNR)[r]), vcn(sc.arr(0, SC::kCN)[r]);
+      const Vec vcp(sc.arr(0, SC::kCP)[r]), vcpf(sc.arr(0, SC::kCPF)[r]), vli(sc.arr(0, SC::kLab)[r]);
+      for (int64_t j = 0; j < ncp; j += W) {
+        const int64_t cnt = std::min<int64_t>(W, nc - j);
+        const Vec xv = (cnt == W ? Vec::loadu(xr + j) : Vec::loadu(xr + j, cnt)) * vinv;
+        const Vec e = strip::vexp<T>((xv - vl) + (vh - Vec::loadu(chh + j)));
+        const Vec lab = Vec::loadu(clab + j), same = lab == vli;
+        Vec H;
+        if constexpr (!kFocal && !kPosF) {
+          H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j)) +
+              Vec::blendv(zero, vcp + Vec::loadu(ccp + j), same);
+        } else {
+          const bool has_pos = any_lane<T>(same);
+          Vec pr, pc;  // p_ij and p_ji, where a term below needs them
+          if (kFocal || has_pos) {
+            pr = e * (Vec::loadu(cE + j) * viE);
+            pc = e * (vE * Vec::loadu(ciE + j));
+          }
+          if constexpr (!kFocal) {
+            H = e * at::vec::fmadd(vnu, Vec::loadu(cE + j), vE * Vec::loadu(cnu + j));
+          } else {
+            const Vec neg = lab != vli;
+            H = at::vec::fmadd(vnR, pr, Vec::loadu(cnR + j) * pc) + vcn * neg_u<T>(Vec::blendv(zero, pr, neg)) +
+                Vec::loadu(ccn + j) * neg_u<T>(Vec::blendv(zero, pc, neg));
+          }
+          if (has_pos) {  // positives: cpos (+ cposf u+ of a focal loss) of both sides
+            Vec hp = vcp + Vec::loadu(ccp + j);
+            if constexpr (kPosF) {  // off both sides' tops (their entries are set below): p <= 1/2 on either side
+              hp = at::vec::fmadd(vcpf, pos_u<T>(pr, xv - vl, P.gamma, ngamma), hp);
+              hp = at::vec::fmadd(Vec::loadu(ccpf + j),
+                                  pos_u<T>(pc, xv - two * Vec::loadu(chh + j), P.gamma, ngamma), hp);
+            }
+            H = H + Vec::blendv(zero, hp, same);
+          }
         }
-        H = H + Vec::blendv(zero, hp, same);
-      }
-      if (cnt == W) {
-        H.store(hr + j);
-      } else {
-        H.store(hr + j, cnt);
+        if (cnt == W) {
+          H.store(hr + j);
+        } else {
+          H.store(hr + j, cnt);
+        }
       }
     }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (focal_terms) {
+    pos_focal ? rows(yes{}, yes{}) : rows(yes{}, no{});
+  } else {
+    pos_focal ? rows(no{}, yes{}) : rows(no{}, no{});
   }
   // the special entries from the scalar formulas of both rows
   auto fix = [&](int64_t i, int64_t j) {

@@ -696,30 +696,60 @@ bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& s
   const bool diag = r0 == c0;
   const Vec vinv(P.inv_tau), zero(T(0));
   const Vec iota = Vec::arange(T(0), T(1));
-  for (int64_t r = 0; r < nr; ++r) {
-    const T* gr = g + r * ld;
-    T* hr = h + r * ld;
-    for (int64_t j = 0; j < ncp; j += W) {
-      const int64_t cnt = std::min<int64_t>(W, nc - j);
-      const Vec gv = cnt == W ? Vec::loadu(gr + j) : Vec::loadu(gr + j, cnt);
-      const Vec v = gv * vinv;
-      Vec keep = cnt == W ? (zero == zero) : (iota < Vec(static_cast<T>(cnt)));
-      if (P.filter != cm::kFilterNone) keep = Vec::blendv(keep, zero, filter_drop(P, gv));
-      if (diag && !P.include_self && r >= j && r < j + W) keep = keep & (iota != Vec(static_cast<T>(r - j)));
-      Vec H = zero;
-      for (int k = 0; k < P.K; ++k) {
-        const Vec vc(P.scales[k]), vh(sc.arr(0, k, 0)[r]), vE(sc.arr(0, k, 1)[r]), vnu(sc.arr(0, k, 2)[r]);
-        const Vec e = strip::vexp<T>(vc * v - (vh + Vec::loadu(sc.arr(1, k, 0) + j)));
-        H = at::vec::fmadd(e, at::vec::fmadd(vnu, Vec::loadu(sc.arr(1, k, 1) + j), vE * Vec::loadu(sc.arr(1, k, 2) + j)),
-                           H);
+  // the row loop, compiled for one and two scales (dcl, mttv; hcl) and with or without the |g| filter: the
+  // rows' per-scale constants then stay in registers (KC = 0: any number of scales, read per vector)
+  auto rows = [&](auto kc, auto filt_c) {
+    constexpr int KC = decltype(kc)::value;
+    constexpr bool kFilter = decltype(filt_c)::value;
+    constexpr int KR = KC > 0 ? KC : kMaxScales;
+    const int K = KC > 0 ? KC : P.K;
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* gr = g + r * ld;
+      T* hr = h + r * ld;
+      Vec vc[KR], vh[KR], vE[KR], vnu[KR];
+      const T *ch[KR], *cE[KR], *cnu[KR];
+      for (int k = 0; k < K; ++k) {
+        vc[k] = Vec(P.scales[k]);
+        vh[k] = Vec(sc.arr(0, k, 0)[r]);
+        vE[k] = Vec(sc.arr(0, k, 1)[r]);
+        vnu[k] = Vec(sc.arr(0, k, 2)[r]);
+        ch[k] = sc.arr(1, k, 0);
+        cE[k] = sc.arr(1, k, 1);
+        cnu[k] = sc.arr(1, k, 2);
       }
-      H = Vec::blendv(zero, H, keep);
-      if (cnt == W) {
-        H.store(hr + j);
-      } else {
-        H.store(hr + j, cnt);
+      for (int64_t j = 0; j < ncp; j += W) {
+        const int64_t cnt = std::min<int64_t>(W, nc - j);
+        const Vec gv = cnt == W ? Vec::loadu(gr + j) : Vec::loadu(gr + j, cnt);
+        const Vec v = gv * vinv;
+        Vec keep = cnt == W ? (zero == zero) : (iota < Vec(static_cast<T>(cnt)));
+        if constexpr (kFilter) keep = Vec::blendv(keep, zero, filter_drop(P, gv));
+        if (diag && !P.include_self && r >= j && r < j + W) keep = keep & (iota != Vec(static_cast<T>(r - j)));
+        Vec H = zero;
+        for (int k = 0; k < K; ++k) {
+          const Vec e = strip::vexp<T>(vc[k] * v - (vh[k] + Vec::loadu(ch[k] + j)));
+          H = at::vec::fmadd(e, at::vec::fmadd(vnu[k], Vec::loadu(cE[k] + j), vE[k] * Vec::loadu(cnu[k] + j)), H);
+        }
+        H = Vec::blendv(zero, H, keep);
+        if (cnt == W) {
+          H.store(hr + j);
+        } else {
+          H.store(hr + j, cnt);
+        }
       }
     }
+  };
+  const bool filt = P.filter != cm::kFilterNone;
+  using C0 = std::integral_constant<int, 0>;
+  using C1 = std::integral_constant<int, 1>;
+  using C2 = std::integral_constant<int, 2>;
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (P.K == 1) {
+    filt ? rows(C1{}, yes{}) : rows(C1{}, no{});
+  } else if (P.K == 2) {
+    filt ? rows(C2{}, yes{}) : rows(C2{}, no{});
+  } else {
+    filt ? rows(C0{}, yes{}) : rows(C0{}, no{});
   }
   // the partners' entries: both rows' set terms (the general path's mask_cols rules) and cpos
   auto set_term = [&](int64_t a, int64_t b, T gab) {
