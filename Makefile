@@ -16,7 +16,7 @@ TRITON_OLD_TESTS := tests/test_triton_codegen.py tests/test_triton_ssl_codegen.p
 	tests/test_triton_ssl.py tests/test_mining.py tests/test_triton_transcendentals.py \
 	tests/test_triton_symmetric.py tests/test_triton_split.py tests/test_triton_ssl_symmetric.py
 
-.PHONY: setup env demo demo-synthetic test test-triton-old docs check-wheel bench
+.PHONY: setup env demo demo-synthetic test test-triton-old test-isa docs check-wheel bench
 setup:
 	@bash scripts/setup_env.sh
 
@@ -32,6 +32,7 @@ demo-synthetic: setup
 test: setup
 	$(ENV_PY) -m pytest tests -q -n 2 --durations=15
 	@$(MAKE) --no-print-directory test-triton-old
+	@$(MAKE) --no-print-directory test-isa
 
 # (float64 and the mining kernel's GPU path are gated on Triton 3.3: those tests report the gate as a skip;
 # LTCL_FULL_CODEGEN=1 asks the mining codegen test for every shipped KP and dtype, each of which must raise the gate)
@@ -39,6 +40,10 @@ test-triton-old:
 	@bash scripts/setup_triton_old.sh
 	env -u TRITON_INTERPRET LTCL_FULL_CODEGEN=1 $(TRITON_OLD_PY) -m pytest $(TRITON_OLD_TESTS) -q -p no:xdist \
 		-p no:cacheprovider -k "triton or codegen" -rs --durations=10
+
+# the C++ engine's tests on the vector builds below this machine's (AVX2, DEFAULT; scripts/test_cpu_isa.sh)
+test-isa: setup
+	bash scripts/test_cpu_isa.sh $(ENV_PY)
 
 docs: setup
 	$(ENV_PY) scripts/run_doc_blocks.py
