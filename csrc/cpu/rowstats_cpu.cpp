@@ -1475,13 +1475,7 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
       }
     }
   };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (focal_terms) {
-    pos_focal ? rows(yes{}, yes{}) : rows(yes{}, no{});
-  } else {
-    pos_focal ? rows(no{}, yes{}) : rows(no{}, no{});
-  }
+  strip::with_flag(focal_terms, [&](auto fc) { strip::with_flag(pos_focal, [&](auto pc) { rows(fc, pc); }); });
   // the special entries from the scalar formulas of both rows
   auto fix = [&](int64_t i, int64_t j) {
     const int64_t o = (i - r0) * ld + (j - c0);

@@ -51,6 +51,15 @@ namespace cm = ltcl::common;
 
 constexpr int kMaxScales = 8;
 
+// f(std::integral_constant<int, KC>{}) with KC = K for one or two scales (dcl, mttv; hcl), else 0 (any K, read
+// at run time): the fused tiles' loops compiled for the common scale counts
+template <typename F>
+inline decltype(auto) with_scales(int K, F&& f) {
+  if (K == 1) return f(std::integral_constant<int, 1>{});
+  if (K == 2) return f(std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
 using strip::hmax;
 using strip::hmin;
 using strip::hsum;
@@ -588,9 +597,9 @@ bool ssl_fused_fwd_tile_k(const Problem<T>& P, const SslParts<T>& S, SslFwdScrat
 template <typename T>
 bool ssl_fused_fwd_tile(const Problem<T>& P, const SslParts<T>& S, SslFwdScratch<T>& sc, int mode, int64_t I,
                         int64_t J, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const T* s, int64_t ld) {
-  if (P.K == 1) return ssl_fused_fwd_tile_k<T, 1>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
-  if (P.K == 2) return ssl_fused_fwd_tile_k<T, 2>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
-  return ssl_fused_fwd_tile_k<T, 0>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
+  return with_scales(P.K, [&](auto kc) {
+    return ssl_fused_fwd_tile_k<T, decltype(kc)::value>(P, S, sc, mode, I, J, r0, nr, c0, nc, s, ld);
+  });
 }
 
 template <typename T>
@@ -738,19 +747,7 @@ bool ssl_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SslBwdScratch<T>& s
       }
     }
   };
-  const bool filt = P.filter != cm::kFilterNone;
-  using C0 = std::integral_constant<int, 0>;
-  using C1 = std::integral_constant<int, 1>;
-  using C2 = std::integral_constant<int, 2>;
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (P.K == 1) {
-    filt ? rows(C1{}, yes{}) : rows(C1{}, no{});
-  } else if (P.K == 2) {
-    filt ? rows(C2{}, yes{}) : rows(C2{}, no{});
-  } else {
-    filt ? rows(C0{}, yes{}) : rows(C0{}, no{});
-  }
+  with_scales(P.K, [&](auto kc) { strip::with_flag(P.filter != cm::kFilterNone, [&](auto fc) { rows(kc, fc); }); });
   // the partners' entries: both rows' set terms (the general path's mask_cols rules) and cpos
   auto set_term = [&](int64_t a, int64_t b, T gab) {
     if (!cm::ssl_filter_keep<T>(gab, P.filter, P.lower, P.upper)) return T(0);

@@ -48,6 +48,13 @@ struct SequentialBlas {
   }
 };
 
+// f(std::true_type{}) or f(std::false_type{}): a loop compiled once per value of a runtime flag (the fused
+// tiles' variants), the branch taken once per call instead of once per vector
+template <typename F>
+inline decltype(auto) with_flag(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
 inline int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == 0) return dflt;
