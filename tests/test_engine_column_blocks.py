@@ -11,11 +11,18 @@ from ltcl_fused.backends import get_engine
 from ltcl_fused.engine.contract import dense_backward, dense_forward
 
 
-@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton", "cuda_emu"])
 @pytest.mark.parametrize("focal", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_backward_with_dominant_column_elsewhere(name, focal, bias):
-    eng = get_engine(name)
+    if name == "cuda_emu":  # the CUDA engine's kernels on the CPU emulator (tests/_cuda_emu.py)
+        import _cuda_emu
+        reason = _cuda_emu.unavailable_reason()
+        if reason is not None:
+            pytest.fail(f"the CUDA emulator does not build here: {reason}")
+        eng = _cuda_emu.engine()
+    else:
+        eng = get_engine(name)
     reason = eng.unavailable_reason(torch.device("cpu"))
     if reason is not None:
         pytest.skip(reason)

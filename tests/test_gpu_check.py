@@ -326,46 +326,46 @@ def _sym_case():
                 dtype="fp32", D=8, B=6, N=12)
 
 
-def test_loss_case_runs_the_opt_in_symmetric_kernels_and_restores_the_env(monkeypatch):
+def test_loss_case_runs_the_second_path_and_restores_the_env(monkeypatch):
     import types
-    monkeypatch.setattr(K, "SYMMETRIC_OPT_IN", {"torch": "LTCL_TEST_SYMMETRIC"})
-    monkeypatch.delenv("LTCL_TEST_SYMMETRIC", raising=False)
+    monkeypatch.setattr(K, "SECOND_PATH", {"torch": ("LTCL_TEST_PATH", "0", "the test's second path")})
+    monkeypatch.delenv("LTCL_TEST_PATH", raising=False)
     seen = []
     real = K.evaluate
 
     def spy(sp, x, backend, check_finite=True):
-        seen.append(os.environ.get("LTCL_TEST_SYMMETRIC"))
+        seen.append(os.environ.get("LTCL_TEST_PATH"))
         return real(sp, x, backend, check_finite)
 
     monkeypatch.setattr(K, "evaluate", spy)
     res = K.run_loss_case(_sym_case(), types.SimpleNamespace(device=torch.device("cpu")), {})
-    assert res["status"] == "pass" and res["symmetric_ok"] is True, res
-    assert res["symmetric_e_grad"] <= res["bound_grad"]
-    assert "1" in seen and None in seen  # one run with the variable set, the others without it
-    assert "LTCL_TEST_SYMMETRIC" not in os.environ
+    assert res["status"] == "pass" and res["second_ok"] is True, res
+    assert res["second_path"] == "LTCL_TEST_PATH=0" and res["second_e_grad"] <= res["bound_grad"]
+    assert "0" in seen and None in seen  # one run with the variable set, the others without it
+    assert "LTCL_TEST_PATH" not in os.environ
 
 
-def test_loss_case_fails_when_the_symmetric_kernels_are_wrong(monkeypatch):
+def test_loss_case_fails_when_the_second_path_is_wrong(monkeypatch):
     import types
-    monkeypatch.setattr(K, "SYMMETRIC_OPT_IN", {"torch": "LTCL_TEST_SYMMETRIC"})
+    monkeypatch.setattr(K, "SECOND_PATH", {"torch": ("LTCL_TEST_PATH", "0", "the test's second path")})
     real = K.evaluate
 
     def broken_when_on(sp, x, backend, check_finite=True):
         out = real(sp, x, backend, check_finite)
-        if os.environ.get("LTCL_TEST_SYMMETRIC") == "1":  # a symmetric kernel that drops half of G + G^T
+        if os.environ.get("LTCL_TEST_PATH") == "0":  # a second path that drops half of the gradient
             out = K.Outcome(out.value, {k: 0.5 * g for k, g in out.grads.items()})
         return out
 
     monkeypatch.setattr(K, "evaluate", broken_when_on)
     res = K.run_loss_case(_sym_case(), types.SimpleNamespace(device=torch.device("cpu")), {})
-    assert res["status"] == "fail" and res["symmetric_ok"] is False
-    assert "symmetric kernels (LTCL_TEST_SYMMETRIC=1)" in res["reason"]
+    assert res["status"] == "fail" and res["second_ok"] is False
+    assert "the test's second path (LTCL_TEST_PATH=0)" in res["reason"]
 
 
-def test_cuda_engine_symmetric_kernels_are_opt_in(monkeypatch):
+def test_cuda_engine_takes_the_symmetric_kernels_unless_told_not_to(monkeypatch):
     from ltcl_fused.backends.cpp_engine import CPUEngine, CUDAEngine
     monkeypatch.delenv("LTCL_CUDA_SYMMETRIC", raising=False)
-    assert CUDAEngine().symmetric_ops == frozenset()
-    monkeypatch.setenv("LTCL_CUDA_SYMMETRIC", "1")
     assert CUDAEngine().symmetric_ops == frozenset({"rowstats", "ssl"}) == CPUEngine().symmetric_ops
-    assert K.SYMMETRIC_OPT_IN["cuda"] == "LTCL_CUDA_SYMMETRIC"
+    monkeypatch.setenv("LTCL_CUDA_SYMMETRIC", "0")
+    assert CUDAEngine().symmetric_ops == frozenset()
+    assert K.SECOND_PATH["cuda"][:2] == ("LTCL_CUDA_SYMMETRIC", "0")

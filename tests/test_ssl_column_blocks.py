@@ -3,7 +3,7 @@ split into blocks handled by separate engine calls combine exactly into the whol
 gradients (plain sets by log-sum-exp; the Bayesian ranks through every block's sorted set values merged
 into a rank reference). Checked for the torch and cpu engines and the dense oracle against the dense
 oracle on the undivided columns (fp64 1e-10; fp32 against the fp64 truth), with exact ties across blocks
-and signed zeros."""
+and signed zeros. "cuda_emu" is the CUDA engine's kernels run by the CPU emulator (tests/_cuda_emu.py)."""
 
 import pytest
 import torch
@@ -26,12 +26,18 @@ CONFIGS = {
     "mttv-both": SSLConfig(exclude_partner=False, filter="both", lower=0.1, upper=0.9),
     "mttv-low-self": SSLConfig(exclude_partner=False, include_self=True, filter="low", lower=0.2),
 }
-ENGINES = ("torch", "cpu", "dense")
+ENGINES = ("torch", "cpu", "cuda_emu", "dense")
 
 
 def _engine(name):
     if name == "dense":
         return DenseSSLEngine()
+    if name == "cuda_emu":
+        import _cuda_emu
+        reason = _cuda_emu.unavailable_reason()
+        if reason is not None:
+            pytest.fail(f"the CUDA emulator does not build here: {reason}")
+        return _cuda_emu.engine()
     if name == "cpu":
         reason = ext.unavailable_reason()
         if reason is not None:
@@ -108,7 +114,7 @@ def test_blocks_combine_to_the_whole_row_fp64(engine, name, ties):
         torch.testing.assert_close(dC, rC, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("engine", ["torch", "cpu"])
+@pytest.mark.parametrize("engine", ["torch", "cpu", "cuda_emu"])
 @pytest.mark.parametrize("name", ["bayes", "hcl", "mttv-both"])
 def test_blocks_fp32_against_fp64_truth(engine, name):
     """fp32 blocks against the fp64 dense truth, no worse than the undivided fp32 dense oracle (plus slack)."""
@@ -144,7 +150,7 @@ def test_ranked_with_own_values_is_the_plain_call_exactly(engine):
                     assert torch.equal(x, y), (engine, ties, dt)
 
 
-@pytest.mark.parametrize("engine", ["torch", "cpu"])
+@pytest.mark.parametrize("engine", ["torch", "cpu", "cuda_emu"])
 def test_set_values_match_the_oracle(engine):
     eng = _engine(engine)
     for name in ("bayes", "mttv-both", "mttv-low-self"):

@@ -40,6 +40,8 @@ class CPUEngine(Engine):
     #: operations with a symmetric path (C is A: one GEMM per pair of row blocks, csrc/cpu/strip_common.h)
     symmetric_ops = _SYMMETRIC_OPS
     device_type = "cpu"
+    #: the namespace of the registered ops (the tests' CUDA emulator has its own: tests/_cuda_emu.py)
+    _ops = torch.ops.ltcl_fused
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)
@@ -50,50 +52,39 @@ class CPUEngine(Engine):
 
     def rowstats_forward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
                          symmetric: bool = False):
-        if symmetric:
-            return torch.ops.ltcl_fused.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
-                                                     float(inv_tau), float(gamma), bool(focal), True)
-        return torch.ops.ltcl_fused.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
-                                                 float(inv_tau), float(gamma), bool(focal))
+        return self._ops.rowstats_fwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset), float(inv_tau),
+                                      float(gamma), bool(focal), bool(symmetric))
 
     def rowstats_backward(self, A, C, a_lab, c_lab, self_offset, inv_tau, bias_same, bias_other, gamma, focal,
                           lse, top, lrest, cpos, cposf, cneg, r, rt, symmetric: bool = False):
         """(dA, dC); ``symmetric=True`` (C is A): (dX, None), dX the gradient through both roles."""
-        if symmetric:
-            dX, _ = torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
-                                                      float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
-                                                      cpos, cposf, cneg, r, rt, True)
-            return dX, None
-        return torch.ops.ltcl_fused.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
-                                                 float(inv_tau), float(gamma), bool(focal), lse, top, lrest,
-                                                 cpos, cposf, cneg, r, rt)
+        dA, dC = self._ops.rowstats_bwd(A, C, a_lab, c_lab, bias_same, bias_other, int(self_offset),
+                                        float(inv_tau), float(gamma), bool(focal), lse, top, lrest, cpos, cposf,
+                                        cneg, r, rt, bool(symmetric))
+        return (dA, None) if symmetric else (dA, dC)
 
     # --- the "ssl" operation (ltcl_fused/engine/ssl_contract.py; csrc/cpu/ssl_cpu.cpp) ---
     def ssl_forward(self, A, C, partner, self_offset, inv_tau, cfg, rank_ref=None, symmetric: bool = False):
         from ..engine.ssl_contract import SSLStats
         args = _ssl_args(self_offset, inv_tau, cfg)
         if rank_ref is not None:  # column blocks: counts against the whole row's sorted set values
-            return SSLStats(*torch.ops.ltcl_fused.ssl_fwd_ranked(A, C, partner, *args, *rank_ref))
-        if symmetric:
-            return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *args, True))
-        return SSLStats(*torch.ops.ltcl_fused.ssl_fwd(A, C, partner, *args))
+            return SSLStats(*self._ops.ssl_fwd_ranked(A, C, partner, *args, *rank_ref))
+        return SSLStats(*self._ops.ssl_fwd(A, C, partner, *args, bool(symmetric)))
 
     def ssl_backward(self, A, C, partner, self_offset, inv_tau, cfg, lse, coef, cpos, rank_ref=None,
                      symmetric: bool = False):
         """(dA, dC); ``symmetric=True`` (C is A, self_offset 0, no bayes): (dX, None)."""
         args = _ssl_args(self_offset, inv_tau, cfg)
         if rank_ref is not None:
-            return torch.ops.ltcl_fused.ssl_bwd_ranked(A, C, partner, *args, *rank_ref, lse, coef, cpos)
-        if symmetric:
-            dX, _ = torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *args, lse, coef, cpos, True)
-            return dX, None
-        return torch.ops.ltcl_fused.ssl_bwd(A, C, partner, *args, lse, coef, cpos)
+            return self._ops.ssl_bwd_ranked(A, C, partner, *args, *rank_ref, lse, coef, cpos)
+        dA, dC = self._ops.ssl_bwd(A, C, partner, *args, lse, coef, cpos, bool(symmetric))
+        return (dA, None) if symmetric else (dA, dC)
 
     def ssl_set_values(self, A, C, partner, self_offset, inv_tau, cfg):
         """Row-sorted set values of this column block and the set sizes (ssl_contract.py, column blocks)."""
-        return torch.ops.ltcl_fused.ssl_set_values(A, C, partner, int(self_offset), float(inv_tau),
-                                                   bool(cfg.exclude_partner), bool(cfg.include_self),
-                                                   _FILTERS[cfg.filter], float(cfg.lower), float(cfg.upper))
+        return self._ops.ssl_set_values(A, C, partner, int(self_offset), float(inv_tau), bool(cfg.exclude_partner),
+                                        bool(cfg.include_self), _FILTERS[cfg.filter], float(cfg.lower),
+                                        float(cfg.upper))
 
 
 class CUDAEngine(CPUEngine):
@@ -105,16 +96,16 @@ class CUDAEngine(CPUEngine):
 
     @property
     def symmetric_ops(self) -> frozenset:
-        """The symmetric backward kernels (csrc/cuda: one (G + G^T) X kernel, 2 GEMM-equivalents instead of 4) are
-        compiled and ptxas-checked but have not yet run on a GPU, so they are opt-in: ``LTCL_CUDA_SYMMETRIC=1``
-        (``python -m ltcl_fused.gpu_check`` runs every "cuda" correctness case once more with it set, held to the
-        same bound against the reference: gpu_check/correctness.py, SYMMETRIC_OPT_IN)."""
-        return _SYMMETRIC_OPS if os.environ.get("LTCL_CUDA_SYMMETRIC", "0") == "1" else frozenset()
+        """The symmetric backward kernels (csrc/cuda: one (G + G^T) X kernel, 2 GEMM-equivalents instead of 4);
+        ``LTCL_CUDA_SYMMETRIC=0`` takes the general dA + dC kernels instead. Both are verified the same way:
+        executed by the CPU emulator of the tests (tests/test_cuda_emu.py) and compiled for sm_80/sm_90; neither
+        has run on a GPU yet (``python -m ltcl_fused.gpu_check`` runs every "cuda" correctness case on both:
+        gpu_check/correctness.py, SECOND_PATH)."""
+        return frozenset() if os.environ.get("LTCL_CUDA_SYMMETRIC", "1") == "0" else _SYMMETRIC_OPS
 
     def mine(self, A, a_lab, K, k_lab, k_pos, k_neg):
         """Hard-pair mining (contract: ltcl_fused/backends/mining_torch.py) on the CUDA kernel."""
-        return torch.ops.ltcl_fused.topk_mining(A, a_lab.to(torch.int64), K, k_lab.to(torch.int64), int(k_pos),
-                                                int(k_neg))
+        return self._ops.topk_mining(A, a_lab.to(torch.int64), K, k_lab.to(torch.int64), int(k_pos), int(k_neg))
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)

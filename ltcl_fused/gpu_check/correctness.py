@@ -9,8 +9,8 @@ dtype, then up to float64). Errors are ``max |x − truth| / max |truth|`` over 
   tests/test_triton_losses.py, with a slack that also scales with ``e_ref``: at these shapes the two
   errors are of the same size and either may be the larger by chance).
 Every case runs twice and the two results must be bit-identical (no atomics anywhere: deterministic).
-Backends with opt-in symmetric kernels (SYMMETRIC_OPT_IN: "cuda", LTCL_CUDA_SYMMETRIC=1) run each case a
-third time on them, held to the same bound.
+Backends with a second kernel path (SECOND_PATH: "cuda" with LTCL_CUDA_SYMMETRIC=0, its general backward
+kernels instead of the default symmetric one) run each case a third time on it, held to the same bound.
 """
 from __future__ import annotations
 
@@ -122,10 +122,10 @@ def _inputs(case, rt):
     return C.spec(case["loss"]), x, dtype
 
 
-# backends whose symmetric kernels are opt-in until they have run on a GPU: the environment variable that turns
-# them on (ltcl_fused/backends/cpp_engine.py). Every correctness case of such a backend runs once more (a third
-# time) with it set and must meet the same bound (the losses of SPEC.md contrast a batch with itself: the symmetric path).
-SYMMETRIC_OPT_IN = {"cuda": "LTCL_CUDA_SYMMETRIC"}
+# backends with a second kernel path for the losses that contrast a batch with itself (SPEC.md): the environment
+# variable, the value that selects that path (ltcl_fused/backends/cpp_engine.py) and what it is. Every correctness
+# case of such a backend runs once more (a third time) on it and must meet the same bound: both paths get checked.
+SECOND_PATH = {"cuda": ("LTCL_CUDA_SYMMETRIC", "0", "the general backward kernels")}
 
 
 @contextlib.contextmanager
@@ -143,7 +143,7 @@ def _env(name: str, value: str):
 
 def run_loss_case(case: dict, rt, ctx: dict) -> dict:
     """One (backend, loss, dtype, D, N) case: values and gradients vs the reference, run twice, bit-identical;
-    for a backend in SYMMETRIC_OPT_IN, once more on its opt-in symmetric kernels (fields ``symmetric_*``)."""
+    for a backend in SECOND_PATH, once more on its second kernel path (fields ``second_*``)."""
     sp, x, dtype = _inputs(case, rt)
     truth, ref = _truth_and_ref(sp, x, dtype, rt)
     out1 = evaluate(sp, x, case["backend"])
@@ -156,13 +156,14 @@ def run_loss_case(case: dict, rt, ctx: dict) -> dict:
     why = [res.pop("why")] if not res["ok"] else []
     if not bitwise:
         why.append("two runs on the same inputs differ bitwise")
-    var = SYMMETRIC_OPT_IN.get(case["backend"])
-    if var is not None:
-        with _env(var, "1"):
-            sym = compare(evaluate(sp, x, case["backend"]), truth, dtype, ref)
-        res.update(symmetric_e_loss=sym["e_loss"], symmetric_e_grad=sym["e_grad"], symmetric_ok=sym["ok"])
-        if not sym["ok"]:
-            why.append(f"symmetric kernels ({var}=1): {sym['why']}")
+    if case["backend"] in SECOND_PATH:
+        var, value, what = SECOND_PATH[case["backend"]]
+        with _env(var, value):
+            alt = compare(evaluate(sp, x, case["backend"]), truth, dtype, ref)
+        res.update(second_path=f"{var}={value}", second_e_loss=alt["e_loss"], second_e_grad=alt["e_grad"],
+                   second_ok=alt["ok"])
+        if not alt["ok"]:
+            why.append(f"{what} ({var}={value}): {alt['why']}")
     return _verdict(res, why)
 
 
