@@ -1508,11 +1508,11 @@ static bool sym_fused_tile(const Problem<T>& P, const BwdIn<T>& in, SymBwdScratc
 template <typename T>
 static void sym_backward_impl(const Problem<T>& P0, const BwdIn<T>& in, T* dX) {
   std::vector<int64_t> table;
-  const int64_t b = strip::sym_block<T>(P0.N);
+  const int64_t b = strip::sym_bwd_block<T>(P0.N, P0.Npad);
   const Problem<T> P = with_block_index(P0, b, &table);
   const int fused = strip::sym_fused_mode();
   strip::sym_backward_tiles<T>(
-      P.A, P.N, P.D, P.inv_tau, dX,
+      P.A, P.N, P.D, b, P.inv_tau, dX,
       [&] {
         SymBwdScratch<T> sc;
         sc.posg.resize(static_cast<size_t>(P.N));
@@ -1625,7 +1625,7 @@ FwdResult rowstats_fwd_cpu(const Tensor& A, const Tensor& C, const Tensor& a_lab
       // focal: the symmetric forward in one pass (power sums, sym_forward_impl) unless LTCL_CPU_SYM_FOCAL_FWD
       // asks for two passes (2) or the general forward (3)
       if (symmetric && (!focal || strip::env_int("LTCL_CPU_SYM_FOCAL_FWD", 1) != 3) &&
-          strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
+          strip::sym_fwd_fits<scalar_t>(pp.N, pp.Npad)) {
         sym_forward_impl<scalar_t>(P, o);
       } else {
         forward_impl<scalar_t>(P, o);
@@ -1658,7 +1658,7 @@ std::tuple<Tensor, Tensor> rowstats_bwd_cpu(const Tensor& A, const Tensor& C, co
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                          b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), rr.data_ptr<scalar_t>(),
                          rtt.data_ptr<scalar_t>(), tp.data_ptr<int64_t>()};
-      if (symmetric && strip::sym_fits<scalar_t>(pp.N, pp.Npad)) {
+      if (symmetric) {  // any N: the backward's tiles need no per-block state (strip::sym_bwd_block)
         dA = at::empty({pp.M, pp.D}, opts);
         sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
       } else {

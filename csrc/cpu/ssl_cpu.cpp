@@ -407,9 +407,10 @@ void backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dA, T* dC) {
 // G's rows formed by the same mask_cols + grad_cols as the general path's. 2 GEMM-equivalents per step
 // instead of 4.
 
+// The symmetric backward runs for any N; the forward while its per-block partials fit (strip::sym_fwd_fits).
 template <typename T>
-bool sym_ok(const Problem<T>& P) {
-  return !P.bayes && P.self_offset == 0 && P.M == P.N && strip::sym_fits<T>(P.N, P.Npad);
+bool sym_ok(const Problem<T>& P, bool forward) {
+  return !P.bayes && P.self_offset == 0 && P.M == P.N && (!forward || strip::sym_fwd_fits<T>(P.N, P.Npad));
 }
 
 // The partial statistics of the symmetric forward: per scale k and slot J * N + i (row i over column block J)
@@ -772,7 +773,7 @@ template <typename T>
 void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t b = strip::sym_block<T>(P.N);
+  const int64_t b = strip::sym_bwd_block<T>(P.N, P.Npad);
   bool paired = true;  // the fused tiles need partner[partner[i]] = i (a pair's entries are then symmetric)
   for (int64_t i = 0; i < P.N && paired; ++i) {
     const int64_t p = P.partner[i];
@@ -780,7 +781,7 @@ void sym_backward_impl(const Problem<T>& P, const BwdIn<T>& in, T* dX) {
   }
   const int mode = paired ? strip::sym_fused_mode() : 0;
   strip::sym_backward_tiles<T>(
-      P.A, P.N, P.D, P.inv_tau, dX,
+      P.A, P.N, P.D, b, P.inv_tau, dX,
       [&] {
         SslBwdScratch<T> sc;
         sc.vbuf.resize(P.K > 1 ? static_cast<size_t>(b) : 0);
@@ -918,7 +919,7 @@ std::tuple<Tensor, Tensor, Tensor> ssl_fwd_run(const Tensor& A, const Tensor& C,
       auto P = make_problem<scalar_t>(pp, self_offset, inv_tau, scales, exclude_partner, include_self, filter, lower,
                                       upper, bayes);
       attach_ref(P, rr);
-      if (symmetric && sym_ok(P)) {
+      if (symmetric && sym_ok(P, /*forward=*/true)) {
         sym_forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
       } else {
         forward_impl<scalar_t>(P, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(), pos_in.data_ptr<scalar_t>());
@@ -970,7 +971,7 @@ std::tuple<Tensor, Tensor> ssl_bwd_run(const Tensor& A, const Tensor& C, const T
                                       upper, bayes);
       attach_ref(P, rr);
       BwdIn<scalar_t> in{l.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), cp.data_ptr<scalar_t>()};
-      if (symmetric && sym_ok(P)) {
+      if (symmetric && sym_ok(P, /*forward=*/false)) {
         dA = at::empty({pp.M, pp.D}, opts);
         sym_backward_impl<scalar_t>(P, in, dA.data_ptr<scalar_t>());
       } else {

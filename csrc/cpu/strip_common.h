@@ -245,22 +245,32 @@ void backward_strips(const Prob& P, T* dA, T* dC, MakeScratch make, Row row) {
 // 2-core Intel machine, docs/performance_cpu.md) grown until there are at most 64 blocks; rounded up to the
 // vector width.
 template <typename T>
-int64_t sym_block(int64_t N) {
+int64_t sym_block(int64_t N, bool grow = true) {
   constexpr int64_t W = at::vec::Vectorized<T>::size();
   int64_t b = env_int("LTCL_CPU_SYM_BLOCK", env_int("LTCL_CPU_BLOCK_ROWS", 0));
   if (b <= 0) {
     b = (sizeof(T) == 4 && N >= 8192) ? 512 : 256;
-    while ((N + b - 1) / b > 64) b *= 2;
+    while (grow && (N + b - 1) / b > 64) b *= 2;
   }
   return std::max<int64_t>(W, (b + W - 1) / W * W);
 }
 
-// Whether the symmetric path's buffers (b rows of H per super-block at least, 64 partial slots per row) stay
-// within about 96 MB; larger problems take the general path.
+// Whether the symmetric forward fits: its partial statistics take a slot per (row, column block), so their
+// memory grows as N^2 / b; b * Npad elements within LTCL_CPU_SYM_FWD_BYTES (default 96 MB: fp32 up to
+// N ~ 40000). A larger problem takes the general forward (1 GEMM-equivalent instead of 0.5); its backward
+// stays symmetric (sym_bwd_block: the backward keeps no per-block state, only each worker's tiles).
 template <typename T>
-bool sym_fits(int64_t N, int64_t Npad) {
+bool sym_fwd_fits(int64_t N, int64_t Npad) {
   const int64_t b = sym_block<T>(N);
-  return b * Npad * static_cast<int64_t>(sizeof(T)) <= (int64_t(96) << 20);
+  return b * Npad * static_cast<int64_t>(sizeof(T)) <= env_int("LTCL_CPU_SYM_FWD_BYTES", int64_t(96) << 20);
+}
+
+// Tile size of the symmetric backward: the forward's (the same tile GEMMs, so the backward recomputes the
+// forward's logits bit for bit) when the forward is symmetric too, else sym_block without its growth (any
+// number of blocks: 3 b x (b + 16) elements per worker whatever N).
+template <typename T>
+int64_t sym_bwd_block(int64_t N, int64_t Npad) {
+  return sym_block<T>(N, /*grow=*/sym_fwd_fits<T>(N, Npad));
 }
 
 // A per-thread buffer of at least n elements kept from call to call (slot: which one), so that the large
@@ -476,9 +486,9 @@ void sym_forward_tiles(const T* X, int64_t N, int64_t D, MakeScratch make, Rows 
 // on it and G_JI on its transpose, H = G_IJ + G_JIᵀ, then dX_I += alpha H X_J and dX_J += alpha Hᵀ X_I
 // (two b x b x D GEMMs).
 template <typename T, typename MakeScratch, typename Rows, typename Fused>
-void sym_backward_tiles(const T* X, int64_t N, int64_t D, T alpha, T* dX, MakeScratch make, Rows rows,
-                        Fused fused) {
-  const SymGrid g(N, sym_block<T>(N));
+void sym_backward_tiles(const T* X, int64_t N, int64_t D, int64_t block, T alpha, T* dX, MakeScratch make,
+                        Rows rows, Fused fused) {
+  const SymGrid g(N, block);
   const int64_t b = g.b, nb = g.nb, ld = b + 16;
   const int64_t np = nb + (nb & 1);  // even number of players (the last one a bye when nb is odd)
   std::vector<std::pair<int64_t, int64_t>> tiles;
