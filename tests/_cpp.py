@@ -40,6 +40,19 @@ def coefs(M, acc, seed=1):
     return [torch.randn(M, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
 
 
+def assert_cpu_matches_reference(fn, x0, y, what, rtol=1e-9, atol=1e-10):
+    """fn(x, y, backend) on backend "cpu" and "reference" from x0 (fp64): the values and d(sum)/dx agree."""
+    out = {}
+    for b in ("cpu", "reference"):
+        x = x0.clone().requires_grad_(True)
+        loss = fn(x, y, b)
+        (gx,) = torch.autograd.grad(loss.sum(), [x])
+        out[b] = (loss.detach(), gx)
+    for a, r in zip(out["cpu"], out["reference"]):
+        assert torch.allclose(a, r.to(a.dtype), rtol=rtol, atol=atol, equal_nan=True), \
+            (what, (a - r).abs().nan_to_num().max().item())
+
+
 def training_problem(n):
     """A fresh dynamo and a small training step's inputs: x [n, 2, 16] (two views) and labels [n] in 4 classes
     from a fixed generator, and a Linear(16, 16) (torch's global generator)."""

@@ -14,7 +14,8 @@ import ltcl_fused as lf
 from ltcl_fused.backends.cpp_engine import CPUEngine
 from ltcl_fused.engine.contract import dense_backward, dense_forward
 
-from _cpp import acc_dtype, built, coefs, op, random_bias, spy_symmetric, training_problem  # noqa: F401 (built: the autouse fixture)
+from _cpp import (acc_dtype, assert_cpu_matches_reference, built, coefs, op, random_bias,  # noqa: F401 (built: autouse)
+                  spy_symmetric, training_problem)
 from _truth import check
 
 
@@ -261,15 +262,7 @@ def test_losses_vs_reference(name, fn, B, V, labels, monkeypatch):
     x0 = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
     y = {"random": torch.randint(0, 4, (B,), generator=g), "no_positives": torch.arange(B),
          "one_class": torch.zeros(B, dtype=torch.int64)}[labels]
-    out = {}
-    for b in ("cpu", "reference"):
-        x = x0.clone().requires_grad_(True)
-        loss = fn(x, y, b)
-        (gx,) = torch.autograd.grad(loss.sum(), [x])
-        out[b] = (loss.detach(), gx)
-    for a, r in zip(out["cpu"], out["reference"]):
-        assert torch.allclose(a, r.to(a.dtype), rtol=1e-9, atol=1e-10, equal_nan=True), \
-            (name, (a - r).abs().nan_to_num().max().item())
+    assert_cpu_matches_reference(fn, x0, y, name)
     if B > 1:  # fp32 against the fp64 truth
         check(lambda x: fn(x, y, "cpu"), lambda x: fn(x, y, "reference"), [x0.float()], what=name)
 

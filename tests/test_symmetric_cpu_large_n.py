@@ -15,7 +15,7 @@ import ltcl_fused as lf
 from ltcl_fused.backends import get_engine
 from ltcl_fused.engine.ssl_contract import SSLConfig
 
-from _cpp import built, coefs, op  # noqa: F401 (built: the autouse fixture)
+from _cpp import assert_cpu_matches_reference, built, coefs, op  # noqa: F401 (built: the autouse fixture)
 from _truth import check
 
 LARGE_N_MODE = ("LTCL_CPU_SYM_FWD_BYTES", "1")
@@ -91,14 +91,7 @@ def test_losses_vs_reference(name, fn, monkeypatch):
     g = torch.Generator().manual_seed(5)
     x0 = F.normalize(torch.randn(45, 2, 12, generator=g, dtype=torch.float64), dim=-1)
     y = torch.randint(0, 4, (45,), generator=g)
-    out = {}
-    for b in ("cpu", "reference"):
-        x = x0.clone().requires_grad_(True)
-        loss = fn(x, y, b)
-        (gx,) = torch.autograd.grad(loss.sum(), [x])
-        out[b] = (loss.detach(), gx)
-    for a, r in zip(out["cpu"], out["reference"]):
-        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11, msg=name)
+    assert_cpu_matches_reference(fn, x0, y, name, atol=1e-11)
     check(lambda x: fn(x, y, "cpu"), lambda x: fn(x, y, "reference"), [x0.float()], what=name)
 
 
