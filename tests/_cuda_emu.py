@@ -97,9 +97,14 @@ def _build() -> None:
         dst = os.path.join(build, f.replace(".cu", "_emu.cpp"))
         _write_if_changed(dst, text)
         sources.append(dst)
+    # LTCL_CUDA_EMU_SANITIZE=address: the kernels under AddressSanitizer (an out-of-bounds read or write of a
+    # kernel is then reported, as compute-sanitizer's memcheck would on a GPU); run python with the ASan
+    # runtime preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0
+    san = os.environ.get("LTCL_CUDA_EMU_SANITIZE", "")
+    flags = [f"-fsanitize={san}", "-fno-omit-frame-pointer"] if san else []
     cpp_extension.load(
-        name="ltcl_fused_cuda_emu", sources=sources,
-        extra_cflags=["-O2", "-DLTCL_CUDA_EMU", "-Wno-unknown-pragmas"],
+        name="ltcl_fused_cuda_emu" + (f"_{san}" if san else ""), sources=sources,
+        extra_cflags=["-O2", "-DLTCL_CUDA_EMU", "-Wno-unknown-pragmas"] + flags, extra_ldflags=flags,
         extra_include_paths=[os.path.join(root, "cuda_emu"), os.path.join(root, "cuda"), root],
         is_python_module=False, verbose=os.environ.get("LTCL_EXT_VERBOSE") == "1")
 
